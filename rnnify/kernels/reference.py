@@ -1,0 +1,158 @@
+"""Plain-PyTorch linear attention with a per-head scalar decay: the ground truth for every fused kernel.
+
+Calling convention (shared with the Triton kernels): q, k are ``[B, T, H, K]``, v is ``[B, T, H, V]``,
+the state is ``[B, H, K, V]`` in fp32, and the decay is given as a log-decay ``g`` (<= 0) that is either
+``None`` (no decay), a ``[H]`` tensor (constant per head: SUPRA / RetNet) or ``[B, T, H]`` (data-dependent:
+Mamba2 / simple GLA).
+
+The recurrence (e.g. Yang et al. 2024, "Gated Linear Attention", eq. 1 with a scalar gate):
+
+    S_t = exp(g_t) * S_{t-1} + k_t v_t^T          o_t = scale * q_t^T S_t
+
+This file only imports torch: it is copied next to converted models so that they load with
+``trust_remote_code=True`` where rnnify is not installed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _expand_log_decay(g: torch.Tensor | None, B: int, T: int, H: int, device) -> torch.Tensor:
+    """Return the log-decay as a ``[B, T, H]`` fp32 tensor."""
+    if g is None:
+        return torch.zeros(B, T, H, device=device, dtype=torch.float32)
+    g = g.float()
+    if g.dim() == 1:
+        if g.shape[0] != H:
+            raise ValueError(f"per-head log-decay has {g.shape[0]} entries, expected H={H}")
+        return g.view(1, 1, H).expand(B, T, H)
+    if g.shape != (B, T, H):
+        raise ValueError(f"log-decay has shape {tuple(g.shape)}, expected [H]={H} or [B, T, H]={(B, T, H)}")
+    return g
+
+
+def _check(q, k, v, initial_state):
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"expected q, k as [B, T, H, K] and v as [B, T, H, V]; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
+        raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}, expected {(B, H, K, V)}")
+
+
+def naive_linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False):
+    """Quadratic reference: materialises the full decay-weighted T x T score matrix."""
+    _check(q, k, v, initial_state)
+    B, T, H, K = q.shape
+    scale = K**-0.5 if scale is None else scale
+    dtype = v.dtype
+    q, k, v = q.float(), k.float(), v.float()
+    b = _expand_log_decay(g, B, T, H, q.device).cumsum(1)  # [B, T, H] inclusive cumulative log-decay
+    b = b.transpose(1, 2)  # [B, H, T]
+    diff = b.unsqueeze(-1) - b.unsqueeze(-2)  # b_i - b_j
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    decay = torch.exp(diff.masked_fill(~causal, float("-inf")))
+    scores = torch.einsum("bihk,bjhk->bhij", q, k) * decay
+    o = torch.einsum("bhij,bjhv->bihv", scores, v)
+    if initial_state is not None:
+        o = o + torch.einsum("bihk,bhkv->bihv", q * b.transpose(1, 2).exp().unsqueeze(-1), initial_state.float())
+    final = None
+    if output_final_state:
+        w = torch.exp(b[..., -1:] - b).transpose(1, 2).unsqueeze(-1)  # [B, T, H, 1]
+        final = torch.einsum("bthk,bthv->bhkv", k * w, v)
+        if initial_state is not None:
+            final = final + b[..., -1].exp()[..., None, None] * initial_state.float()
+    return (o * scale).to(dtype), final
+
+
+def recurrent_linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False):
+    """Token-by-token recurrence (the definition). Slow; used by tests and as the decode reference."""
+    _check(q, k, v, initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    gl = _expand_log_decay(g, B, T, H, q.device)
+    state = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float().clone()
+    outs = []
+    for t in range(T):
+        o, state = linear_attention_step(q[:, t], k[:, t], v[:, t], gl[:, t], state, scale=scale)
+        outs.append(o)
+    o = torch.stack(outs, 1) if outs else v.new_zeros(B, 0, H, V)
+    return o, (state if output_final_state else None)
+
+
+def linear_attention_step(q, k, v, g, state, scale=None):
+    """One decode step. q, k: [B, H, K]; v: [B, H, V]; g: None, [H] or [B, H]; state: [B, H, K, V] fp32.
+
+    Returns (o [B, H, V] in v's dtype, new state). The new state is a new tensor (the caller's cache copies it in).
+    """
+    K = q.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    state = state.float()
+    if g is not None:
+        g = g.float()
+        decay = g.exp().view(1, -1, 1, 1) if g.dim() == 1 else g.exp()[..., None, None]
+        state = state * decay
+    state = state + k.float().unsqueeze(-1) * v.float().unsqueeze(-2)
+    o = torch.einsum("bhk,bhkv->bhv", q.float(), state) * scale
+    return o.to(v.dtype), state
+
+
+def chunk_linear_attention(
+    q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, chunk_size: int = 64
+):
+    """Chunked parallel form: exact attention inside each chunk, a state passed between chunks.
+
+    Any length works (the tail chunk is zero-padded; padded steps have k = v = 0 and g = 0, so they change
+    neither the outputs of real tokens nor the final state). Work is vectorised over chunks; only the
+    inter-chunk state scan loops, once per chunk.
+    """
+    _check(q, k, v, initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    dtype = v.dtype
+    C = chunk_size
+    gl = _expand_log_decay(g, B, T, H, q.device)
+    pad = (-T) % C
+    q, k, v = q.float(), k.float(), v.float()
+    if pad:
+        q = F.pad(q, (0, 0, 0, 0, 0, pad))
+        k = F.pad(k, (0, 0, 0, 0, 0, pad))
+        v = F.pad(v, (0, 0, 0, 0, 0, pad))
+        gl = F.pad(gl, (0, 0, 0, pad))
+    N = (T + pad) // C
+    # [B, H, N, C, D]
+    q = q.view(B, N, C, H, K).permute(0, 3, 1, 2, 4)
+    k = k.view(B, N, C, H, K).permute(0, 3, 1, 2, 4)
+    v = v.view(B, N, C, H, V).permute(0, 3, 1, 2, 4)
+    b = gl.view(B, N, C, H).permute(0, 3, 1, 2).cumsum(-1)  # [B, H, N, C] within-chunk cumulative log-decay
+    b_last = b[..., -1:]  # [B, H, N, 1]
+
+    # intra-chunk: o_i = sum_{j<=i} exp(b_i - b_j) (q_i . k_j) v_j   (all exponents <= 0: no overflow)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    decay = torch.exp((b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf")))
+    o = (q @ k.transpose(-1, -2) * decay) @ v
+
+    # each chunk's own contribution to the state at its end: sum_j exp(b_C - b_j) k_j v_j^T
+    k_to_end = k * torch.exp(b_last - b).unsqueeze(-1)
+    chunk_states = k_to_end.transpose(-1, -2) @ v  # [B, H, N, K, V]
+    chunk_decay = b_last.squeeze(-1).exp()  # [B, H, N]
+
+    # scan: state entering chunk n
+    state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    entering = []
+    for n in range(N):
+        entering.append(state)
+        state = chunk_decay[:, :, n, None, None] * state + chunk_states[:, :, n]
+    entering = torch.stack(entering, 2)  # [B, H, N, K, V]
+
+    # inter-chunk: exp(b_i) q_i^T S_entering
+    o = o + (q * b.exp().unsqueeze(-1)) @ entering
+    o = (o * scale).permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
+    return o.to(dtype), (state if output_final_state else None)

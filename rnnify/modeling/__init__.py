@@ -1,0 +1,16 @@
+"""The converted-model format: config, causal LM, mixers and their cache layers.
+
+The files here (plus ``rnnify/kernels/reference.py``, shipped as ``kernels_reference.py``) are copied next
+to every converted model so it loads with ``trust_remote_code=True`` where rnnify is not installed.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .configuration_rnnify import RnnifyConfig
+from .mixers import MIXERS, get_mixer
+from .modeling_rnnify import RnnifyForCausalLM
+
+AutoConfig.register("rnnify", RnnifyConfig, exist_ok=True)
+AutoModelForCausalLM.register(RnnifyConfig, RnnifyForCausalLM, exist_ok=True)
+
+__all__ = ["RnnifyConfig", "RnnifyForCausalLM", "MIXERS", "get_mixer"]
