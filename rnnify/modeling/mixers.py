@@ -85,6 +85,10 @@ class Mixer(nn.Module):
     def init_new_parameters(self) -> None:
         raise NotImplementedError
 
+    def cache_bytes(self, seq_len: int, batch: int = 1, kv_bytes: int = 2) -> int:
+        """Bytes this layer keeps in the cache after ``seq_len`` tokens (states are fp32)."""
+        raise NotImplementedError
+
     @staticmethod
     def cache_layer(kwargs, layer_idx):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -132,6 +136,9 @@ class SupraMixer(Mixer):
             self.norm.weight.fill_(1.0)
             self.norm.bias.zero_()
             self.log_decay.copy_(self.default_log_decay(self.num_heads))
+
+    def cache_bytes(self, seq_len, batch=1, kv_bytes=2):
+        return batch * self.num_heads * self.head_dim * self.head_dim * 4
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         B, T, _ = hidden_states.shape
@@ -216,20 +223,26 @@ class LolcatsMixer(Mixer):
         with torch.no_grad():
             self.linear_mix_logit.fill_(self.init_mix_logit)
 
+    def cache_bytes(self, seq_len, batch=1, kv_bytes=2):
+        D = self.head_dim
+        state = self.num_heads * 2 * D * (D + 1) * 4  # Hedgehog features (2D) x (values + normaliser), fp32
+        kept = min(seq_len, self.sinks) + min(max(seq_len - self.sinks, 0), self.window)
+        return batch * (state + 2 * self.num_kv_heads * D * kept * kv_bytes)
+
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         B, T, _ = hidden_states.shape
         H, D, S, W = self.num_heads, self.head_dim, self.sinks, self.window
         q, k, v = self.project(hidden_states)
         cos, sin = position_embeddings
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = self.repeat_kv(k), self.repeat_kv(v)
-        q, k, v = q.float(), k.float(), v.float()
+        # the cache keeps keys/values as the model computed them (its dtype), per KV head
+        q = q.float()
         valid = padding_mask_for(attention_mask, T)
         valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid
 
         layer = self.cache_layer(kwargs, self.layer_idx)
         n = 0
-        empty = q.new_zeros(B, 0, H, D)
+        empty = k.new_zeros(B, 0, k.shape[2], D)
         sink_k = sink_v = recent_k = recent_v = empty
         sink_ok = recent_ok = valid[:, :0]
         state = None
@@ -241,10 +254,11 @@ class LolcatsMixer(Mixer):
         r = recent_k.shape[1]
         p0 = n - r  # position of the first token of [recent, new]
 
-        # contiguous run of [recent, new] tokens, positions p0 .. n+T-1
-        run_k, run_v = torch.cat([recent_k, k], 1), torch.cat([recent_v, v], 1)
+        # contiguous run of [recent, new] tokens, positions p0 .. n+T-1 (KV heads, model dtype)
+        run_k_kv, run_v_kv = torch.cat([recent_k, k], 1), torch.cat([recent_v, v], 1)
         run_ok = torch.cat([recent_ok, valid], 1)
         run_pos = torch.arange(p0, n + T, device=q.device)
+        run_k, run_v = self.repeat_kv(run_k_kv).float(), self.repeat_kv(run_v_kv).float()
 
         # ---- linear part: query at position t sees run keys with position <= t - W (and >= S) -------------
         # Left-padding the run with W - r zeros and keeping T entries aligns key t - W with query t, so an
@@ -267,14 +281,16 @@ class LolcatsMixer(Mixer):
             )
 
         # ---- softmax part over sinks + window, in query blocks (memory O(T * (S + W + block))) -------------
-        num, den = self._window_softmax(q, sink_k, sink_v, sink_ok, run_k, run_v, run_ok, run_pos, n)
+        num, den = self._window_softmax(
+            q, self.repeat_kv(sink_k).float(), self.repeat_kv(sink_v).float(), sink_ok, run_k, run_v, run_ok, run_pos, n
+        )
 
         a_ln = torch.sigmoid(self.linear_mix_logit.float())[None, None, :, None]
         a_sm = 1.0 - a_ln
         y = (a_sm * num + a_ln * o_lin[..., :D]) / (a_sm * den + a_ln * o_lin[..., D:]).clamp_min(1e-12)
 
         if layer is not None:
-            self._update_cache(layer, n, T, k, v, valid, sink_k, sink_v, sink_ok, run_k, run_v, run_ok, run_pos, new_state)
+            self._update_cache(layer, n, T, k, v, valid, sink_k, sink_v, sink_ok, run_k_kv, run_v_kv, run_ok, run_pos, new_state)
         y = y.reshape(B, T, H * D).to(hidden_states.dtype)
         return self.o_proj(y), None
 

@@ -1,0 +1,254 @@
+"""The ``rnnify`` command: inspect, convert, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import RnnifyError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+def cmd_inspect(args) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import models
+    from .convert import SUPPORTED_MODEL_TYPES
+    from .eval.memory import cache_bytes, human_bytes
+    from .modeling import RnnifyConfig
+
+    t0 = time.time()
+    src = models.local_path(args.model, progress=_log)
+    config = AutoConfig.from_pretrained(src.path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    is_student = isinstance(config, RnnifyConfig)
+    cfg = config.base_config if is_student else config.get_text_config(decoder=True)
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    n_params = sum(p.numel() for p in model.parameters())
+    layers = model.model.layers
+    attn_classes: dict[str, list[int]] = {}
+    for i, layer in enumerate(layers):
+        attn_classes.setdefault(type(layer.self_attn).__name__, []).append(i)
+    info = {
+        "model": args.model,
+        "source": src.kind,
+        "path": src.path,
+        "architecture": (config.architectures or [type(model).__name__])[0],
+        "model_type": config.model_type,
+        "base_model_type": cfg.model_type,
+        "convertible": (not is_student) and cfg.model_type in SUPPORTED_MODEL_TYPES,
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "attention_heads": heads,
+        "kv_heads": kv,
+        "head_dim": head_dim,
+        "vocab_size": cfg.vocab_size,
+        "parameters": n_params,
+        "layer_types": list(config.layer_types) if getattr(config, "layer_types", None) else None,
+        "attention_modules": {k: _ranges(v) for k, v in attn_classes.items()},
+        "sliding_window": getattr(cfg, "sliding_window", None),
+    }
+    if is_student:
+        info["method"] = config.method
+        info["layer_mixers"] = _ranges_by_value(config.layer_mixers)
+    kv_bytes = 2  # bf16 serving
+    info["cache_bytes_per_sequence_bf16"] = {
+        f"{n // 1024}k": cache_bytes(model, n, kv_bytes=kv_bytes) for n in (4096, 32768)
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{args.model}  ({src.kind}: {src.path})")
+    print(f"  architecture     {info['architecture']}  (model_type {info['model_type']}"
+          + (f", base {cfg.model_type})" if is_student else ")"))
+    print(f"  parameters       {n_params:,}")
+    print(f"  layers           {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
+    print(f"  attention heads  {heads} query, {kv} key/value, head_dim {head_dim}"
+          + (f", sliding window {info['sliding_window']}" if info["sliding_window"] else ""))
+    types = info["layer_types"] or ["full_attention"] * cfg.num_hidden_layers
+    print(f"  layer types      {_ranges_by_value(types)}")
+    print(f"  token mixers     {info['attention_modules']}")
+    if is_student:
+        print(f"  method           {config.method}; mixers {info['layer_mixers']}")
+    for k, v in info["cache_bytes_per_sequence_bf16"].items():
+        print(f"  cache @ {k:>3} tok  {human_bytes(v)} per sequence (bf16 K/V, fp32 states)")
+    if not is_student:
+        verdict = "yes" if info["convertible"] else f"no (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        print(f"  convertible      {verdict}")
+    _log(f"inspected in {time.time() - t0:.1f}s")
+
+
+def _ranges(idx: list[int]) -> str:
+    out, start = [], None
+    for j, i in enumerate(idx):
+        if start is None:
+            start = i
+        if j + 1 == len(idx) or idx[j + 1] != i + 1:
+            out.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(out)
+
+
+def _ranges_by_value(values: list[str]) -> str:
+    groups: dict[str, list[int]] = {}
+    for i, v in enumerate(values):
+        groups.setdefault(v, []).append(i)
+    return "; ".join(f"{k}: {_ranges(v)}" for k, v in groups.items())
+
+
+# ---------------------------------------------------------------------------------------------- convert
+def cmd_convert(args) -> None:
+    import torch
+
+    from . import __version__, models
+    from .convert import convert, get_method
+    from .convert.base import count_new_parameters
+    from .eval.memory import cache_bytes, human_bytes
+    from .io import atomic_output_dir, check_output_dir
+
+    get_method(args.method)  # fail fast on a bad method before loading weights
+    out = check_output_dir(args.out, args.overwrite)
+    dtype = models.parse_dtype(args.dtype)
+    options = {"window": args.window, "sinks": args.sinks, "chunk_size": args.chunk_size}
+    t0 = time.time()
+    teacher, tok = models.load_source(args.model, dtype="float32", progress=_log)
+    _log(f"loaded {args.model} in {time.time() - t0:.1f}s")
+    t1 = time.time()
+    student = convert(teacher, args.method, keep_attention=args.keep_attention, options=options)
+    if dtype is not None:
+        student = student.to(dtype)
+        student.config.dtype = dtype
+    n_new = count_new_parameters(student)
+    record = {
+        "source": args.model,
+        "method": args.method,
+        "keep_attention": [i for i, m in enumerate(student.config.layer_mixers) if m == "attention"],
+        "mixer_config": student.config.mixer_config,
+        "dtype": str(next(student.parameters()).dtype).replace("torch.", ""),
+        "rnnify_version": __version__,
+    }
+    with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
+        student.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        (tmp / "rnnify_conversion.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / "README.md").write_text(_model_card(record))
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"converted {args.model} with {args.method} -> {out}  ({time.time() - t1:.1f}s)")
+    print(f"  layers kept as attention: {record['keep_attention'] or 'none'}; new parameters {n_new:,}")
+    print(f"  weights {size / 2**20:.1f} MiB ({record['dtype']})")
+    for n in (4096, 32768):
+        s, t = cache_bytes(student, n), cache_bytes(teacher, n)
+        print(f"  cache per sequence @ {n // 1024}k tokens: {human_bytes(s)} vs teacher KV {human_bytes(t)} ({t / s:.1f}x less)")
+    del torch
+
+
+def _model_card(record: dict) -> str:
+    return (
+        "---\n"
+        f"base_model: {record['source']}\n"
+        "library_name: transformers\n"
+        f"tags:\n- rnnify\n- linear-attention\n- {record['method']}\n"
+        "---\n\n"
+        f"# {record['method']} conversion of {record['source']}\n\n"
+        "Converted with [rnnify](https://pypi.org/project/rnnify/) (surgery only: not yet distilled).\n\n"
+        "```python\nimport rnnify, transformers\n"
+        "model = transformers.AutoModelForCausalLM.from_pretrained(PATH)  # or trust_remote_code=True without rnnify\n```\n\n"
+        "Conversion settings:\n\n```json\n" + json.dumps(record, indent=2) + "\n```\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def cmd_generate(args) -> None:
+    import torch
+    from transformers import TextStreamer
+
+    from . import models
+
+    torch.manual_seed(args.seed)
+    model, tok = models.load_source(args.model, dtype=args.dtype)
+    if tok is None:
+        raise RnnifyError(f"{args.model} has no tokenizer files; save one next to the model")
+    text = args.prompt
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    enc = tok(text, return_tensors="pt")
+    streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
+    t0 = time.time()
+    with torch.no_grad():
+        outp = model.generate(
+            **enc, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+            temperature=args.temperature if args.temperature > 0 else None, top_p=None, top_k=None,
+            streamer=streamer, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
+    n = outp.shape[1] - enc["input_ids"].shape[1]
+    _log(f"{n} tokens in {time.time() - t0:.2f}s ({n / max(time.time() - t0, 1e-9):.1f} tokens/s)")
+
+
+# ---------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .convert import METHODS
+    from .models import ALIASES, DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="rnnify", description="Convert pretrained transformers into recurrent and hybrid models.")
+    p.add_argument("--version", action="version", version=f"rnnify {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    model_help = f"Hub repo id, local folder, .gguf file or alias ({', '.join(ALIASES)}); default {DEFAULT_MODEL}"
+
+    s = sub.add_parser("inspect", help="architecture, layers, heads, parameters and attention modules of a model")
+    s.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("convert", help="convert a model's attention layers (surgery only, no training)")
+    s.add_argument("model", help=model_help)
+    s.add_argument("--method", required=True, help=f"one of: {', '.join(sorted(METHODS))}")
+    s.add_argument("--keep-attention", default=None, help="layers that stay softmax attention, e.g. 0,15 or 0-3")
+    s.add_argument("--window", type=int, default=None, help="softmax window in tokens (lolcats; default 64)")
+    s.add_argument("--sinks", type=int, default=None, help="first tokens kept in the softmax part (lolcats; default 4)")
+    s.add_argument("--chunk-size", type=int, default=None, help="chunk length of the parallel form (default 64)")
+    s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 for the saved weights")
+    s.add_argument("--out", required=True, help="output folder (written atomically)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("generate", help="generate text from a model")
+    s.add_argument("model", help=model_help + ", or a converted model folder")
+    s.add_argument("prompt")
+    s.add_argument("--max-new-tokens", type=int, default=40)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except RnnifyError as e:
+        print(f"rnnify {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rnnify {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

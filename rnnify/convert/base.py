@@ -1,0 +1,120 @@
+"""What every conversion shares: checking the source, planning layers, copying weights into the student."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import RnnifyError
+from ..modeling import RnnifyConfig, RnnifyForCausalLM
+from ..modeling.configuration_rnnify import base_layer_types
+
+# Source families whose decoder layers follow the frame the student reuses (self_attn with q/k/v/o
+# projections, rotate-half RoPE from model.rotary_emb).
+SUPPORTED_MODEL_TYPES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class LayerPlan:
+    """Per-layer structure of a student: mixer names, cache layer types, shared mixer settings."""
+
+    layer_mixers: list[str]
+    layer_types: list[str]
+    mixer_config: dict = field(default_factory=dict)
+
+
+def text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def check_supported(config) -> None:
+    cfg = text_config(config)
+    mt = getattr(cfg, "model_type", None)
+    if mt == "rnnify":
+        raise RnnifyError("the source is already an rnnify model; convert its base model instead")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        arch = ",".join(getattr(config, "architectures", None) or [mt or "?"])
+        raise RnnifyError(
+            f"unsupported architecture {mt!r} ({arch}); rnnify converts: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def parse_layer_list(spec, num_layers: int, what: str = "--keep-attention") -> list[int]:
+    """Parse '0,15' / '0-3,15' / [0, 15] / '-1' into sorted layer indices, checking the range."""
+    if spec is None or spec == "" or spec == []:
+        return []
+    items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    out: set[int] = set()
+    for item in items:
+        text = str(item).strip()
+        try:
+            if isinstance(item, int):
+                idx = [item]
+            elif "-" in text[1:]:
+                a, b = text.split("-", 1) if not text.startswith("-") else (text, "")
+                idx = list(range(int(a), int(b) + 1))
+            else:
+                idx = [int(text)]
+        except ValueError:
+            raise RnnifyError(f"{what}: {text!r} is not a layer index; accepted: comma-separated integers or ranges like 0-3") from None
+        for i in idx:
+            j = i + num_layers if i < 0 else i
+            if not 0 <= j < num_layers:
+                raise RnnifyError(f"{what}: layer {i} is out of range; this model has layers 0..{num_layers - 1}")
+            out.add(j)
+    return sorted(out)
+
+
+def plan_layers(source_config, mixer: str, layer_type: str, keep_attention: list[int], mixer_config: dict) -> LayerPlan:
+    """Every layer becomes ``mixer`` except those in ``keep_attention``, which keep their attention type."""
+    cfg = text_config(source_config)
+    base_types = base_layer_types(cfg)
+    mixers, types = [], []
+    for i, bt in enumerate(base_types):
+        if i in keep_attention:
+            mixers.append("attention")
+            types.append(bt)
+        else:
+            mixers.append(mixer)
+            types.append(layer_type)
+    return LayerPlan(mixers, types, mixer_config)
+
+
+def build_student(teacher, plan: LayerPlan, method: str) -> RnnifyForCausalLM:
+    """Make the student from the teacher: same weights where names match, new mixer parts initialised."""
+    check_supported(teacher.config)
+    base = text_config(teacher.config)
+    base_dict = base.to_dict()
+    base_dict.pop("quantization_config", None)
+    config = RnnifyConfig(
+        base_config=base_dict,
+        layer_types=plan.layer_types,
+        layer_mixers=plan.layer_mixers,
+        mixer_config=plan.mixer_config,
+        method=method,
+    )
+    config._attn_implementation = getattr(base, "_attn_implementation", None) or "sdpa"
+    dtype = next(teacher.parameters()).dtype
+    student = RnnifyForCausalLM(config).to(dtype)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    new = set(student.new_parameter_names())
+    new_buffers = {f"model.layers.{i}.self_attn.{n}" for i, m in student.mixers() for n, _ in m.named_buffers()}
+    missing = [k for k in missing if k not in new and k not in new_buffers and not k.endswith("inv_freq")]
+    unexpected = [k for k in unexpected if not k.endswith("inv_freq")]
+    if missing or unexpected:
+        raise RnnifyError(
+            f"weights of {getattr(base, 'model_type', '?')} do not map onto the student: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for _, m in student.mixers():
+        m.init_new_parameters()
+    student.generation_config = teacher.generation_config
+    student.eval()
+    return student
+
+
+@torch.no_grad()
+def count_new_parameters(student) -> int:
+    names = set(student.new_parameter_names())
+    return sum(p.numel() for n, p in student.named_parameters() if n in names)

@@ -1,0 +1,1 @@
+"""Evaluation: cache memory accounting (more in later modules)."""

