@@ -112,16 +112,17 @@ def cmd_convert(args) -> None:
     import torch
 
     from . import __version__, models
-    from .convert import convert, get_method
+    from .convert import convert, validate
     from .convert.base import count_new_parameters
     from .eval.memory import cache_bytes, human_bytes
     from .io import atomic_output_dir, check_output_dir
 
-    get_method(args.method)  # fail fast on a bad method before loading weights
-    out = check_output_dir(args.out, args.overwrite)
-    dtype = models.parse_dtype(args.dtype)
     options = {"window": args.window, "sinks": args.sinks, "chunk_size": args.chunk_size}
+    dtype = models.parse_dtype(args.dtype)
+    out = check_output_dir(args.out, args.overwrite)
     t0 = time.time()
+    # everything that can be checked from the config fails here, before the weights load
+    validate(models.load_config(args.model, progress=_log), args.method, args.keep_attention, options)
     teacher, tok = models.load_source(args.model, dtype="float32", progress=_log)
     _log(f"loaded {args.model} in {time.time() - t0:.1f}s")
     t1 = time.time()

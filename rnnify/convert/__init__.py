@@ -34,15 +34,19 @@ def resolve_options(method: str, options: dict | None) -> dict:
     return {**mod.OPTIONS, **options}
 
 
+def validate(source_config, method: str, keep_attention=None, options: dict | None = None):
+    """Check a conversion request against the source's config (no weights): returns (layers kept, options)."""
+    get_method(method)
+    check_supported(source_config)
+    keep = parse_layer_list(keep_attention, text_config(source_config).num_hidden_layers)
+    return keep, resolve_options(method, options)
+
+
 def convert(teacher, method: str, keep_attention=None, options: dict | None = None):
     """Build the student of ``teacher`` for ``method``; ``keep_attention`` lists layers left as attention."""
-    mod = get_method(method)
-    check_supported(teacher.config)
-    n = text_config(teacher.config).num_hidden_layers
-    keep = parse_layer_list(keep_attention, n)
-    opts = resolve_options(method, options)
-    plan = mod.plan(teacher.config, keep, opts)
+    keep, opts = validate(teacher.config, method, keep_attention, options)
+    plan = get_method(method).plan(teacher.config, keep, opts)
     return build_student(teacher, plan, method)
 
 
-__all__ = ["METHODS", "convert", "get_method", "resolve_options", "parse_layer_list", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["METHODS", "convert", "validate", "get_method", "resolve_options", "parse_layer_list", "SUPPORTED_MODEL_TYPES"]

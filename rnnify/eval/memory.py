@@ -14,7 +14,7 @@ def attention_cache_bytes(cfg, layer_type: str, seq_len: int, batch: int = 1, kv
     _, kv, head_dim = _geometry(cfg)
     kept = seq_len
     if layer_type == "sliding_attention" and getattr(cfg, "sliding_window", None):
-        kept = min(seq_len, cfg.sliding_window)
+        kept = min(seq_len, cfg.sliding_window - 1)  # transformers keeps window - 1 past tokens
     return batch * 2 * kv * head_dim * kept * kv_bytes
 
 
@@ -42,14 +42,15 @@ def cache_bytes(model, seq_len: int, batch: int = 1, kv_bytes: int = 2) -> int:
 
 
 def measured_cache_bytes(cache) -> int:
-    """Bytes actually held by a transformers cache object (every tensor it references)."""
+    """Bytes of keys, values and states actually held by a cache object (every floating tensor it references;
+    boolean padding flags are bookkeeping and not counted)."""
     import torch
 
     seen, total = set(), 0
 
     def add(t):
         nonlocal total
-        if torch.is_tensor(t) and t.numel() and id(t) not in seen:
+        if torch.is_tensor(t) and t.is_floating_point() and t.numel() and id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()
 

@@ -1,0 +1,72 @@
+"""Tiny random source models of each supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tr
+
+import rnnify  # noqa: F401  (registers the Auto classes)
+
+COMMON = dict(
+    num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=128, head_dim=16, max_position_embeddings=512,
+)
+
+
+def tiny_config(family: str):
+    if family == "llama":
+        cfg = tr.LlamaConfig(**COMMON)
+    elif family == "qwen2":
+        cfg = tr.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=6, max_window_layers=2)
+    elif family == "mistral":
+        cfg = tr.MistralConfig(**COMMON, sliding_window=6)
+    elif family == "qwen3":
+        cfg = tr.Qwen3Config(**COMMON)
+    elif family == "gemma3_text":
+        cfg = tr.Gemma3TextConfig(**COMMON, sliding_window=6, layer_types=["sliding_attention", "full_attention"] * 2)
+    else:
+        raise KeyError(family)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def tiny_model(family: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    model = tr.AutoModelForCausalLM.from_config(tiny_config(family))
+    return model.eval()
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "gemma3_text"]
+
+
+@pytest.fixture(params=["llama", "qwen2", "mistral"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+def make_tokenizer(vocab_size: int = 128):
+    """A real fast tokenizer over a tiny word-level vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(vocab_size - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tr.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    """A saved tiny Llama with a tokenizer: a local 'source model' folder."""
+    model = tiny_model("llama")
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    make_tokenizer(model.config.vocab_size).save_pretrained(path)
+    return path

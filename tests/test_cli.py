@@ -1,0 +1,108 @@
+"""The CLI end to end on a tiny local model, and each bad input's one-line error."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from rnnify.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_inspect_convert_generate(tiny_llama_dir, tmp_path, capsys):
+    code, out, _ = run(capsys, "inspect", tiny_llama_dir, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["layers"] == 4 and info["kv_heads"] == 2 and info["convertible"]
+    assert info["attention_modules"] == {"LlamaAttention": "0-3"}
+
+    out_dir = tmp_path / "student"
+    code, out, err = run(capsys, "convert", tiny_llama_dir, "--method", "lolcats", "--window", 8,
+                         "--keep-attention", "0,3", "--out", out_dir)
+    assert code == 0, err
+    assert "layers kept as attention: [0, 3]" in out
+    cfg = json.loads((out_dir / "config.json").read_text())
+    assert cfg["layer_mixers"] == ["attention", "lolcats", "lolcats", "attention"]
+    assert cfg["mixer_config"]["window"] == 8
+    assert (out_dir / "tokenizer.json").exists() and (out_dir / "rnnify_conversion.json").exists()
+    assert not list(tmp_path.glob(".student.partial-*"))
+
+    code, out, err = run(capsys, "inspect", out_dir)
+    assert code == 0 and "lolcats" in out and "LolcatsMixer" in out
+
+    code, out, err = run(capsys, "generate", out_dir, "w1 w2 w3", "--max-new-tokens", 4)
+    assert code == 0, err
+    assert out.startswith("w1 w2 w3") and len(out.split()) == 7
+    assert "4 tokens in" in err
+
+
+def test_bf16_convert(tiny_llama_dir, tmp_path, capsys):
+    code, _, err = run(capsys, "convert", tiny_llama_dir, "--method", "supra", "--dtype", "bfloat16",
+                       "--out", tmp_path / "s")
+    assert code == 0, err
+    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    assert m.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--method", "mamba9"], "unknown method 'mamba9'; accepted: lolcats, supra"),
+        (["--method", "supra", "--keep-attention", "4"], "layer 4 is out of range; this model has layers 0..3"),
+        (["--method", "supra", "--keep-attention", "x"], "'x' is not a layer index"),
+        (["--method", "supra", "--window", "8"], "method 'supra' has no setting window; its settings: chunk_size"),
+        (["--method", "supra", "--dtype", "int3"], "unknown dtype 'int3'"),
+    ],
+)
+def test_bad_convert_arguments(tiny_llama_dir, tmp_path, capsys, extra, needle):
+    code, out, err = run(capsys, "convert", tiny_llama_dir, *extra, "--out", tmp_path / "o")
+    assert code == 2
+    assert err.strip().splitlines() == [f"rnnify convert: error: {err.split('error: ', 1)[1].strip()}"]
+    assert needle in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    code, _, err = run(capsys, "convert", tmp_path / "gpt2", "--method", "supra", "--out", tmp_path / "o")
+    assert code == 2 and "unsupported architecture 'gpt2' (GPT2LMHeadModel); rnnify converts: gemma3_text, llama" in err
+
+
+def test_unknown_model_name(tmp_path, capsys):
+    code, _, err = run(capsys, "convert", tmp_path / "nope.gguf", "--method", "supra", "--out", tmp_path / "o")
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(capsys, "inspect", "not a model")
+    assert code == 2 and "accepted: a Hugging Face repo id" in err
+
+
+def test_existing_output_needs_overwrite(tiny_llama_dir, tmp_path, capsys):
+    out_dir = tmp_path / "o"
+    assert run(capsys, "convert", tiny_llama_dir, "--method", "supra", "--out", out_dir)[0] == 0
+    before = (out_dir / "model.safetensors").read_bytes()
+    code, _, err = run(capsys, "convert", tiny_llama_dir, "--method", "lolcats", "--out", out_dir)
+    assert code == 2 and "already holds a model; pass --overwrite" in err
+    assert (out_dir / "model.safetensors").read_bytes() == before
+    code, _, err = run(capsys, "convert", tiny_llama_dir, "--method", "lolcats", "--out", out_dir, "--overwrite")
+    assert code == 0, err
+    assert json.loads((out_dir / "config.json").read_text())["method"] == "lolcats"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+
+
+def test_failed_convert_leaves_no_output(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    from rnnify.modeling import RnnifyForCausalLM
+
+    def broken_save(self, path, *a, **k):
+        (path / "config.json").write_text("{}")  # half-written
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(RnnifyForCausalLM, "save_pretrained", broken_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(["convert", str(tiny_llama_dir), "--method", "supra", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-llama"]

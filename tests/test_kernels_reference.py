@@ -1,0 +1,94 @@
+"""The reference linear-attention ops agree with each other: chunked == naive quadratic == token loop."""
+
+import pytest
+import torch
+
+from rnnify.kernels import reference as R
+
+
+def _inputs(B, T, H, K, V, decay, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=g)
+    k = torch.randn(B, T, H, K, generator=g)
+    v = torch.randn(B, T, H, V, generator=g)
+    if decay is None:
+        gl = None
+    elif decay == "head":
+        gl = -torch.rand(H, generator=g)
+    else:
+        gl = torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=g) + 2)
+    return q.to(dtype), k.to(dtype), v.to(dtype), gl
+
+
+@pytest.mark.parametrize("T", [1, 15, 16, 33, 64])
+@pytest.mark.parametrize("decay", [None, "head", "data"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunk_naive_recurrent_agree(T, decay, with_state):
+    B, H, K, V = 2, 3, 8, 5
+    q, k, v, g = _inputs(B, T, H, K, V, decay)
+    s0 = torch.randn(B, H, K, V) if with_state else None
+    o_n, s_n = R.naive_linear_attention(q, k, v, g, initial_state=s0, output_final_state=True)
+    o_c, s_c = R.chunk_linear_attention(q, k, v, g, initial_state=s0, output_final_state=True, chunk_size=16)
+    o_r, s_r = R.recurrent_linear_attention(q, k, v, g, initial_state=s0, output_final_state=True)
+    for o in (o_c, o_r):
+        torch.testing.assert_close(o, o_n, atol=1e-4, rtol=1e-4)
+    for s in (s_c, s_r):
+        torch.testing.assert_close(s, s_n, atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_against_token_loop_at_larger_shape():
+    B, T, H, K, V = 1, 300, 4, 32, 32
+    q, k, v, g = _inputs(B, T, H, K, V, "data", seed=1)
+    o_c, s_c = R.chunk_linear_attention(q, k, v, g, output_final_state=True, chunk_size=64)
+    o_r, s_r = R.recurrent_linear_attention(q, k, v, g, output_final_state=True)
+    torch.testing.assert_close(o_c, o_r, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(s_c, s_r, atol=2e-4, rtol=1e-4)
+
+
+def test_splitting_a_sequence_carries_the_state():
+    """Two chunked calls with the state passed between them equal one call."""
+    B, T, H, K, V = 2, 50, 2, 8, 8
+    q, k, v, g = _inputs(B, T, H, K, V, "data", seed=2)
+    o, s = R.chunk_linear_attention(q, k, v, g, output_final_state=True, chunk_size=16)
+    o1, s1 = R.chunk_linear_attention(q[:, :21], k[:, :21], v[:, :21], g[:, :21], output_final_state=True, chunk_size=16)
+    o2, s2 = R.chunk_linear_attention(q[:, 21:], k[:, 21:], v[:, 21:], g[:, 21:], initial_state=s1,
+                                      output_final_state=True, chunk_size=16)
+    torch.testing.assert_close(torch.cat([o1, o2], 1), o, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s2, s, atol=1e-4, rtol=1e-4)
+
+
+def test_step_matches_definition():
+    B, H, K, V = 3, 2, 4, 6
+    q, k, v, _ = _inputs(B, 1, H, K, V, None, seed=3)
+    s0 = torch.randn(B, H, K, V)
+    g = -torch.rand(B, H)
+    o, s = R.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], g, s0, scale=0.5)
+    s_ref = s0 * g.exp()[..., None, None] + k[:, 0, :, :, None] * v[:, 0, :, None, :]
+    o_ref = 0.5 * torch.einsum("bhk,bhkv->bhv", q[:, 0], s_ref)
+    torch.testing.assert_close(s, s_ref)
+    torch.testing.assert_close(o, o_ref)
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    B, T, H, K, V = 1, 70, 2, 16, 16
+    q, k, v, g = _inputs(B, T, H, K, V, "head", seed=4)
+    o32, _ = R.chunk_linear_attention(q, k, v, g)
+    o16, s16 = R.chunk_linear_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), g, output_final_state=True)
+    assert o16.dtype == torch.bfloat16 and s16.dtype == torch.float32
+    torch.testing.assert_close(o16.float(), o32, atol=0.1, rtol=0.05)
+
+
+def test_bad_shapes_are_named():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="initial_state"):
+        R.chunk_linear_attention(q, q, q, initial_state=torch.zeros(1, 2, 8, 7))
+    with pytest.raises(ValueError, match="log-decay"):
+        R.chunk_linear_attention(q, q, q, g=torch.zeros(3))
+
+
+def test_forced_unknown_backend_is_a_clear_error(monkeypatch):
+    from rnnify import kernels
+
+    monkeypatch.setenv("RNNIFY_KERNELS", "cuda-magic")
+    with pytest.raises(ValueError, match="accepted: reference"):
+        kernels.chunk_linear_attention(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))

@@ -1,0 +1,31 @@
+"""The cache-size accounting used by inspect/convert/eval equals what a real cache holds."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from rnnify.convert import convert
+from rnnify.eval.memory import cache_bytes, measured_cache_bytes
+
+from .conftest import tiny_model
+
+
+@pytest.mark.parametrize("fam", ["llama", "qwen2"])
+@pytest.mark.parametrize("method,keep", [(None, None), ("supra", "1"), ("lolcats", "0"), ("lolcats", "")])
+@pytest.mark.parametrize("T", [3, 40])
+def test_accounting_matches_a_filled_cache(fam, method, keep, T):
+    teacher = tiny_model(fam)
+    model = teacher if method is None else convert(teacher, method, keep, {"chunk_size": 8, **({"window": 8, "sinks": 2} if method == "lolcats" else {})})
+    x = torch.randint(0, 128, (2, T))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(x[:, : T - 1], cache=cache, use_cache=True)
+        model(x[:, T - 1 :], cache=cache, use_cache=True)
+    assert measured_cache_bytes(cache) == cache_bytes(model, T, batch=2, kv_bytes=4)
+
+
+def test_recurrent_state_is_constant_in_length():
+    student = convert(tiny_model("llama"), "supra")
+    assert cache_bytes(student, 100) == cache_bytes(student, 100_000)
+    teacher = tiny_model("llama")
+    assert cache_bytes(teacher, 100_000) == 1000 * cache_bytes(teacher, 100)

