@@ -197,6 +197,93 @@ def cmd_generate(args) -> None:
     _log(f"{n} tokens in {time.time() - t0:.2f}s ({n / max(time.time() - t0, 1e-9):.1f} tokens/s)")
 
 
+# ---------------------------------------------------------------------------------------------- recipes
+def cmd_ls(args) -> None:
+    from .convert import METHODS
+    from .distill.stages import STAGES
+    from .recipe import RECIPES_DIR
+
+    print("recipes:")
+    for p in sorted(RECIPES_DIR.glob("*.yaml")):
+        first = next((line[1:].strip() for line in p.read_text().splitlines() if line.startswith("#")), "")
+        print(f"  {p.stem:<16} {first}")
+    print("methods:")
+    for name, mod in sorted(METHODS.items()):
+        print(f"  {name:<16} {(mod.__doc__ or '').strip().splitlines()[0]}")
+    print("stages:")
+    for name in STAGES:
+        print(f"  {name}")
+
+
+def cmd_cp(args) -> None:
+    from .recipe import find_recipe, RECIPES_DIR
+
+    src = find_recipe(args.name)
+    if src.parent != RECIPES_DIR:
+        raise RnnifyError(f"{args.name!r} is not a shipped recipe; see `rnnify ls`")
+    dest = Path(args.dest)
+    if dest.exists() and not args.overwrite:
+        raise RnnifyError(f"{dest} exists; pass --overwrite to replace it")
+    dest.write_text(src.read_text())
+    print(f"copied {src.stem} -> {dest}")
+
+
+def cmd_validate(args) -> None:
+    from .recipe import dump_recipe, load_recipe
+    from .distill.trainer import total_steps
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(f"# {args.recipe}: valid. Resolved recipe:")
+    print(dump_recipe(recipe), end="")
+    print("# plan:")
+    print(f"#   convert {recipe.model.source} with {recipe.conversion.method} "
+          f"(keep attention: {recipe.conversion.keep_attention or 'none'})")
+    for i, stage in enumerate(recipe.stages):
+        st = recipe.stage_settings(i)
+        steps = total_steps(st)
+        print(f"#   stage {stage.name} ({stage.type}): {steps} steps, "
+              f"{steps * st.batch_size * st.grad_accum * st.seq_len:,} tokens, lr {st.lr:g}, seq_len {st.seq_len}")
+    print(f"#   then {'evaluate and ' if recipe.eval else ''}save to {recipe.output.dir} (run state in {recipe.run_dir()})")
+
+
+def cmd_run(args) -> None:
+    from .distill.runner import run_recipe
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    t0 = time.time()
+    summary = run_recipe(recipe, only_stage=args.stage, resume=args.resume, progress=not args.no_progress)
+    if summary.get("finished") and "eval" in summary:
+        from .eval.report import results_table
+
+        print(results_table(summary["eval"]))
+    elif not summary.get("finished"):
+        print(f"stages run: {', '.join(summary['stages']) or 'none'}; the recipe has more (run them with --resume)")
+    _log(f"rnnify run: {time.time() - t0:.0f}s")
+
+
+def cmd_eval(args) -> None:
+    from . import models
+    from .eval.report import evaluate, results_table, write_eval
+    from .recipe import EvalSpec
+
+    spec = EvalSpec(text=args.text, context_length=args.context_length, num_windows=args.num_windows,
+                    passkey_lengths=args.passkey, speed_lengths=args.speed, baseline=args.teacher is not None)
+    student, tok = models.load_source(args.model, dtype="float32", progress=_log)
+    if tok is None:
+        raise RnnifyError(f"{args.model} has no tokenizer files")
+    teacher = models.load_source(args.teacher, dtype="float32", progress=_log)[0] if args.teacher else None
+    from .modeling import RnnifyForCausalLM
+
+    if spec.baseline and not isinstance(student, RnnifyForCausalLM):
+        spec.baseline = False
+    results = evaluate(student, tok, spec, teacher=teacher, log=_log)
+    if Path(args.model).is_dir():
+        write_eval(args.model, results)
+        _log(f"wrote {Path(args.model) / 'eval.json'} and the README table")
+    print(results_table(results))
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -224,6 +311,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (written atomically)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("ls", help="shipped recipes, conversion methods and training stages")
+    s.set_defaults(func=cmd_ls)
+
+    s = sub.add_parser("cp", help="copy a shipped recipe to edit")
+    s.add_argument("name")
+    s.add_argument("dest")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_cp)
+
+    s = sub.add_parser("validate", help="check a recipe and print the resolved plan (no weights loaded)")
+    s.add_argument("recipe", help="a recipe file or the name of a shipped recipe")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=200")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("run", help="convert + train + evaluate + save, as a recipe says")
+    s.add_argument("recipe", help="a recipe file or the name of a shipped recipe")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=200 stages.distill.lr=1e-4")
+    s.add_argument("--stage", default=None, help="run only this stage (starting from the last finished earlier stage)")
+    s.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("eval", help="perplexity, passkey and decode speed of a model, side by side with a teacher")
+    s.add_argument("model", help="a converted model folder (or any model)")
+    s.add_argument("--teacher", default=None, help="the source model to compare with (and to build the window baseline)")
+    s.add_argument("--text", default="builtin:wikitext-2/test.txt", help="text file for perplexity")
+    s.add_argument("--context-length", type=int, default=2048)
+    s.add_argument("--num-windows", type=int, default=4)
+    s.add_argument("--passkey", type=int, nargs="*", default=[1024], help="passkey lengths")
+    s.add_argument("--speed", type=int, nargs="*", default=[512, 2048], help="context lengths for decode speed")
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("generate", help="generate text from a model")
     s.add_argument("model", help=model_help + ", or a converted model folder")

@@ -1,4 +1,6 @@
-"""LoLCATs-style conversion (Zhang et al. 2024): Hedgehog linear attention over old tokens plus a softmax
+"""LoLCATs-style window + sinks softmax with Hedgehog linear attention (Zhang et al. 2024).
+
+Hedgehog linear attention over old tokens plus a softmax
 window of the last ``window`` tokens and the first ``sinks`` tokens (``modeling/mixers.py::LolcatsMixer``).
 
 Defaults: window 64 as in LoLCATs; 4 sink tokens, which on SmolLM2-135M take a 64-token window from 3.3x
@@ -7,7 +9,7 @@ to 1.5x the teacher's perplexity (DESIGN.md).
 
 from .base import LayerPlan, plan_layers
 
-OPTIONS = {"window": 64, "sinks": 4, "chunk_size": 64, "init_linear_mix_logit": -6.0}
+OPTIONS = {"window": 64, "sinks": 4, "chunk_size": 64, "init_linear_mix_logit": -6.0, "linear_branch": True}
 
 
 def plan(source_config, keep_attention, options) -> LayerPlan:

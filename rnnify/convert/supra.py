@@ -1,5 +1,6 @@
-"""SUPRA (Mercat et al. 2024): every attention layer becomes linear attention with a ReLU feature map,
-fixed per-head decay and GroupNorm (see ``modeling/mixers.py::SupraMixer``)."""
+"""SUPRA linear attention (Mercat et al. 2024) in every converted layer.
+
+ReLU feature map, RoPE after it, fixed per-head decay, GroupNorm (``modeling/mixers.py::SupraMixer``)."""
 
 from .base import LayerPlan, plan_layers
 

@@ -213,6 +213,8 @@ class LolcatsMixer(Mixer):
             raise ValueError(f"window must be >= 1 and sinks >= 0, got window={self.window}, sinks={self.sinks}")
         self.chunk_size = int(self.settings.get("chunk_size", 64))
         self.init_mix_logit = float(self.settings.get("init_linear_mix_logit", -6.0))
+        # linear_branch=False gives the window-only (+ sinks) softmax baseline: older tokens are dropped
+        self.linear_branch = bool(self.settings.get("linear_branch", True))
         self.feature_map_q = HedgehogFeatureMap(self.num_heads, self.head_dim)
         self.feature_map_k = HedgehogFeatureMap(self.num_heads, self.head_dim)
         self.linear_mix_logit = nn.Parameter(torch.full((self.num_heads,), self.init_mix_logit))
@@ -272,7 +274,10 @@ class LolcatsMixer(Mixer):
         fk = F.pad(fk, (0, 0, 0, 0, shift, 0))[:, :T]
         v1 = F.pad(v1, (0, 0, 0, 0, shift, 0))[:, :T]
         fq = self.feature_map_q(q)
-        if T == 1 and state is not None:
+        if not self.linear_branch:
+            o_lin = q.new_zeros(B, T, H, D + 1)
+            new_state = q.new_zeros(B, H, 2 * D, D + 1) if state is None else state
+        elif T == 1 and state is not None:
             o_lin, new_state = linear_attention_step(fq[:, 0], fk[:, 0], v1[:, 0], None, state, scale=1.0)
             o_lin = o_lin.unsqueeze(1)
         else:
@@ -285,7 +290,7 @@ class LolcatsMixer(Mixer):
             q, self.repeat_kv(sink_k).float(), self.repeat_kv(sink_v).float(), sink_ok, run_k, run_v, run_ok, run_pos, n
         )
 
-        a_ln = torch.sigmoid(self.linear_mix_logit.float())[None, None, :, None]
+        a_ln = torch.sigmoid(self.linear_mix_logit.float())[None, None, :, None] * float(self.linear_branch)
         a_sm = 1.0 - a_ln
         y = (a_sm * num + a_ln * o_lin[..., :D]) / (a_sm * den + a_ln * o_lin[..., D:]).clamp_min(1e-12)
 

@@ -1,0 +1,1 @@
+"""Training a converted model: data, losses, stages and the accelerate training loop."""

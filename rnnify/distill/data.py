@@ -1,0 +1,106 @@
+"""Training data through ``datasets``: local text/jsonl/json/parquet files or Hub datasets, tokenised with
+the source model's tokenizer and packed into fixed-length blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import RnnifyError
+from ..recipe import DataSpec, resolve_path
+
+_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def load_rows(spec: DataSpec):
+    """A ``datasets.Dataset`` of raw rows for ``spec``."""
+    import datasets
+
+    path = resolve_path(spec.path)
+    fmt = spec.format
+    if fmt == "auto":
+        suffix = Path(path).suffix.lower()
+        if suffix in _FORMATS and Path(path).exists():
+            fmt = _FORMATS[suffix]
+        elif Path(path).exists():
+            raise RnnifyError(f"data {spec.path}: cannot tell the format of {suffix or 'a suffix-less file'}; "
+                              "set format: text | json | parquet")
+        elif suffix in _FORMATS:
+            raise RnnifyError(f"data file {spec.path} does not exist")
+        else:
+            fmt = "hub"
+    try:
+        if fmt == "hub":
+            ds = datasets.load_dataset(path, spec.name, split=spec.split)
+        else:
+            if not Path(path).exists():
+                raise RnnifyError(f"data file {spec.path} does not exist")
+            ds = datasets.load_dataset(fmt, data_files=path, split="train")
+    except RnnifyError:
+        raise
+    except Exception as e:  # datasets raises many kinds (offline, missing config, bad file)
+        raise RnnifyError(f"data {spec.path}: datasets could not load it ({type(e).__name__}: {e})") from e
+    field = spec.messages_field or spec.text_field
+    if field not in ds.column_names:
+        raise RnnifyError(f"data {spec.path}: no column {field!r}; columns: {', '.join(ds.column_names)}")
+    if spec.max_rows is not None:
+        ds = ds.select(range(min(spec.max_rows, len(ds))))
+    return ds
+
+
+def _texts(ds, spec: DataSpec, tokenizer):
+    if spec.messages_field:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise RnnifyError(f"data {spec.path}: messages_field is set but the tokenizer has no chat template")
+        for row in ds:
+            yield tokenizer.apply_chat_template(row[spec.messages_field], tokenize=False)
+    else:
+        for row in ds:
+            text = row[spec.text_field]
+            if text and text.strip():
+                yield text
+
+
+def pack_tokens(spec: DataSpec, tokenizer, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
+    """Tokenise rows (EOS between documents) and cut the stream into ``[N, seq_len]`` blocks."""
+    ds = load_rows(spec)
+    eos = tokenizer.eos_token_id
+    buf: list[int] = []
+    blocks: list[list[int]] = []
+    batch: list[str] = []
+
+    def flush():
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            buf.extend(ids)
+            if eos is not None:
+                buf.append(eos)
+        batch.clear()
+
+    for text in _texts(ds, spec, tokenizer):
+        batch.append(text)
+        if len(batch) >= 256:
+            flush()
+            while len(buf) >= seq_len:
+                blocks.append(buf[:seq_len])
+                del buf[:seq_len]
+            if max_blocks is not None and len(blocks) >= max_blocks:
+                break
+    if batch:
+        flush()
+    while len(buf) >= seq_len and (max_blocks is None or len(blocks) < max_blocks):
+        blocks.append(buf[:seq_len])
+        del buf[:seq_len]
+    if max_blocks is not None:
+        blocks = blocks[:max_blocks]
+    if not blocks:
+        raise RnnifyError(f"data {spec.path}: fewer than {seq_len} tokens; lower seq_len or add data")
+    return torch.tensor(blocks, dtype=torch.long)
+
+
+def tokenize_text_file(path: str, tokenizer) -> torch.Tensor:
+    """All tokens of a text file as one 1-D stream (for perplexity)."""
+    p = Path(resolve_path(path))
+    if not p.is_file():
+        raise RnnifyError(f"text file {path} does not exist")
+    return torch.tensor(tokenizer(p.read_text(), add_special_tokens=False)["input_ids"], dtype=torch.long)

@@ -1,0 +1,180 @@
+"""``rnnify run``: convert, train the recipe's stages in order, evaluate, save."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import models
+from ..convert import convert
+from ..errors import RnnifyError
+from ..io import atomic_output_dir, check_output_dir
+from ..recipe import Recipe, dump_recipe
+from .checkpoint import RunState
+from .data import pack_tokens
+from .stages import STAGES, build_objective, select_trainable
+from .trainer import total_steps, train_stage
+
+
+def _log(accelerator, msg):
+    if accelerator is None or accelerator.is_main_process:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def make_accelerator():
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def build_student(recipe: Recipe, teacher):
+    c = recipe.conversion
+    return convert(teacher, c.method, keep_attention=c.keep_attention, options=c.options)
+
+
+def _apply_lora(student, lora):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules))
+    return get_peft_model(student, cfg)
+
+
+def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = False, progress: bool = True,
+               accelerator=None) -> dict:
+    """Run a recipe; returns a summary dict (stages run, eval results, output folder)."""
+    accelerator = accelerator or make_accelerator()
+    torch.manual_seed(recipe.seed)
+    run = RunState(recipe.run_dir())
+    out = Path(recipe.output.dir)
+    names = [s.name for s in recipe.stages]
+    if only_stage is not None and only_stage not in names:
+        raise RnnifyError(f"--stage {only_stage!r} is not in this recipe; its stages: {', '.join(names)}")
+    if not resume and only_stage is None:
+        check_output_dir(out, recipe.output.overwrite)
+        if accelerator.is_main_process and run.dir.exists():
+            run.reset()  # a fresh run: old checkpoints would be mistaken for this run's
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        (run.dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    metrics_path = run.dir / "metrics.jsonl"
+
+    t_start = time.time()
+    teacher, tok = models.load_source(recipe.model.source, dtype=recipe.model.dtype,
+                                      progress=lambda m: _log(accelerator, m))
+    if tok is None:
+        raise RnnifyError(f"{recipe.model.source}: no tokenizer found; training needs one to tokenise data")
+    student = build_student(recipe, teacher)
+    new_names = student.new_parameter_names()
+    _log(accelerator, f"converted {recipe.model.source} with {recipe.conversion.method}: "
+                      f"{len(new_names)} new parameter tensors")
+
+    completed = run.completed() if (resume or only_stage) else []
+    # start from the weights of the last finished stage before the first stage we will run
+    first_to_run = names.index(only_stage) if only_stage else next((i for i, n in enumerate(names) if n not in completed), len(names))
+    prior = [n for n in names[:first_to_run] if n in completed]
+    if only_stage and len(prior) < first_to_run:
+        missing = [n for n in names[:first_to_run] if n not in completed]
+        _log(accelerator, f"warning: earlier stage(s) {missing} have not run; {only_stage} starts from their absence")
+    if prior:
+        from safetensors.torch import load_file
+
+        student.load_state_dict(load_file(str(run.stage_weights(prior[-1]))), strict=True)
+        _log(accelerator, f"resumed after stage {prior[-1]} ({run.stage_weights(prior[-1])})")
+
+    summary = {"stages": {}, "output": str(out)}
+    for i, stage in enumerate(recipe.stages):
+        if only_stage is not None and stage.name != only_stage:
+            continue
+        if only_stage is None and stage.name in completed:
+            _log(accelerator, f"stage {stage.name}: already finished, skipped")
+            continue
+        settings = recipe.stage_settings(i)
+        spec = STAGES[stage.type]
+        data_key = settings.data or next(iter(recipe.datasets))
+        steps = total_steps(settings)
+        n_blocks = steps * settings.batch_size * settings.grad_accum
+        blocks = pack_tokens(recipe.datasets[data_key], tok, settings.seq_len, max_blocks=n_blocks)
+        model = student
+        if stage.type == "finetune" and settings.lora is not None:
+            model = _apply_lora(student, settings.lora)
+            patterns = settings.trainable or []
+            trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+            if patterns:
+                trainable = sorted(set(trainable) | set(select_trainable_extra(model, patterns, new_names)))
+        else:
+            trainable = select_trainable(model, settings.trainable or spec["trainable"], new_names)
+        n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+        _log(accelerator, f"stage {stage.name} ({stage.type}): {steps} steps x {settings.batch_size * settings.grad_accum} "
+                          f"x {settings.seq_len} tokens on {blocks.shape[0]} blocks of {data_key}; "
+                          f"training {n_train:,} parameters in {len(trainable)} tensors; {accelerator.num_processes} process(es)")
+        objective = build_objective(stage.type, model, teacher if spec["needs_teacher"] else None, settings)
+        result = train_stage(
+            accelerator=accelerator, objective=objective, trainable_names=trainable, blocks=blocks,
+            settings=settings, stage_name=stage.name, stage_index=i, seed=recipe.seed, run=run,
+            resume=resume or only_stage is not None, metrics_path=metrics_path, progress=progress,
+        )
+        if model is not student:  # LoRA: fold the adapters into the weights
+            student = model.merge_and_unload() if settings.lora.merge else model
+        student.requires_grad_(False)
+        info = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
+                "seconds": round(result.seconds, 1), "world_size": accelerator.num_processes}
+        if accelerator.is_main_process:
+            run.mark_completed(stage.name, student.state_dict(), info)
+        accelerator.wait_for_everyone()
+        summary["stages"][stage.name] = info
+        _log(accelerator, f"stage {stage.name}: done in {result.seconds:.0f}s, final loss {result.final_loss:.4g}")
+
+    all_done = all(n in run.completed() for n in names)
+    if not all_done:
+        summary["finished"] = False
+        return summary
+    summary["finished"] = True
+    student.eval()
+    eval_results = None
+    if recipe.eval is not None and accelerator.is_main_process:
+        from ..eval.report import evaluate
+
+        eval_results = evaluate(student, tok, recipe.eval, teacher=teacher, log=lambda m: _log(accelerator, m))
+        summary["eval"] = eval_results
+    if accelerator.is_main_process:
+        tokens_trained = sum(v.get("tokens", 0) for v in run.load().get("stages", {}).values())
+        summary["tokens_trained"] = tokens_trained
+        save_output(student, tok, recipe, out, eval_results, run, tokens_trained)
+        _log(accelerator, f"saved {out} ({time.time() - t_start:.0f}s in all)")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def select_trainable_extra(model, patterns, new_names):
+    import fnmatch
+
+    names = [n for n, _ in model.named_parameters()]
+    out = []
+    for pat in patterns:
+        for n in names:
+            if (pat == "@new" and any(n.endswith(x) for x in new_names)) or fnmatch.fnmatchcase(n, pat):
+                out.append(n)
+    for n, p in model.named_parameters():
+        if n in out:
+            p.requires_grad_(True)
+    return out
+
+
+def save_output(student, tok, recipe: Recipe, out: Path, eval_results, run: RunState, tokens_trained: int):
+    from ..eval.report import model_card
+
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        student.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
+        if eval_results is not None:
+            (tmp / "eval.json").write_text(json.dumps(eval_results, indent=2) + "\n")
+        if (run.dir / "metrics.jsonl").exists():
+            (tmp / "metrics.jsonl").write_text((run.dir / "metrics.jsonl").read_text())
+        (tmp / "README.md").write_text(model_card(recipe, eval_results, run.load(), tokens_trained))

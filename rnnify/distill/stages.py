@@ -1,0 +1,132 @@
+"""Training stages, registered by name. Each builds an ``Objective``: a module whose forward maps a batch of
+token blocks to ``(loss, metrics)``, so the generic loop (and DDP) wraps it whole."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from torch import nn
+
+from ..errors import RnnifyError
+from .losses import kl_distill_loss, next_token_ce
+
+
+class Objective(nn.Module):
+    def __init__(self, student, teacher=None):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+
+class AttentionTransferObjective(Objective):
+    """Per layer, MSE between the teacher attention's output and the student mixer's output on the same
+    inputs (LoLCATs stage 1, Zhang et al. 2024 eq. 7; Mamba-in-Llama's stepwise alignment). The teacher's
+    hidden states feed every mixer, so layers train independently and in parallel."""
+
+    def __init__(self, student, teacher):
+        super().__init__(student, teacher)
+        self.layers = [i for i, _ in student.mixers()]
+        if not self.layers:
+            raise RnnifyError("attention_transfer: the model has no converted layers to train")
+
+    def forward(self, input_ids):
+        captured = {}
+        hooks = []
+        for i in self.layers:
+            def hook(module, args, kwargs, output, i=i):
+                h = kwargs.get("hidden_states", args[0] if args else None)
+                captured[i] = (h, kwargs.get("position_embeddings"), output[0] if isinstance(output, tuple) else output)
+            hooks.append(self.teacher.model.layers[i].self_attn.register_forward_hook(hook, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                self.teacher.model(input_ids=input_ids, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        losses = []
+        for i in self.layers:
+            h, pe, target = captured[i]
+            out, _ = self.student.model.layers[i].self_attn(h, position_embeddings=pe, attention_mask=None)
+            losses.append(torch.mean((out.float() - target.float()) ** 2))
+        loss = torch.stack(losses).mean()
+        return loss, {"mse_first": losses[0].item(), "mse_last": losses[-1].item()}
+
+
+class DistillObjective(Objective):
+    """End-to-end KL to the frozen teacher (+ optional CE weight)."""
+
+    def __init__(self, student, teacher, temperature=1.0, kl="forward", ce_weight=0.0):
+        super().__init__(student, teacher)
+        self.temperature, self.kl, self.ce_weight = temperature, kl, ce_weight
+
+    def forward(self, input_ids, labels=None):
+        labels = input_ids if labels is None else labels
+        with torch.no_grad():
+            t_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
+        s_logits = self.student(input_ids=input_ids, use_cache=False).logits
+        mask = labels != -100
+        kl = kl_distill_loss(s_logits, t_logits, mask, self.temperature, self.kl)
+        metrics = {"kl": kl.item()}
+        loss = kl
+        if self.ce_weight:
+            ce = next_token_ce(s_logits, labels)
+            loss = loss + self.ce_weight * ce
+            metrics["ce"] = ce.item()
+        return loss, metrics
+
+
+class FinetuneObjective(Objective):
+    """Next-token cross-entropy (SUPRA uptraining; LoLCATs stage 2 with LoRA)."""
+
+    def forward(self, input_ids, labels=None):
+        labels = input_ids if labels is None else labels
+        logits = self.student(input_ids=input_ids, use_cache=False).logits
+        ce = next_token_ce(logits, labels)
+        return ce, {"ce": ce.item()}
+
+
+STAGES = {
+    "attention_transfer": {"needs_teacher": True, "trainable": ["@new"]},
+    "distill": {"needs_teacher": True, "trainable": ["@new"]},
+    "finetune": {"needs_teacher": False, "trainable": ["*"]},
+}
+
+
+def build_objective(stage_type: str, student, teacher, settings) -> Objective:
+    if stage_type == "attention_transfer":
+        return AttentionTransferObjective(student, teacher)
+    if stage_type == "distill":
+        return DistillObjective(student, teacher, settings.temperature, settings.kl, settings.ce_weight)
+    if stage_type == "finetune":
+        return FinetuneObjective(student)
+    raise RnnifyError(f"unknown stage type {stage_type!r}; accepted: {', '.join(sorted(STAGES))}")
+
+
+def select_trainable(model, patterns: list[str], new_names: list[str]) -> list[str]:
+    """Set requires_grad from glob patterns over parameter names ('@new' = the conversion's new parameters).
+
+    Returns the names that train; fails when nothing matches.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    chosen = set()
+    for pat in patterns:
+        if pat == "@new":
+            chosen |= {n for n in names if any(n.endswith(x) for x in new_names)}
+        else:
+            chosen |= {n for n in names if fnmatch.fnmatchcase(n, pat)}
+    if not chosen:
+        examples = ", ".join(names[:3] + new_names[:2])
+        raise RnnifyError(f"trainable patterns {patterns} match no parameter; names look like: {examples}")
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in chosen)
+    return sorted(chosen)

@@ -1,0 +1,174 @@
+"""The training loop of one stage, on accelerate: single process on CPU, DDP under torchrun or
+``accelerate launch`` (gloo on CPU, NCCL on GPUs); an FSDP plugin configured through accelerate passes through.
+
+Batches are drawn deterministically from (seed, stage, step), so a resumed run sees exactly the batches the
+uninterrupted run would have, and every process takes its slice of the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import RnnifyError
+from .checkpoint import RunState
+
+# Test hook: called with the step about to run (lets tests simulate a crash at a given step).
+_BEFORE_STEP = None
+
+
+@dataclass
+class StageResult:
+    steps: int
+    tokens: int
+    final_loss: float
+    seconds: float
+
+
+def total_steps(settings, world_size: int = 1) -> int:
+    if settings.max_steps is not None:
+        return settings.max_steps
+    per_step = settings.batch_size * settings.grad_accum * settings.seq_len
+    return max(1, math.ceil(settings.max_tokens / per_step))
+
+
+def batch_indices(n_blocks: int, seed: int, step: int, micro: int, settings) -> torch.Tensor:
+    """Global indices of the blocks for (step, micro): consecutive slices of seeded per-epoch permutations."""
+    per = settings.batch_size
+    start = (step * settings.grad_accum + micro) * per
+    out = []
+    while len(out) < per:
+        epoch, offset = divmod(start + len(out), n_blocks)
+        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = min(per - len(out), n_blocks - offset)
+        out.extend(perm[offset : offset + take].tolist())
+    return torch.tensor(out)
+
+
+def make_scheduler(optimizer, settings, steps: int):
+    warm = settings.warmup_steps
+
+    def factor(step):
+        if warm and step < warm:
+            return (step + 1) / warm
+        if settings.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, steps - warm))
+        if settings.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_stage(*, accelerator, objective, trainable_names, blocks, settings, stage_name, stage_index, seed,
+                run: RunState, resume: bool, metrics_path: Path, progress: bool = True) -> StageResult:
+    """Train ``objective`` on ``blocks`` ([N, seq_len] token ids) with the stage's settings."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if settings.batch_size % world:
+        raise RnnifyError(f"stage {stage_name}: batch_size {settings.batch_size} is not divisible by the "
+                          f"{world} processes; set batch_size to a multiple of {world}")
+    steps = total_steps(settings, world)
+    student = objective.student
+    params = [p for n, p in student.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), weight_decay=settings.weight_decay)
+    scheduler = make_scheduler(optimizer, settings, steps)
+    model, optimizer = accelerator.prepare(objective, optimizer)
+    device = accelerator.device
+    stage_seed = seed + 7919 * (stage_index + 1)
+
+    start = 0
+    if resume and run.checkpoints(stage_name):
+        ckpt = run.checkpoints(stage_name)[-1]
+        meta, weights, optim = RunState.read_checkpoint(ckpt)
+        named = dict(student.named_parameters())
+        with torch.no_grad():
+            for k, v in weights.items():
+                named[k].copy_(v)
+        optimizer.load_state_dict(optim["optimizer"])
+        scheduler.load_state_dict(optim["scheduler"])
+        torch.set_rng_state(optim["rng"])
+        start = meta["step"]
+        accelerator.print(f"[{stage_name}] resumed from {ckpt} (step {start}/{steps})")
+
+    def save(step):
+        if accelerator.is_main_process:
+            trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
+            path = run.save_checkpoint(stage_name, step, trainable, optimizer, scheduler,
+                                       {"stage": stage_name, "world_size": world}, settings.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return run.checkpoints(stage_name)[-1] if accelerator.is_main_process else None
+
+    dtype_ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if settings.dtype == "bfloat16" \
+        else contextlib.nullcontext
+    n_blocks = blocks.shape[0]
+    tokens_per_step = settings.batch_size * settings.grad_accum * settings.seq_len
+    bar = None
+    if progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc=stage_name, unit="step", dynamic_ncols=True)
+    model.train()
+    t0, done_tokens, loss_value = time.time(), 0, float("nan")
+    step = start
+    try:
+        for step in range(start, steps):
+            if _BEFORE_STEP is not None:
+                _BEFORE_STEP(stage_name, step)
+            total, metrics_sum = 0.0, {}
+            for micro in range(settings.grad_accum):
+                idx = batch_indices(n_blocks, stage_seed, step, micro, settings)
+                local = idx[rank::world]
+                batch = blocks[local].to(device)
+                sync = micro == settings.grad_accum - 1
+                ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(model)
+                with ctx, dtype_ctx():
+                    loss, metrics = model(batch)
+                accelerator.backward(loss / settings.grad_accum)
+                total += loss.detach().float() / settings.grad_accum
+                for k, v in metrics.items():
+                    metrics_sum[k] = metrics_sum.get(k, 0.0) + v / settings.grad_accum
+            mean_loss = accelerator.reduce(total.to(device), reduction="mean").item()
+            if not math.isfinite(mean_loss):
+                last = run.checkpoints(stage_name)
+                raise RnnifyError(
+                    f"stage {stage_name}: loss is {mean_loss} at step {step + 1}; lower lr (now "
+                    f"{scheduler.get_last_lr()[0]:.3g}) or use float32. "
+                    + (f"Last good checkpoint: {last[-1]}" if last else "No checkpoint was written yet.")
+                )
+            if settings.grad_clip:
+                accelerator.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = mean_loss
+            done_tokens += tokens_per_step
+            elapsed = time.time() - t0
+            if accelerator.is_main_process and ((step + 1) % settings.log_every == 0 or step + 1 == steps):
+                record = {"stage": stage_name, "step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                          "tokens": (step + 1) * tokens_per_step, "tokens_per_s": done_tokens / max(elapsed, 1e-9),
+                          "world_size": world, **metrics_sum}
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4g}", tok_s=f"{done_tokens / max(elapsed, 1e-9):.0f}")
+                bar.update(1)
+            if (step + 1) % settings.checkpoint_every == 0 and step + 1 < steps:
+                save(step + 1)
+        step = steps
+    except KeyboardInterrupt:
+        # parameters are as after the last finished step: keep them so --resume continues from here
+        if step > start:
+            path = save(step)
+            accelerator.print(f"\n[{stage_name}] interrupted; checkpoint at step {step}: {path}")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return StageResult(steps, steps * tokens_per_step, loss_value, time.time() - t0)

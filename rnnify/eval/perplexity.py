@@ -1,0 +1,34 @@
+"""Perplexity on a text file at a fixed context length, on the same windows for every model compared."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def windows(tokens: torch.Tensor, context_length: int, num_windows: int) -> torch.Tensor:
+    """The first ``num_windows`` non-overlapping windows of ``context_length`` tokens: ``[N, L]``."""
+    n = min(num_windows, tokens.numel() // context_length)
+    if n == 0:
+        from ..errors import RnnifyError
+
+        raise RnnifyError(f"the text has {tokens.numel()} tokens, fewer than one context of {context_length}")
+    return tokens[: n * context_length].view(n, context_length)
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 1, progress=None) -> dict:
+    """exp(mean next-token NLL) over every position of every block (each block is one independent context)."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in range(0, blocks.shape[0], batch_size):
+        x = blocks[i : i + batch_size].to(device)
+        logits = model(input_ids=x, use_cache=False).logits.float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+        nll += loss.item()
+        count += x[:, 1:].numel()
+        if progress:
+            progress(i + x.shape[0])
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count}

@@ -1,0 +1,142 @@
+"""Evaluation of a student side by side with its teacher and the window-only baseline; eval.json and the
+model card table."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import yaml
+
+from ..recipe import EvalSpec
+from .memory import human_bytes
+from .passkey import passkey_accuracy
+from .perplexity import perplexity, windows
+from .speed import decode_speed
+
+
+def window_baseline(student, teacher):
+    """The teacher with the student's window + sinks softmax and no memory of older tokens (same kept layers)."""
+    from ..convert import convert
+
+    settings = student.config.mixer_config
+    window = settings.get("window", 64)
+    sinks = settings.get("sinks", 4)
+    keep = [i for i, m in enumerate(student.config.layer_mixers) if m == "attention"]
+    base = convert(teacher, "lolcats", keep_attention=keep, options={"window": window, "sinks": sinks, "linear_branch": False})
+    return base, f"window {window} + {sinks} sinks"
+
+
+def evaluate(student, tokenizer, spec: EvalSpec, teacher=None, log=print) -> dict:
+    from ..distill.data import tokenize_text_file
+
+    results: dict = {"context_length": spec.context_length}
+    models = {"student": student}
+    if teacher is not None and spec.teacher:
+        models["teacher"] = teacher
+    if teacher is not None and spec.baseline:
+        base, label = window_baseline(student, teacher)
+        models["window_baseline"] = base
+        results["baseline"] = label
+
+    t0 = time.time()
+    blocks = windows(tokenize_text_file(spec.text, tokenizer), spec.context_length, spec.num_windows)
+    ppl = {}
+    for name, m in models.items():
+        r = perplexity(m, blocks)
+        ppl[name] = r["ppl"]
+        log(f"perplexity @ {spec.context_length}: {name} {r['ppl']:.2f}")
+    results["perplexity"] = {**ppl, "text": spec.text, "windows": int(blocks.shape[0]), "tokens": int(blocks[:, 1:].numel())}
+    if "teacher" in ppl and "window_baseline" in ppl:
+        gap = ppl["window_baseline"] - ppl["teacher"]
+        results["perplexity"]["gap_recovered"] = (ppl["window_baseline"] - ppl["student"]) / gap if gap > 0 else None
+
+    results["passkey"] = {}
+    for length in spec.passkey_lengths:
+        for name in ("teacher", "student"):
+            if name in models:
+                r = passkey_accuracy(models[name], tokenizer, length, spec.passkey_trials)
+                results["passkey"].setdefault(str(length), {})[name] = r["accuracy"]
+                log(f"passkey @ {length}: {name} {r['accuracy']:.0%}")
+
+    results["speed"] = {}
+    for length in spec.speed_lengths:
+        for name in ("teacher", "student"):
+            if name in models:
+                r = decode_speed(models[name], length, spec.speed_new_tokens)
+                results["speed"].setdefault(str(length), {})[name] = {
+                    "decode_tokens_per_s": r["decode_tokens_per_s"], "cache_bytes": r["cache_bytes"]}
+                log(f"decode @ {length}: {name} {r['decode_tokens_per_s']:.1f} tok/s, cache {human_bytes(r['cache_bytes'])}")
+    results["seconds"] = round(time.time() - t0, 1)
+    return results
+
+
+def results_table(results: dict) -> str:
+    """Markdown table: one row per measurement, teacher | student | window baseline."""
+    if not results:
+        return "_not evaluated_\n"
+    L = results["context_length"]
+    p = results["perplexity"]
+    rows = ["| measurement | teacher | student | window baseline |", "|---|---|---|---|"]
+    f = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+    name = str(p.get("text", "text")).replace("builtin:", "").split("/")[-2:]
+    rows.append(f"| perplexity on {'/'.join(name)} @ {L} tokens ({p['windows']} windows) | {f(p.get('teacher'))} | {f(p.get('student'))} | "
+                f"{f(p.get('window_baseline'))} |")
+    for length, r in results.get("passkey", {}).items():
+        pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
+        rows.append(f"| passkey accuracy @ {length} | {pct(r.get('teacher'))} | {pct(r.get('student'))} | — |")
+    for length, r in results.get("speed", {}).items():
+        t, s = r.get("teacher", {}), r.get("student", {})
+        tok = lambda d: "—" if not d else f"{d['decode_tokens_per_s']:.1f}"  # noqa: E731
+        mem = lambda d: "—" if not d else human_bytes(d["cache_bytes"])  # noqa: E731
+        rows.append(f"| decode tokens/s after {length} (batch 1) | {tok(t)} | {tok(s)} | — |")
+        rows.append(f"| cache after {length} tokens | {mem(t)} | {mem(s)} | — |")
+    text = "\n".join(rows) + "\n"
+    if p.get("gap_recovered") is not None:
+        text += (f"\nThe student recovers {p['gap_recovered']:.1%} of the perplexity gap between the window-only "
+                 f"baseline ({results.get('baseline', '')}) and the teacher.\n")
+    return text
+
+
+def model_card(recipe, eval_results, run_state: dict, tokens_trained: int) -> str:
+    stages = run_state.get("stages", {})
+    stage_lines = "\n".join(
+        f"- `{name}`: {v['steps']} steps, {v['tokens']:,} tokens, final loss {v['final_loss']:.4g}"
+        for name, v in stages.items()
+    ) or "- none (conversion only)"
+    return (
+        "---\n"
+        f"base_model: {recipe.model.source}\n"
+        "library_name: transformers\n"
+        f"tags:\n- rnnify\n- linear-attention\n- {recipe.conversion.method}\n"
+        "---\n\n"
+        f"# {recipe.name}: {recipe.conversion.method} conversion of {recipe.model.source}\n\n"
+        "Made with rnnify. Load with `AutoModelForCausalLM.from_pretrained(path)` after `import rnnify`, or with "
+        "`trust_remote_code=True` where rnnify is not installed.\n\n"
+        f"## Training ({tokens_trained:,} tokens)\n\n{stage_lines}\n\n"
+        "## Evaluation\n\n" + results_table(eval_results or {}) +
+        "\n## Recipe\n\n```yaml\n" + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False) + "```\n"
+    )
+
+
+def write_eval(folder, results: dict) -> None:
+    """Write eval.json and replace the README's Evaluation section (each file atomically)."""
+    import os
+    from pathlib import Path
+
+    folder = Path(folder)
+    tmp = folder / "eval.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, folder / "eval.json")
+    card = folder / "README.md"
+    text = card.read_text() if card.exists() else ""
+    section = "## Evaluation\n\n" + results_table(results)
+    if "## Evaluation" in text:
+        head, rest = text.split("## Evaluation", 1)
+        nxt = rest.find("\n## ")
+        text = head + section + (rest[nxt:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + section
+    tmp = folder / "README.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, card)
