@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 
 def _atomic_json(path: Path, data) -> None:
@@ -36,11 +36,14 @@ class RunState:
     def stage_weights(self, name: str) -> Path:
         return self.dir / "stages" / name / "model.safetensors"
 
-    def mark_completed(self, name: str, state_dict: dict, info: dict) -> None:
+    def load_stage_weights(self, name: str, model) -> None:
+        load_model(model, str(self.stage_weights(name)), strict=True)
+
+    def mark_completed(self, name: str, model, info: dict) -> None:
         path = self.stage_weights(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
+        save_model(model, str(tmp))  # handles tied weights (embeddings / lm_head)
         os.replace(tmp, path)
         data = self.load()
         if name not in data["completed"]:

@@ -29,7 +29,9 @@ def make_accelerator():
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    # accelerate only sets up a multi-process CPU group (gloo) when told it runs on CPU
+    cpu = not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
 def build_student(recipe: Recipe, teacher):
@@ -82,9 +84,7 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
         missing = [n for n in names[:first_to_run] if n not in completed]
         _log(accelerator, f"warning: earlier stage(s) {missing} have not run; {only_stage} starts from their absence")
     if prior:
-        from safetensors.torch import load_file
-
-        student.load_state_dict(load_file(str(run.stage_weights(prior[-1]))), strict=True)
+        run.load_stage_weights(prior[-1], student)
         _log(accelerator, f"resumed after stage {prior[-1]} ({run.stage_weights(prior[-1])})")
 
     summary = {"stages": {}, "output": str(out)}
@@ -125,7 +125,7 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
         info = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
                 "seconds": round(result.seconds, 1), "world_size": accelerator.num_processes}
         if accelerator.is_main_process:
-            run.mark_completed(stage.name, student.state_dict(), info)
+            run.mark_completed(stage.name, student, info)
         accelerator.wait_for_everyone()
         summary["stages"][stage.name] = info
         _log(accelerator, f"stage {stage.name}: done in {result.seconds:.0f}s, final loss {result.final_loss:.4g}")

@@ -135,6 +135,9 @@ def train_stage(*, accelerator, objective, trainable_names, blocks, settings, st
                 for k, v in metrics.items():
                     metrics_sum[k] = metrics_sum.get(k, 0.0) + v / settings.grad_accum
             mean_loss = accelerator.reduce(total.to(device), reduction="mean").item()
+            # every process reports the tokens it trained on this step (shows all of them take part)
+            rank_tokens = accelerator.gather(torch.tensor([len(local) * settings.seq_len * settings.grad_accum],
+                                                          device=device)).tolist()
             if not math.isfinite(mean_loss):
                 last = run.checkpoints(stage_name)
                 raise RnnifyError(
@@ -153,7 +156,7 @@ def train_stage(*, accelerator, objective, trainable_names, blocks, settings, st
             if accelerator.is_main_process and ((step + 1) % settings.log_every == 0 or step + 1 == steps):
                 record = {"stage": stage_name, "step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                           "tokens": (step + 1) * tokens_per_step, "tokens_per_s": done_tokens / max(elapsed, 1e-9),
-                          "world_size": world, **metrics_sum}
+                          "world_size": world, "rank_tokens": rank_tokens, **metrics_sum}
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             if bar is not None:

@@ -118,41 +118,47 @@ def chunk_linear_attention(
     scale = K**-0.5 if scale is None else scale
     dtype = v.dtype
     C = chunk_size
-    gl = _expand_log_decay(g, B, T, H, q.device)
+    gl = None if g is None else _expand_log_decay(g, B, T, H, q.device)
     pad = (-T) % C
     q, k, v = q.float(), k.float(), v.float()
     if pad:
         q = F.pad(q, (0, 0, 0, 0, 0, pad))
         k = F.pad(k, (0, 0, 0, 0, 0, pad))
         v = F.pad(v, (0, 0, 0, 0, 0, pad))
-        gl = F.pad(gl, (0, 0, 0, pad))
+        gl = None if gl is None else F.pad(gl, (0, 0, 0, pad))
     N = (T + pad) // C
     # [B, H, N, C, D]
     q = q.view(B, N, C, H, K).permute(0, 3, 1, 2, 4)
     k = k.view(B, N, C, H, K).permute(0, 3, 1, 2, 4)
     v = v.view(B, N, C, H, V).permute(0, 3, 1, 2, 4)
-    b = gl.view(B, N, C, H).permute(0, 3, 1, 2).cumsum(-1)  # [B, H, N, C] within-chunk cumulative log-decay
-    b_last = b[..., -1:]  # [B, H, N, 1]
-
-    # intra-chunk: o_i = sum_{j<=i} exp(b_i - b_j) (q_i . k_j) v_j   (all exponents <= 0: no overflow)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    decay = torch.exp((b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf")))
-    o = (q @ k.transpose(-1, -2) * decay) @ v
-
-    # each chunk's own contribution to the state at its end: sum_j exp(b_C - b_j) k_j v_j^T
-    k_to_end = k * torch.exp(b_last - b).unsqueeze(-1)
-    chunk_states = k_to_end.transpose(-1, -2) @ v  # [B, H, N, K, V]
-    chunk_decay = b_last.squeeze(-1).exp()  # [B, H, N]
+    if g is None:  # no decay (LoLCATs/Hedgehog): skip every decay factor
+        o = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0) @ v
+        chunk_states = k.transpose(-1, -2) @ v  # [B, H, N, K, V]
+        chunk_decay = None
+        q_in = q
+    else:
+        b = gl.view(B, N, C, H).permute(0, 3, 1, 2).cumsum(-1)  # [B, H, N, C] within-chunk cumulative log-decay
+        b_last = b[..., -1:]  # [B, H, N, 1]
+        # intra-chunk: o_i = sum_{j<=i} exp(b_i - b_j) (q_i . k_j) v_j   (all exponents <= 0: no overflow)
+        decay = torch.exp((b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf")))
+        o = (q @ k.transpose(-1, -2) * decay) @ v
+        # each chunk's own contribution to the state at its end: sum_j exp(b_C - b_j) k_j v_j^T
+        k_to_end = k * torch.exp(b_last - b).unsqueeze(-1)
+        chunk_states = k_to_end.transpose(-1, -2) @ v  # [B, H, N, K, V]
+        chunk_decay = b_last.squeeze(-1).exp()  # [B, H, N]
+        q_in = q * b.exp().unsqueeze(-1)
 
     # scan: state entering chunk n
     state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
     entering = []
     for n in range(N):
         entering.append(state)
-        state = chunk_decay[:, :, n, None, None] * state + chunk_states[:, :, n]
+        state = state + chunk_states[:, :, n] if chunk_decay is None else \
+            chunk_decay[:, :, n, None, None] * state + chunk_states[:, :, n]
     entering = torch.stack(entering, 2)  # [B, H, N, K, V]
 
     # inter-chunk: exp(b_i) q_i^T S_entering
-    o = o + (q * b.exp().unsqueeze(-1)) @ entering
+    o = o + q_in @ entering
     o = (o * scale).permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
     return o.to(dtype), (state if output_final_state else None)

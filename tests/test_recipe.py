@@ -1,0 +1,82 @@
+"""Recipe schema: bad keys are rejected with their path; overrides; shipped recipes validate."""
+
+import pytest
+import yaml
+
+from rnnify.errors import RnnifyError
+from rnnify.recipe import RECIPES_DIR, apply_overrides, load_recipe, recipe_from_dict
+
+BASE = {
+    "model": {"source": "tiny"},
+    "conversion": {"method": "lolcats", "options": {"window": 8}},
+    "datasets": {"d": {"path": "data.txt"}},
+    "stages": [{"type": "attention_transfer", "max_steps": 3}, {"type": "distill", "max_steps": 2, "lr": 1e-4}],
+    "output": {"dir": "out/x"},
+}
+
+
+def test_a_good_recipe_resolves_stage_settings():
+    r = recipe_from_dict(BASE)
+    assert [s.name for s in r.stages] == ["attention_transfer", "distill"]
+    assert r.stage_settings(1).lr == 1e-4 and r.stage_settings(0).lr == r.train.lr
+    assert str(r.run_dir()) == "out/x.run"
+
+
+@pytest.mark.parametrize(
+    "patch,path",
+    [
+        ({"outptu": {}}, "outptu: unknown key"),
+        ({"model": {"sorce": "x"}}, "model.sorce: unknown key"),
+        ({"datasets": {"d": {"path": "a", "colum": "x"}}}, "datasets.d.colum: unknown key"),
+        ({"eval": {"context_len": 5}}, "eval.context_len: unknown key"),
+        ({"train": {"lr": "fast"}}, "train.lr:"),
+        ({"stages": [{"type": "distil", "max_steps": 1}]}, "stages.0.type: unknown stage type 'distil'"),
+        ({"stages": [{"type": "distill", "max_step": 1}]}, "stages.0: unknown stage setting(s) ['max_step']"),
+        ({"stages": [{"type": "distill"}]}, "needs max_steps or max_tokens"),
+        ({"stages": [{"type": "distill", "max_steps": 1, "data": "other"}]}, "uses data 'other', not in datasets"),
+        ({"conversion": {"method": "mamba"}}, "conversion: unknown method 'mamba'; accepted: lolcats, supra"),
+        ({"conversion": {"method": "supra", "options": {"window": 3}}}, "method 'supra' has no setting window"),
+    ],
+)
+def test_bad_recipes_name_the_bad_key(patch, path):
+    with pytest.raises(RnnifyError) as e:
+        recipe_from_dict({**BASE, **patch}, "r.yaml")
+    assert path in str(e.value)
+    assert str(e.value).startswith("r.yaml: ")
+
+
+def test_overrides():
+    data = apply_overrides(BASE, ["train.max_steps=7", "stages.distill.lr=3e-4", "stages.0.seq_len=64", "seed=5"])
+    r = recipe_from_dict(data)
+    assert r.stage_settings(0).max_steps == 7 and r.stage_settings(1).max_steps == 7  # train.X wins over stages
+    assert r.stage_settings(1).lr == 3e-4 and r.stage_settings(0).seq_len == 64 and r.seed == 5
+    assert BASE["stages"][0]["max_steps"] == 3  # the input is not modified
+    with pytest.raises(RnnifyError, match="not key=value"):
+        apply_overrides(BASE, ["train.max_steps"])
+    with pytest.raises(RnnifyError, match="no list item 'nope'"):
+        apply_overrides(BASE, ["stages.nope.lr=1"])
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_recipes_validate(path):
+    r = load_recipe(str(path))
+    assert r.stages and r.eval is not None
+    assert yaml.safe_load(path.read_text())["conversion"]["method"] == r.conversion.method
+
+
+def test_unknown_recipe_lists_the_shipped_ones():
+    with pytest.raises(RnnifyError, match="shipped: .*quickstart"):
+        load_recipe("no-such-recipe")
+
+
+def test_cli_cp_and_validate(tmp_path, capsys):
+    from rnnify.cli import main
+
+    assert main(["cp", "quickstart", str(tmp_path / "my.yaml")]) == 0
+    assert main(["validate", str(tmp_path / "my.yaml"), "train.max_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "stage distill (distill): 2 steps" in out
+    (tmp_path / "bad.yaml").write_text("model: {source: x}\nconversion: {method: supra}\noutput: {dir: o}\nbogus: 1\n")
+    assert main(["validate", str(tmp_path / "bad.yaml")]) == 2
+    assert "bogus: unknown key" in capsys.readouterr().err
+    assert main(["cp", "quickstart", str(tmp_path / "my.yaml")]) == 2

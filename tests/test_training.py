@@ -1,0 +1,203 @@
+"""Training stages, checkpoints/resume, multi-process runs and data loading, on a tiny model."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rnnify.distill import trainer
+from rnnify.distill.runner import run_recipe
+from rnnify.errors import RnnifyError
+from rnnify.recipe import DataSpec, recipe_from_dict
+
+from .conftest import make_tokenizer, tiny_model
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True  # as in SmolLM2: exercises saving tied weights
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "src")
+    make_tokenizer(128).save_pretrained(tmp_path / "src")
+    rng = random.Random(0)
+    # repetitive text: a model can learn it in a few steps
+    lines = [" ".join(f"w{(i * 7 + j) % 23}" for j in range(rng.randint(20, 40))) for i in range(300)]
+    (tmp_path / "data.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def recipe(workdir, stages, method="lolcats", options=None, max_rows=None, **extra):
+    options = options or ({"window": 8, "sinks": 2, "chunk_size": 16} if method == "lolcats" else {"chunk_size": 16})
+    data = {
+        "name": "tiny", "seed": 0,
+        "model": {"source": str(workdir / "src")},
+        "conversion": {"method": method, "options": options},
+        "datasets": {"d": {"path": str(workdir / "data.txt"), "max_rows": max_rows}},
+        "train": {"seq_len": 48, "batch_size": 4, "checkpoint_every": 2},
+        "stages": stages,
+        "output": {"dir": str(workdir / "out")},
+        **extra,
+    }
+    return recipe_from_dict(data)
+
+
+def losses(workdir, stage):
+    rows = [json.loads(line) for line in (workdir / "out.run" / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["stage"] == stage], rows
+
+
+@pytest.mark.parametrize(
+    "stage,method",
+    [({"type": "attention_transfer", "lr": 0.05}, "lolcats"), ({"type": "distill", "lr": 0.01}, "supra"),
+     ({"type": "finetune", "lr": 0.003}, "supra"), ({"type": "finetune", "lr": 0.02, "lora": {"r": 8, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}}, "lolcats")],
+    ids=["attention_transfer", "distill", "finetune", "finetune-lora"],
+)
+def test_each_stage_lowers_its_loss(workdir, stage, method):
+    # linear branch at an even mix, so the tiny model's attention transfer has something to learn
+    options = {"window": 8, "sinks": 2, "chunk_size": 16, "init_linear_mix_logit": 0.0} if method == "lolcats" else None
+    # ~6 rows = 4 blocks = one batch: every step sees the same tokens, so the loss must fall
+    r = recipe(workdir, [{**stage, "max_steps": 8, "schedule": "constant"}], method=method, options=options, max_rows=6)
+    summary = run_recipe(r, progress=False)
+    values, _ = losses(workdir, stage["type"])
+    assert len(values) == 8 and summary["finished"]
+    assert values[-1] < 0.9 * values[0], values
+    assert (workdir / "out" / "model.safetensors").exists()
+
+
+def test_distill_trains_only_new_parameters(workdir):
+    r = recipe(workdir, [{"type": "distill", "max_steps": 2}], method="supra")
+    run_recipe(r, progress=False)
+    src = load_file(str(workdir / "src" / "model.safetensors"))
+    out = load_file(str(workdir / "out" / "model.safetensors"))
+    assert all(torch.equal(out[k], v) for k, v in src.items() if k in out)
+    assert any("feature_map" in k for k in set(out) - set(src))
+
+
+def _final_weights(workdir):
+    return load_file(str(workdir / "out" / "model.safetensors"))
+
+
+def test_resume_after_interrupt_reaches_the_same_weights(workdir, monkeypatch):
+    stages = [{"type": "attention_transfer", "max_steps": 4, "lr": 0.02}, {"type": "distill", "max_steps": 5, "lr": 0.01}]
+    run_recipe(recipe(workdir, stages), progress=False)
+    reference = _final_weights(workdir)
+    shutil.rmtree(workdir / "out")
+    shutil.rmtree(workdir / "out.run")
+
+    def crash(stage, step):
+        if stage == "distill" and step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_BEFORE_STEP", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe(workdir, stages), progress=False)
+    assert not (workdir / "out").exists()  # nothing that looks finished
+    state = json.loads((workdir / "out.run" / "state.json").read_text())
+    assert state["completed"] == ["attention_transfer"]
+    assert (workdir / "out.run" / "checkpoints" / "distill" / "step-0000003" / "meta.json").exists()
+
+    monkeypatch.setattr(trainer, "_BEFORE_STEP", None)
+    summary = run_recipe(recipe(workdir, stages), resume=True, progress=False)
+    assert list(summary["stages"]) == ["distill"]  # the finished stage was not redone
+    resumed = _final_weights(workdir)
+    assert resumed.keys() == reference.keys()
+    for k in reference:
+        torch.testing.assert_close(resumed[k], reference[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+def test_only_stage_starts_from_the_previous_stage(workdir):
+    stages = [{"type": "attention_transfer", "max_steps": 2}, {"type": "distill", "max_steps": 2}]
+    s1 = run_recipe(recipe(workdir, stages), only_stage="attention_transfer", progress=False)
+    assert not s1["finished"] and not (workdir / "out").exists()
+    s2 = run_recipe(recipe(workdir, stages), only_stage="distill", progress=False)
+    assert s2["finished"] and (workdir / "out" / "model.safetensors").exists()
+    with pytest.raises(RnnifyError, match="its stages: attention_transfer, distill"):
+        run_recipe(recipe(workdir, stages), only_stage="nope", progress=False)
+
+
+def test_nan_loss_stops_with_the_step_and_stage(workdir):
+    r = recipe(workdir, [{"type": "finetune", "max_steps": 6, "lr": 1e30, "grad_clip": None}], method="supra")
+    with pytest.raises(RnnifyError, match=r"stage finetune: loss is (nan|inf) at step \d"):
+        run_recipe(r, progress=False)
+
+
+def test_existing_output_is_not_overwritten(workdir):
+    (workdir / "out").mkdir()
+    (workdir / "out" / "config.json").write_text("{}")
+    with pytest.raises(RnnifyError, match="already holds a model"):
+        run_recipe(recipe(workdir, [{"type": "distill", "max_steps": 1}]), progress=False)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
+def test_two_process_run_matches_single_process(workdir, tmp_path):
+    stages = [{"type": "distill", "max_steps": 4, "lr": 0.01}]
+    single = recipe(workdir, stages, method="supra")
+    run_recipe(single, progress=False)
+    single_losses, _ = losses(workdir, "distill")
+
+    data = yaml.safe_load((workdir / "out.run" / "recipe.yaml").read_text())
+    data["output"] = {"dir": str(workdir / "out2")}
+    (tmp_path / "r2.yaml").write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "rnnify", "run", str(tmp_path / "r2.yaml"), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (workdir / "out2.run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["world_size"] == 2 for row in rows)
+    assert all(len(row["rank_tokens"]) == 2 and min(row["rank_tokens"]) > 0 for row in rows)
+    multi_losses = [row["loss"] for row in rows]
+    assert len(multi_losses) == len(single_losses) == 4
+    for a, b in zip(single_losses, multi_losses):
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(a)), (single_losses, multi_losses)
+
+
+# ------------------------------------------------------------------------------------------ data loading
+def test_jsonl_parquet_and_chat_data(tmp_path):
+    import datasets
+
+    from rnnify.distill.data import pack_tokens
+
+    tok = make_tokenizer(128)
+    rows = [{"text": " ".join(f"w{j % 50}" for j in range(i, i + 30))} for i in range(20)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    a = pack_tokens(DataSpec(path=str(tmp_path / "d.jsonl")), tok, 16)
+    b = pack_tokens(DataSpec(path=str(tmp_path / "d.parquet")), tok, 16)
+    assert a.shape == b.shape and torch.equal(a, b) and a.shape[1] == 16
+    # 20 rows x (30 words + EOS) = 620 tokens -> 38 blocks of 16
+    assert a.shape[0] == 620 // 16
+    assert a[0, :3].tolist() == tok("w0 w1 w2", add_special_tokens=False)["input_ids"]
+
+    tok.chat_template = "{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
+    chats = [{"messages": [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]}] * 10
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
+    c = pack_tokens(DataSpec(path=str(tmp_path / "c.jsonl"), messages_field="messages"), tok, 8)
+    assert c[0].tolist()[:4] == tok("<s> w1 w2 </s>", add_special_tokens=False)["input_ids"]
+
+    with pytest.raises(RnnifyError, match="no column 'body'; columns: text"):
+        pack_tokens(DataSpec(path=str(tmp_path / "d.jsonl"), text_field="body"), tok, 16)
+    with pytest.raises(RnnifyError, match="does not exist"):
+        pack_tokens(DataSpec(path=str(tmp_path / "missing.txt")), tok, 16)
+    with pytest.raises(RnnifyError, match="fewer than 4096 tokens"):
+        pack_tokens(DataSpec(path=str(tmp_path / "d.jsonl")), tok, 4096)
+
+
+def test_batches_are_deterministic_and_cover_the_data():
+    from rnnify.recipe import TrainSpec
+
+    s = TrainSpec(batch_size=4, grad_accum=2, max_steps=10)
+    seen = torch.cat([trainer.batch_indices(10, 3, step, m, s) for step in range(5) for m in range(2)])
+    assert sorted(seen[:10].tolist()) == list(range(10))  # the first epoch is a permutation
+    assert torch.equal(trainer.batch_indices(10, 3, 2, 1, s), trainer.batch_indices(10, 3, 2, 1, s))
