@@ -139,12 +139,14 @@ def cmd_convert(args) -> None:
         "dtype": str(next(student.parameters()).dtype).replace("torch.", ""),
         "rnnify_version": __version__,
     }
+    from .card import model_card
+
     with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
-        student.save_pretrained(tmp)
+        student.save_pretrained(tmp, max_shard_size=args.max_shard_size)
         if tok is not None:
             tok.save_pretrained(tmp)
         (tmp / "rnnify_conversion.json").write_text(json.dumps(record, indent=2) + "\n")
-        (tmp / "README.md").write_text(_model_card(record))
+        (tmp / "README.md").write_text(model_card(student, source=args.model, recipe={"conversion": record}))
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"converted {args.model} with {args.method} -> {out}  ({time.time() - t1:.1f}s)")
     print(f"  layers kept as attention: {record['keep_attention'] or 'none'}; new parameters {n_new:,}")
@@ -155,19 +157,11 @@ def cmd_convert(args) -> None:
     del torch
 
 
-def _model_card(record: dict) -> str:
-    return (
-        "---\n"
-        f"base_model: {record['source']}\n"
-        "library_name: transformers\n"
-        f"tags:\n- rnnify\n- linear-attention\n- {record['method']}\n"
-        "---\n\n"
-        f"# {record['method']} conversion of {record['source']}\n\n"
-        "Converted with [rnnify](https://pypi.org/project/rnnify/) (surgery only: not yet distilled).\n\n"
-        "```python\nimport rnnify, transformers\n"
-        "model = transformers.AutoModelForCausalLM.from_pretrained(PATH)  # or trust_remote_code=True without rnnify\n```\n\n"
-        "Conversion settings:\n\n```json\n" + json.dumps(record, indent=2) + "\n```\n"
-    )
+def cmd_push(args) -> None:
+    from .hub import push
+
+    url = push(args.folder, args.repo_id, private=args.private, revision=args.revision, commit_message=args.message)
+    print(f"pushed {args.folder} -> {url}")
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -310,7 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 for the saved weights")
     s.add_argument("--out", required=True, help="output folder (written atomically)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
+    s.add_argument("--max-shard-size", default="5GB", help="split weights into shards of at most this size")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("push", help="upload a converted model folder to the Hugging Face Hub (one commit)")
+    s.add_argument("folder")
+    s.add_argument("repo_id", help="owner/name")
+    s.add_argument("--private", action="store_true")
+    s.add_argument("--revision", default="main", help="branch to commit to (created if needed)")
+    s.add_argument("--message", default=None, help="commit message")
+    s.set_defaults(func=cmd_push)
 
     s = sub.add_parser("ls", help="shipped recipes, conversion methods and training stages")
     s.set_defaults(func=cmd_ls)

@@ -53,8 +53,10 @@ class DataSpec(Strict):
     split: str = "train"
     text_field: str = "text"
     messages_field: str | None = None  # chat data: apply the tokenizer's chat template to this field
+    template: str | None = None  # text built from several columns, e.g. "{instruction}\n{input}\n{output}"
     format: Literal["auto", "text", "json", "parquet", "hub"] = "auto"
     max_rows: int | None = None
+    streaming: bool = False  # Hub datasets: read rows as needed instead of downloading the whole set
 
 
 class LoraSpec(Strict):
@@ -140,6 +142,7 @@ class OutputSpec(Strict):
     dir: str
     run_dir: str | None = None  # checkpoints and logs; default: <dir>.run
     overwrite: bool = False
+    max_shard_size: str = "5GB"  # larger models are saved as shards + model.safetensors.index.json
 
 
 class EvalSpec(Strict):
@@ -154,6 +157,26 @@ class EvalSpec(Strict):
     teacher: bool = True
 
 
+class HubSpec(Strict):
+    repo_id: str | None = None
+    push: bool = False
+    private: bool = False
+    revision: str = "main"
+
+    @model_validator(mode="after")
+    def _repo(self):
+        from .hub import check_repo_id
+
+        if self.push and not self.repo_id:
+            raise ValueError("push is true but repo_id is not set")
+        if self.repo_id:
+            try:
+                check_repo_id(self.repo_id)
+            except RnnifyError as e:
+                raise ValueError(str(e)) from None
+        return self
+
+
 class Recipe(Strict):
     name: str = "recipe"
     seed: int = 0
@@ -164,6 +187,7 @@ class Recipe(Strict):
     stages: list[StageSpec] = Field(default_factory=list)
     output: OutputSpec
     eval: EvalSpec | None = None
+    hub: HubSpec = Field(default_factory=HubSpec)
 
     @model_validator(mode="after")
     def _check(self):

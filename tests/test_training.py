@@ -176,6 +176,8 @@ def test_jsonl_parquet_and_chat_data(tmp_path):
     a = pack_tokens(DataSpec(path=str(tmp_path / "d.jsonl")), tok, 16)
     b = pack_tokens(DataSpec(path=str(tmp_path / "d.parquet")), tok, 16)
     assert a.shape == b.shape and torch.equal(a, b) and a.shape[1] == 16
+    t = pack_tokens(DataSpec(path=str(tmp_path / "d.jsonl"), template="{text}"), tok, 16)
+    assert torch.equal(t, a)
     # 20 rows x (30 words + EOS) = 620 tokens -> 38 blocks of 16
     assert a.shape[0] == 620 // 16
     assert a[0, :3].tolist() == tok("w0 w1 w2", add_special_tokens=False)["input_ids"]

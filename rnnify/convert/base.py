@@ -100,15 +100,19 @@ def build_student(teacher, plan: LayerPlan, method: str) -> RnnifyForCausalLM:
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     new = set(student.new_parameter_names())
     new_buffers = {f"model.layers.{i}.self_attn.{n}" for i, m in student.mixers() for n, _ in m.named_buffers()}
+    # mixers that do not keep the attention's projections (Mamba2) absorb them in init_from_attention
+    absorbed = tuple(f"model.layers.{i}.self_attn." for i, m in student.mixers() if hasattr(m, "init_from_attention"))
     missing = [k for k in missing if k not in new and k not in new_buffers and not k.endswith("inv_freq")]
-    unexpected = [k for k in unexpected if not k.endswith("inv_freq")]
+    unexpected = [k for k in unexpected if not k.endswith("inv_freq") and not k.startswith(absorbed)]
     if missing or unexpected:
         raise RnnifyError(
             f"weights of {getattr(base, 'model_type', '?')} do not map onto the student: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    for _, m in student.mixers():
+    for i, m in student.mixers():
         m.init_new_parameters()
+        if hasattr(m, "init_from_attention"):
+            m.init_from_attention(teacher.model.layers[i].self_attn)
     student.generation_config = teacher.generation_config
     student.eval()
     return student

@@ -32,7 +32,7 @@ def load_rows(spec: DataSpec):
             fmt = "hub"
     try:
         if fmt == "hub":
-            ds = datasets.load_dataset(path, spec.name, split=spec.split)
+            ds = datasets.load_dataset(path, spec.name, split=spec.split, streaming=spec.streaming)
         else:
             if not Path(path).exists():
                 raise RnnifyError(f"data file {spec.path} does not exist")
@@ -41,11 +41,19 @@ def load_rows(spec: DataSpec):
         raise
     except Exception as e:  # datasets raises many kinds (offline, missing config, bad file)
         raise RnnifyError(f"data {spec.path}: datasets could not load it ({type(e).__name__}: {e})") from e
-    field = spec.messages_field or spec.text_field
-    if field not in ds.column_names:
-        raise RnnifyError(f"data {spec.path}: no column {field!r}; columns: {', '.join(ds.column_names)}")
+    if spec.template is not None:
+        import string
+
+        fields = [f for _, f, _, _ in string.Formatter().parse(spec.template) if f]
+    else:
+        fields = [spec.messages_field or spec.text_field]
+    columns = ds.column_names
+    if columns is not None:  # streaming datasets may not know their columns up front
+        for field in fields:
+            if field not in columns:
+                raise RnnifyError(f"data {spec.path}: no column {field!r}; columns: {', '.join(columns)}")
     if spec.max_rows is not None:
-        ds = ds.select(range(min(spec.max_rows, len(ds))))
+        ds = ds.take(spec.max_rows) if spec.streaming else ds.select(range(min(spec.max_rows, len(ds))))
     return ds
 
 
@@ -55,6 +63,9 @@ def _texts(ds, spec: DataSpec, tokenizer):
             raise RnnifyError(f"data {spec.path}: messages_field is set but the tokenizer has no chat template")
         for row in ds:
             yield tokenizer.apply_chat_template(row[spec.messages_field], tokenize=False)
+    elif spec.template is not None:
+        for row in ds:
+            yield spec.template.format(**row)
     else:
         for row in ds:
             text = row[spec.text_field]
@@ -95,7 +106,7 @@ def pack_tokens(spec: DataSpec, tokenizer, seq_len: int, max_blocks: int | None 
         blocks = blocks[:max_blocks]
     if not blocks:
         raise RnnifyError(f"data {spec.path}: fewer than {seq_len} tokens; lower seq_len or add data")
-    return torch.tensor(blocks, dtype=torch.long)
+    return torch.tensor(blocks, dtype=torch.int32 if len(tokenizer) < 2**31 else torch.long)
 
 
 def tokenize_text_file(path: str, tokenizer) -> torch.Tensor:

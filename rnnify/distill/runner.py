@@ -61,6 +61,10 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
         if accelerator.is_main_process and run.dir.exists():
             run.reset()  # a fresh run: old checkpoints would be mistaken for this run's
         accelerator.wait_for_everyone()
+    if recipe.hub.push:  # fail before hours of training, not after
+        from ..hub import resolve_token
+
+        resolve_token()
     if accelerator.is_main_process:
         run.dir.mkdir(parents=True, exist_ok=True)
         (run.dir / "recipe.yaml").write_text(dump_recipe(recipe))
@@ -147,6 +151,11 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
         summary["tokens_trained"] = tokens_trained
         save_output(student, tok, recipe, out, eval_results, run, tokens_trained)
         _log(accelerator, f"saved {out} ({time.time() - t_start:.0f}s in all)")
+        if recipe.hub.push:
+            from ..hub import push
+
+            summary["hub_url"] = push(out, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)
+            _log(accelerator, f"pushed {out} to {summary['hub_url']}")
     accelerator.wait_for_everyone()
     return summary
 
@@ -167,14 +176,16 @@ def select_trainable_extra(model, patterns, new_names):
 
 
 def save_output(student, tok, recipe: Recipe, out: Path, eval_results, run: RunState, tokens_trained: int):
-    from ..eval.report import model_card
+    from ..card import model_card
 
     with atomic_output_dir(out, overwrite=True) as tmp:
-        student.save_pretrained(tmp)
+        student.save_pretrained(tmp, max_shard_size=recipe.output.max_shard_size)
         tok.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         if eval_results is not None:
             (tmp / "eval.json").write_text(json.dumps(eval_results, indent=2) + "\n")
         if (run.dir / "metrics.jsonl").exists():
             (tmp / "metrics.jsonl").write_text((run.dir / "metrics.jsonl").read_text())
-        (tmp / "README.md").write_text(model_card(recipe, eval_results, run.load(), tokens_trained))
+        (tmp / "README.md").write_text(model_card(
+            student, source=recipe.model.source, recipe=recipe.model_dump(mode="json"), eval_results=eval_results,
+            training=run.load().get("stages", {}), repo_id=recipe.hub.repo_id))

@@ -125,7 +125,7 @@ def train_stage(*, accelerator, objective, trainable_names, blocks, settings, st
             for micro in range(settings.grad_accum):
                 idx = batch_indices(n_blocks, stage_seed, step, micro, settings)
                 local = idx[rank::world]
-                batch = blocks[local].to(device)
+                batch = blocks[local].to(device=device, dtype=torch.long)
                 sync = micro == settings.grad_accum - 1
                 ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(model)
                 with ctx, dtype_ctx():

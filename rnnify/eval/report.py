@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import time
 
-import yaml
-
 from ..recipe import EvalSpec
 from .memory import human_bytes
 from .passkey import passkey_accuracy
@@ -96,27 +94,6 @@ def results_table(results: dict) -> str:
         text += (f"\nThe student recovers {p['gap_recovered']:.1%} of the perplexity gap between the window-only "
                  f"baseline ({results.get('baseline', '')}) and the teacher.\n")
     return text
-
-
-def model_card(recipe, eval_results, run_state: dict, tokens_trained: int) -> str:
-    stages = run_state.get("stages", {})
-    stage_lines = "\n".join(
-        f"- `{name}`: {v['steps']} steps, {v['tokens']:,} tokens, final loss {v['final_loss']:.4g}"
-        for name, v in stages.items()
-    ) or "- none (conversion only)"
-    return (
-        "---\n"
-        f"base_model: {recipe.model.source}\n"
-        "library_name: transformers\n"
-        f"tags:\n- rnnify\n- linear-attention\n- {recipe.conversion.method}\n"
-        "---\n\n"
-        f"# {recipe.name}: {recipe.conversion.method} conversion of {recipe.model.source}\n\n"
-        "Made with rnnify. Load with `AutoModelForCausalLM.from_pretrained(path)` after `import rnnify`, or with "
-        "`trust_remote_code=True` where rnnify is not installed.\n\n"
-        f"## Training ({tokens_trained:,} tokens)\n\n{stage_lines}\n\n"
-        "## Evaluation\n\n" + results_table(eval_results or {}) +
-        "\n## Recipe\n\n```yaml\n" + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False) + "```\n"
-    )
 
 
 def write_eval(folder, results: dict) -> None:

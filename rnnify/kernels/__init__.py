@@ -38,4 +38,14 @@ def linear_attention_step(q, k, v, g, state, scale=None):
     return reference.linear_attention_step(q, k, v, g, state, scale=scale)
 
 
-__all__ = ["chunk_linear_attention", "linear_attention_step", "backend_for", "BACKENDS", "reference"]
+def causal_conv1d(x, weight, bias=None, initial_state=None, activation="silu"):
+    backend_for(x.device)
+    return reference.causal_conv1d(x, weight, bias, initial_state, activation)
+
+
+def causal_conv1d_step(x, weight, bias, state, activation="silu"):
+    backend_for(x.device)
+    return reference.causal_conv1d_step(x, weight, bias, state, activation)
+
+
+__all__ = ["causal_conv1d", "causal_conv1d_step", "chunk_linear_attention", "linear_attention_step", "backend_for", "BACKENDS", "reference"]

@@ -162,3 +162,31 @@ def chunk_linear_attention(
     o = o + q_in @ entering
     o = (o * scale).permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
     return o.to(dtype), (state if output_final_state else None)
+
+
+def causal_conv1d(x, weight, bias=None, initial_state=None, activation: str | None = "silu"):
+    """Depthwise causal convolution (Mamba's conv1d). x: [B, T, C]; weight: [C, K]; bias: [C];
+    initial_state: [B, C, K-1], the K-1 inputs before x (zeros when None). Returns (y [B, T, C], final state
+    [B, C, K-1]: the last K-1 inputs, for the next call)."""
+    B, T, C = x.shape
+    K = weight.shape[-1]
+    prev = x.new_zeros(B, C, K - 1) if initial_state is None else initial_state.to(x.dtype)
+    full = torch.cat([prev, x.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
+    y = F.conv1d(full, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype), groups=C)
+    y = y.transpose(1, 2)
+    if activation == "silu":
+        y = F.silu(y)
+    elif activation is not None:
+        raise ValueError(f"activation {activation!r}; accepted: silu, None")
+    return y, full[..., full.shape[-1] - (K - 1):]
+
+
+def causal_conv1d_step(x, weight, bias, state, activation: str | None = "silu"):
+    """One decode step of ``causal_conv1d``: x [B, C], state [B, C, K-1] -> (y [B, C], new state)."""
+    window = torch.cat([state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # [B, C, K]
+    y = (window * weight.to(x.dtype)).sum(-1)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    if activation == "silu":
+        y = F.silu(y)
+    return y, window[..., 1:]

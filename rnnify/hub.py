@@ -1,0 +1,84 @@
+"""Pushing a converted model to the Hugging Face Hub: validate everything locally, then one commit."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .errors import RnnifyError
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+REMOTE_CODE = ("configuration_rnnify.py", "modeling_rnnify.py", "mixers.py", "sink_window_cache.py", "kernels_reference.py")
+
+
+def check_repo_id(repo_id: str) -> str:
+    if not repo_id or not REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id or len(repo_id) > 96:
+        raise RnnifyError(f"repo id {repo_id!r} is not owner/name (letters, digits, '-', '_', '.'), e.g. user/smollm2-lolcats")
+    return repo_id
+
+
+def check_model_folder(folder) -> list[str]:
+    """Every file an rnnify model needs, or an error naming what is missing. Returns the files to upload."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RnnifyError(f"{folder} is not a folder")
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise RnnifyError(f"{folder} has no config.json: not a saved model")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("model_type") != "rnnify":
+        raise RnnifyError(f"{folder} holds a {cfg.get('model_type')!r} model, not an rnnify conversion")
+    if "modeling_rnnify.RnnifyForCausalLM" not in json.dumps(cfg.get("auto_map", {})):
+        raise RnnifyError(f"{folder}/config.json has no auto_map to modeling_rnnify: re-save it with rnnify")
+    missing = [f for f in REMOTE_CODE if not (folder / f).is_file()]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing += [s for s in shards if not (folder / s).is_file()]
+    elif not (folder / "model.safetensors").is_file():
+        missing.append("model.safetensors (or model.safetensors.index.json + shards)")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        missing.append("tokenizer files (tokenizer.json / tokenizer_config.json)")
+    if not (folder / "README.md").is_file():
+        missing.append("README.md (model card)")
+    partial = [p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".partial"))]
+    if missing or partial:
+        raise RnnifyError(f"{folder} is not a complete rnnify model: missing {', '.join(missing) or '-'}"
+                          + (f"; unfinished files {partial}" if partial else ""))
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def resolve_token(token: str | None = None) -> str:
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise RnnifyError("no Hugging Face token: set HF_TOKEN or run `huggingface-cli login` (a write token)")
+    return token
+
+
+def push(folder, repo_id: str, *, private: bool = False, revision: str = "main", token: str | None = None,
+         commit_message: str | None = None, api=None) -> str:
+    """Create ``repo_id`` if needed and upload ``folder`` in one commit. ``api`` defaults to ``HfApi``."""
+    check_repo_id(repo_id)
+    files = check_model_folder(folder)
+    token = resolve_token(token)
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
+            commit_message=commit_message or f"Upload rnnify model ({len(files)} files)",
+            ignore_patterns=[".*", "*.tmp"],
+        )
+    except RnnifyError:
+        raise
+    except Exception as e:  # HTTP errors, auth, offline
+        raise RnnifyError(f"pushing {folder} to {repo_id} failed: {type(e).__name__}: {e}") from e
+    return getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}"

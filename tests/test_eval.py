@@ -1,0 +1,78 @@
+"""Evaluation pieces against independent computations, and `rnnify eval` end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from rnnify.cli import main
+from rnnify.convert import convert
+from rnnify.errors import RnnifyError
+from rnnify.eval.memory import cache_bytes
+from rnnify.eval.passkey import make_prompt
+from rnnify.eval.perplexity import perplexity, windows
+from rnnify.eval.report import results_table, write_eval
+from rnnify.eval.speed import decode_speed
+
+from .conftest import make_tokenizer, tiny_model
+
+
+def test_perplexity_matches_the_models_own_loss():
+    model = tiny_model("llama")
+    blocks = torch.randint(0, 128, (3, 20))
+    r = perplexity(model, blocks, batch_size=2)
+    with torch.no_grad():
+        losses = [model(b[None], labels=b[None]).loss.item() for b in blocks]
+    assert r["tokens"] == 3 * 19
+    assert r["ppl"] == pytest.approx(math.exp(sum(losses) / 3), rel=1e-5)
+
+
+def test_windows():
+    t = torch.arange(100)
+    w = windows(t, 30, 5)
+    assert w.shape == (3, 30) and torch.equal(w[1], torch.arange(30, 60))
+    with pytest.raises(RnnifyError, match="fewer than one context of 200"):
+        windows(t, 200, 1)
+
+
+def test_passkey_prompt_hides_the_key_at_the_requested_length():
+    tok = make_tokenizer(128)
+    # the word-level tokenizer maps every English word to <unk>; lengths still count tokens
+    p = make_prompt(tok, 300, 12345, 0.5)
+    assert "12345" in p and p.endswith("The pass key is")
+    n = len(tok(p, add_special_tokens=False)["input_ids"])
+    assert 250 <= n <= 300
+
+
+def test_decode_speed_reports_the_real_cache():
+    student = convert(tiny_model("llama"), "lolcats", "0", {"window": 8, "sinks": 2})
+    r = decode_speed(student, 40, new_tokens=5)
+    assert r["decode_tokens_per_s"] > 0
+    assert r["cache_bytes"] == cache_bytes(student, 45, kv_bytes=4)
+
+
+def test_write_eval_replaces_the_card_section(tmp_path):
+    (tmp_path / "README.md").write_text("# m\n\n## Evaluation\n\nold\n\n## Recipe\n\nr\n")
+    results = {"context_length": 64, "perplexity": {"teacher": 10.0, "student": 12.0, "window_baseline": 14.0,
+                                                      "windows": 2, "text": "builtin:wikitext-2/test.txt",
+                                                      "gap_recovered": 0.5}}
+    write_eval(tmp_path, results)
+    card = (tmp_path / "README.md").read_text()
+    assert "old" not in card and "| 10.00 | 12.00 | 14.00 |" in card and "## Recipe\n\nr" in card
+    assert "recovers 50.0%" in results_table(results)
+    assert json.loads((tmp_path / "eval.json").read_text())["perplexity"]["student"] == 12.0
+
+
+def test_cli_eval(tiny_llama_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 60}" for i in range(700)))
+    out = tmp_path / "s"
+    assert main(["convert", str(tiny_llama_dir), "--method", "lolcats", "--window", "8", "--out", str(out)]) == 0
+    code = main(["eval", str(out), "--teacher", str(tiny_llama_dir), "--text", str(text), "--context-length", "128",
+                 "--num-windows", "2", "--passkey", "--speed", "32"])
+    assert code == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert set(res["perplexity"]) >= {"teacher", "student", "window_baseline"}
+    assert res["speed"]["32"]["student"]["cache_bytes"] > 0
+    assert "| perplexity on" in (out / "README.md").read_text()
