@@ -66,6 +66,8 @@ def cmd_inspect(args) -> None:
     info["cache_bytes_per_sequence_bf16"] = {
         f"{n // 1024}k": cache_bytes(model, n, kv_bytes=kv_bytes) for n in (4096, 32768)
     }
+    if args.method:
+        info["plan"] = _plan(config, args, kv_bytes)
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -86,7 +88,39 @@ def cmd_inspect(args) -> None:
     if not is_student:
         verdict = "yes" if info["convertible"] else f"no (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         print(f"  convertible      {verdict}")
+    if "plan" in info:
+        plan = info["plan"]
+        print(f"  plan ({args.method}): attention layers {plan['attention_layers'] or 'none'}; "
+              f"{plan['converted_layers']} layers -> {plan['mixer']}")
+        for k, v in plan["cache_bytes_per_sequence_bf16"].items():
+            print(f"    cache @ {k:>3} tok  {human_bytes(v)} per sequence after conversion")
     _log(f"inspected in {time.time() - t0:.1f}s")
+
+
+def _plan(config, args, kv_bytes) -> dict:
+    """Layer plan and cache size of a conversion, built on the meta device (no weights)."""
+    import torch
+
+    from .convert import get_method, validate
+    from .eval.memory import cache_bytes
+    from .modeling import RnnifyConfig, RnnifyForCausalLM
+
+    keep, opts = validate(config, args.method, args.keep_attention, {}, args.attention_fraction, args.attention_every)
+    plan = get_method(args.method).plan(config, keep, opts)
+    base = config.get_text_config(decoder=True).to_dict()
+    base.pop("quantization_config", None)
+    cfg = RnnifyConfig(base_config=base, layer_types=plan.layer_types, layer_mixers=plan.layer_mixers,
+                       mixer_config=plan.mixer_config, method=args.method)
+    with torch.device("meta"):
+        student = RnnifyForCausalLM(cfg)
+    mixer = next((m for m in plan.layer_mixers if m != "attention"), "none")
+    return {
+        "attention_layers": keep,
+        "layer_types": plan.layer_types,
+        "converted_layers": sum(m != "attention" for m in plan.layer_mixers),
+        "mixer": mixer,
+        "cache_bytes_per_sequence_bf16": {f"{n // 1024}k": cache_bytes(student, n, kv_bytes=kv_bytes) for n in (4096, 32768)},
+    }
 
 
 def _ranges(idx: list[int]) -> str:
@@ -118,15 +152,19 @@ def cmd_convert(args) -> None:
     from .io import atomic_output_dir, check_output_dir
 
     options = {"window": args.window, "sinks": args.sinks, "chunk_size": args.chunk_size}
+    if args.conv_init is not None:
+        options["conv_init"] = args.conv_init
     dtype = models.parse_dtype(args.dtype)
     out = check_output_dir(args.out, args.overwrite)
     t0 = time.time()
     # everything that can be checked from the config fails here, before the weights load
-    validate(models.load_config(args.model, progress=_log), args.method, args.keep_attention, options)
+    validate(models.load_config(args.model, progress=_log), args.method, args.keep_attention, options,
+             args.attention_fraction, args.attention_every)
     teacher, tok = models.load_source(args.model, dtype="float32", progress=_log)
     _log(f"loaded {args.model} in {time.time() - t0:.1f}s")
     t1 = time.time()
-    student = convert(teacher, args.method, keep_attention=args.keep_attention, options=options)
+    student = convert(teacher, args.method, keep_attention=args.keep_attention, options=options,
+                      attention_fraction=args.attention_fraction, attention_every=args.attention_every)
     if dtype is not None:
         student = student.to(dtype)
         student.config.dtype = dtype
@@ -230,8 +268,10 @@ def cmd_validate(args) -> None:
     print(f"# {args.recipe}: valid. Resolved recipe:")
     print(dump_recipe(recipe), end="")
     print("# plan:")
-    print(f"#   convert {recipe.model.source} with {recipe.conversion.method} "
-          f"(keep attention: {recipe.conversion.keep_attention or 'none'})")
+    c = recipe.conversion
+    kept = (f"attention fraction {c.attention_fraction}" if c.attention_fraction is not None else
+            f"every {c.attention_every}th layer" if c.attention_every else c.keep_attention or "none")
+    print(f"#   convert {recipe.model.source} with {c.method} (layers kept as attention: {kept})")
     for i, stage in enumerate(recipe.stages):
         st = recipe.stage_settings(i)
         steps = total_steps(st)
@@ -292,15 +332,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="architecture, layers, heads, parameters and attention modules of a model")
     s.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--method", default=None, help="also show the layer plan and cache size of this conversion")
+    s.add_argument("--keep-attention", default=None)
+    s.add_argument("--attention-fraction", type=float, default=None)
+    s.add_argument("--attention-every", type=int, default=None)
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("convert", help="convert a model's attention layers (surgery only, no training)")
     s.add_argument("model", help=model_help)
     s.add_argument("--method", required=True, help=f"one of: {', '.join(sorted(METHODS))}")
     s.add_argument("--keep-attention", default=None, help="layers that stay softmax attention, e.g. 0,15 or 0-3")
+    s.add_argument("--attention-fraction", type=float, default=None,
+                   help="share of layers that stay attention, spread evenly (e.g. 0.5, 0.25, 0.125, 0)")
+    s.add_argument("--attention-every", type=int, default=None, help="every k-th layer stays attention")
     s.add_argument("--window", type=int, default=None, help="softmax window in tokens (lolcats; default 64)")
     s.add_argument("--sinks", type=int, default=None, help="first tokens kept in the softmax part (lolcats; default 4)")
     s.add_argument("--chunk-size", type=int, default=None, help="chunk length of the parallel form (default 64)")
+    s.add_argument("--conv-init", default=None, help="mamba_in_llama: default (Mamba2's random init) | identity")
     s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 for the saved weights")
     s.add_argument("--out", required=True, help="output folder (written atomically)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")

@@ -32,6 +32,8 @@ class ModelSpec(Strict):
 class ConversionSpec(Strict):
     method: str
     keep_attention: list[int] | str | None = None
+    attention_fraction: float | None = None  # share of layers kept as attention, spread evenly
+    attention_every: int | None = None  # every k-th layer kept as attention
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -93,6 +95,12 @@ class TrainSpec(Strict):
     ce_weight: float = 0.0
     # finetune
     lora: LoraSpec | None = None
+    # stepwise distillation (Mamba-in-Llama): only these converted layers use their new mixer in this stage;
+    # the other converted layers run the teacher's attention. Give a list, or the attention fraction whose
+    # converted layers are active (0.5 then 0.25 ... replaces layers progressively). "@new" then means the
+    # active layers' new parameters.
+    active_layers: list[int] | None = None
+    active_attention_fraction: float | None = None
 
     @model_validator(mode="after")
     def _positive(self):

@@ -16,7 +16,7 @@ from ..io import atomic_output_dir, check_output_dir
 from ..recipe import Recipe, dump_recipe
 from .checkpoint import RunState
 from .data import pack_tokens
-from .stages import STAGES, build_objective, select_trainable
+from .stages import STAGES, active_layers, build_objective, select_trainable
 from .trainer import total_steps, train_stage
 
 
@@ -36,7 +36,8 @@ def make_accelerator():
 
 def build_student(recipe: Recipe, teacher):
     c = recipe.conversion
-    return convert(teacher, c.method, keep_attention=c.keep_attention, options=c.options)
+    return convert(teacher, c.method, keep_attention=c.keep_attention, options=c.options,
+                   attention_fraction=c.attention_fraction, attention_every=c.attention_every)
 
 
 def _apply_lora(student, lora):
@@ -112,12 +113,17 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
             if patterns:
                 trainable = sorted(set(trainable) | set(select_trainable_extra(model, patterns, new_names)))
         else:
-            trainable = select_trainable(model, settings.trainable or spec["trainable"], new_names)
+            active = active_layers(student, settings)
+            stage_new = new_names if active is None else [n for n in new_names if int(n.split(".")[2]) in active]
+            trainable = select_trainable(model, settings.trainable or spec["trainable"], stage_new)
         n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
         _log(accelerator, f"stage {stage.name} ({stage.type}): {steps} steps x {settings.batch_size * settings.grad_accum} "
                           f"x {settings.seq_len} tokens on {blocks.shape[0]} blocks of {data_key}; "
                           f"training {n_train:,} parameters in {len(trainable)} tensors; {accelerator.num_processes} process(es)")
-        objective = build_objective(stage.type, model, teacher if spec["needs_teacher"] else None, settings)
+        active = active_layers(student, settings)
+        if active is not None:
+            _log(accelerator, f"stage {stage.name}: active converted layers {active} (the others run the teacher's attention)")
+        objective = build_objective(stage.type, model, teacher if spec["needs_teacher"] else None, settings, active)
         result = train_stage(
             accelerator=accelerator, objective=objective, trainable_names=trainable, blocks=blocks,
             settings=settings, stage_name=stage.name, stage_index=i, seed=recipe.seed, run=run,

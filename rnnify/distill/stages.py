@@ -62,18 +62,50 @@ class AttentionTransferObjective(Objective):
         return loss, {"mse_first": losses[0].item(), "mse_last": losses[-1].item()}
 
 
-class DistillObjective(Objective):
-    """End-to-end KL to the frozen teacher (+ optional CE weight)."""
+class TeacherAttention(nn.Module):
+    """A frozen teacher attention standing in for a converted layer that is not active yet (stepwise
+    distillation). It builds its own causal mask: the student makes none for converted layers."""
 
-    def __init__(self, student, teacher, temperature=1.0, kl="forward", ce_weight=0.0):
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = [attn]  # a list, so the teacher's weights are not registered (nor trained, nor saved) here
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        T = hidden_states.shape[1]
+        mask = torch.full((T, T), float("-inf"), device=hidden_states.device, dtype=hidden_states.dtype).triu(1)
+        kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+        return self.attn[0](hidden_states, position_embeddings=position_embeddings, attention_mask=mask[None, None],
+                            **kwargs)
+
+
+class DistillObjective(Objective):
+    """End-to-end KL to the frozen teacher (+ optional CE weight). With ``active`` set, converted layers
+    outside it run the teacher's attention (stepwise distillation, Mamba-in-Llama sec. 3)."""
+
+    def __init__(self, student, teacher, temperature=1.0, kl="forward", ce_weight=0.0, active=None):
         super().__init__(student, teacher)
         self.temperature, self.kl, self.ce_weight = temperature, kl, ce_weight
+        converted = [i for i, _ in student.mixers()] if hasattr(student, "mixers") else []
+        self.inactive = [i for i in converted if active is not None and i not in active]
+
+    def _student_logits(self, input_ids):
+        if not self.inactive:
+            return self.student(input_ids=input_ids, use_cache=False).logits
+        layers = self.student.model.layers
+        saved = {i: layers[i].self_attn for i in self.inactive}
+        try:
+            for i in self.inactive:
+                layers[i].self_attn = TeacherAttention(self.teacher.model.layers[i].self_attn)
+            return self.student(input_ids=input_ids, use_cache=False).logits
+        finally:
+            for i, m in saved.items():
+                layers[i].self_attn = m
 
     def forward(self, input_ids, labels=None):
         labels = input_ids if labels is None else labels
         with torch.no_grad():
             t_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
-        s_logits = self.student(input_ids=input_ids, use_cache=False).logits
+        s_logits = self._student_logits(input_ids)
         mask = labels != -100
         kl = kl_distill_loss(s_logits, t_logits, mask, self.temperature, self.kl)
         metrics = {"kl": kl.item()}
@@ -102,11 +134,27 @@ STAGES = {
 }
 
 
-def build_objective(stage_type: str, student, teacher, settings) -> Objective:
+def active_layers(student, settings) -> list[int] | None:
+    """The converted layers a stage trains (None: all of them)."""
+    from ..convert import spread_layers
+
+    converted = [i for i, _ in student.mixers()]
+    if settings.active_layers is not None:
+        bad = sorted(set(settings.active_layers) - set(converted))
+        if bad:
+            raise RnnifyError(f"active_layers {bad} are not converted layers; converted: {converted}")
+        return sorted(settings.active_layers)
+    if settings.active_attention_fraction is not None:
+        kept = set(spread_layers(len(student.model.layers), settings.active_attention_fraction))
+        return [i for i in converted if i not in kept]
+    return None
+
+
+def build_objective(stage_type: str, student, teacher, settings, active=None) -> Objective:
     if stage_type == "attention_transfer":
         return AttentionTransferObjective(student, teacher)
     if stage_type == "distill":
-        return DistillObjective(student, teacher, settings.temperature, settings.kl, settings.ce_weight)
+        return DistillObjective(student, teacher, settings.temperature, settings.kl, settings.ce_weight, active)
     if stage_type == "finetune":
         return FinetuneObjective(student)
     raise RnnifyError(f"unknown stage type {stage_type!r}; accepted: {', '.join(sorted(STAGES))}")
