@@ -5,6 +5,7 @@ student, the window-only baseline with the same window and sinks, and the distil
 trained and the share of the window-only gap to the teacher that distillation recovers.
 
     python benchmarks/recovery.py --student out/quickstart            # a folder made by `rnnify run`
+    python benchmarks/recovery.py --student out/mil50 out/mil25       # several students of one teacher
     python benchmarks/recovery.py --recipe quickstart                 # run the recipe first
 """
 
@@ -21,13 +22,14 @@ import rnnify  # noqa: F401
 from rnnify import models
 from rnnify.convert import convert
 from rnnify.distill.data import tokenize_text_file
+from rnnify.eval.memory import cache_bytes, human_bytes
 from rnnify.eval.perplexity import perplexity, windows
 from rnnify.eval.report import window_baseline
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--student", help="folder of a distilled model (made by rnnify run)")
+    ap.add_argument("--student", nargs="+", help="folder(s) of distilled models (made by rnnify run)")
     ap.add_argument("--recipe", help="run this recipe first (name or file) and use its output")
     ap.add_argument("--text", default="builtin:wikitext-2/test.txt")
     ap.add_argument("--context-length", type=int, default=2048)
@@ -39,39 +41,54 @@ def main():
 
         recipe = load_recipe(args.recipe, ["output.overwrite=true"])
         run_recipe(recipe)
-        args.student = recipe.output.dir
+        args.student = [recipe.output.dir]
     if not args.student:
         ap.error("give --student or --recipe")
-    folder = Path(args.student)
-    recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
-    conv = recipe["conversion"]
     t0 = time.time()
-    student, tok = models.load_source(str(folder))
-    teacher, _ = models.load_source(recipe["model"]["source"])
-    untrained = convert(teacher, conv["method"], conv.get("keep_attention"), conv.get("options"))
-    baseline, label = window_baseline(student, teacher)
-    blocks = windows(tokenize_text_file(args.text, tok), args.context_length, args.windows)
-    ppl = {}
-    for name, m in [("teacher", teacher), ("converted, untrained", untrained), (label + " (no memory)", baseline),
-                    ("distilled student", student)]:
-        ppl[name] = perplexity(m, blocks)["ppl"]
-    tokens = 0
+    teacher = tok = blocks = None
+    rows = []
+    for folder in map(Path, args.student):
+        recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+        conv = recipe["conversion"]
+        if teacher is None:
+            teacher, _ = models.load_source(recipe["model"]["source"])
+        student, tok = models.load_source(str(folder))
+        if blocks is None:
+            blocks = windows(tokenize_text_file(args.text, tok), args.context_length, args.windows)
+            rows.append(("teacher", recipe["model"]["source"], perplexity(teacher, blocks)["ppl"], None,
+                         cache_bytes(teacher, 4096), cache_bytes(teacher, 32768)))
+        untrained = convert(teacher, conv["method"], conv.get("keep_attention"), conv.get("options"),
+                            attention_fraction=conv.get("attention_fraction"), attention_every=conv.get("attention_every"))
+        baseline, label = window_baseline(student, teacher)
+        kept = sum(m == "attention" for m in student.config.layer_mixers)
+        name = f"{conv['method']} ({kept}/{len(student.config.layer_mixers)} attention)"
+        tokens = _tokens_trained(folder)
+        rows.append((name, "untrained", perplexity(untrained, blocks)["ppl"], 0, None, None))
+        rows.append((name, label + ", no memory", perplexity(baseline, blocks)["ppl"], None, None, None))
+        rows.append((name, "distilled", perplexity(student, blocks)["ppl"], tokens,
+                     cache_bytes(student, 4096), cache_bytes(student, 32768)))
+    print(f"\nWikiText-2 test perplexity, {blocks.shape[0]} windows of {args.context_length} tokens ({args.text})")
+    print(f"{'model':<36} {'variant':<34} {'ppl':>8} {'tokens trained':>15} {'cache@4k':>10} {'cache@32k':>10}")
+    for name, variant, ppl, tokens, c4, c32 in rows:
+        print(f"{name:<36} {variant:<34} {ppl:>8.2f} {'' if tokens is None else f'{tokens:,}':>15} "
+              f"{'' if c4 is None else human_bytes(c4):>10} {'' if c32 is None else human_bytes(c32):>10}")
+    t = rows[0][2]
+    for k in range(1, len(rows), 3):
+        u, b, s = rows[k][2], rows[k + 1][2], rows[k + 2][2]
+        msg = f"{rows[k][0]}: distilled {s:.2f} vs untrained {u:.2f}"
+        if b > t:
+            msg += f"; recovers {(b - s) / (b - t):.1%} of the window-only gap ({b:.2f} -> teacher {t:.2f})"
+        print(msg)
+    print(f"cache sizes: per sequence, bf16 keys/values, fp32 states ({time.time() - t0:.0f}s)")
+
+
+def _tokens_trained(folder: Path) -> int:
+    last = {}
     if (folder / "metrics.jsonl").exists():
-        rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-        last = {}
-        for r in rows:
+        for line in (folder / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
             last[r["stage"]] = r["tokens"]
-        tokens = sum(last.values())
-    print(f"\nWikiText-2 test perplexity, {blocks.shape[0]} windows of {args.context_length} tokens "
-          f"({args.text}); method {conv['method']} {conv.get('options', {})}")
-    print(f"{'model':<40} {'ppl':>8}")
-    for k, v in ppl.items():
-        print(f"{k:<40} {v:>8.2f}")
-    t, b, s = ppl["teacher"], ppl[label + " (no memory)"], ppl["distilled student"]
-    print(f"tokens trained: {tokens:,}")
-    if b > t:
-        print(f"window-only gap to the teacher recovered by the student: {(b - s) / (b - t):.1%}")
-    print(f"({time.time() - t0:.0f}s)")
+    return sum(last.values())
 
 
 if __name__ == "__main__":

@@ -195,6 +195,26 @@ def cmd_convert(args) -> None:
     del torch
 
 
+def cmd_export(args) -> None:
+    from . import models
+    from .export import to_bamba
+    from .io import atomic_output_dir, check_output_dir
+    from .modeling import RnnifyForCausalLM
+
+    if args.to != "bamba":
+        raise RnnifyError(f"--to {args.to!r}: accepted: bamba")
+    out = check_output_dir(args.out, args.overwrite)
+    student, tok = models.load_source(args.model, dtype=None, progress=_log)
+    if not isinstance(student, RnnifyForCausalLM):
+        raise RnnifyError(f"{args.model} is not an rnnify model")
+    bamba = to_bamba(student)
+    with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
+        bamba.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+    print(f"exported {args.model} -> {out} (BambaForCausalLM, attention layers {bamba.config.attn_layer_indices})")
+
+
 def cmd_push(args) -> None:
     from .hub import push
 
@@ -354,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
     s.add_argument("--max-shard-size", default="5GB", help="split weights into shards of at most this size")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("export", help="save a mamba_in_llama hybrid as transformers' in-tree Bamba architecture")
+    s.add_argument("model", help="a converted model folder")
+    s.add_argument("--to", default="bamba", help="target architecture: bamba")
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("push", help="upload a converted model folder to the Hugging Face Hub (one commit)")
     s.add_argument("folder")

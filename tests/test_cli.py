@@ -52,7 +52,7 @@ def test_bf16_convert(tiny_llama_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra,needle",
     [
-        (["--method", "mamba9"], "unknown method 'mamba9'; accepted: lolcats, supra"),
+        (["--method", "mamba9"], "unknown method 'mamba9'; accepted: lolcats, mamba_in_llama, supra"),
         (["--method", "supra", "--keep-attention", "4"], "layer 4 is out of range; this model has layers 0..3"),
         (["--method", "supra", "--keep-attention", "x"], "'x' is not a layer index"),
         (["--method", "supra", "--window", "8"], "method 'supra' has no setting window; its settings: chunk_size"),

@@ -152,3 +152,53 @@ def test_sharded_folder_loads_in_a_fresh_venv_without_rnnify(tiny_llama_dir, tmp
     with torch.no_grad():
         expected = ref(torch.arange(10)[None]).logits[0, -1, :5]
     assert torch.equal(torch.tensor(json.loads(r.stdout.strip().splitlines()[-1])), expected)
+
+
+def test_recipe_pushes_after_saving(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from rnnify.distill.runner import run_recipe
+
+    from .test_training import recipe
+
+    wd = _workdir(tmp_path)
+    recorded = RecordingApi()
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: recorded)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    r = recipe(wd, [{"type": "distill", "max_steps": 1}], hub={"repo_id": "user/tiny-run", "push": True})
+    summary = run_recipe(r, progress=False)
+    assert summary["hub_url"].endswith("/commit/abc")
+    upload = dict(recorded.calls)["upload_folder"]
+    assert upload["folder_path"] == str(wd / "out") and "recipe.yaml" in upload["files"]
+    fm = read_front_matter((wd / "out" / "README.md").read_text())
+    assert fm["tags"][:2] == ["rnnify", "lolcats"]
+    assert "user/tiny-run" in (wd / "out" / "README.md").read_text()
+
+
+def test_recipe_push_without_token_fails_before_training(tmp_path, monkeypatch):
+    import huggingface_hub.constants as C
+
+    from rnnify.distill.runner import run_recipe
+
+    from .test_training import recipe
+
+    wd = _workdir(tmp_path)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(C, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(C, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    r = recipe(wd, [{"type": "distill", "max_steps": 1}], hub={"repo_id": "user/tiny-run", "push": True})
+    with pytest.raises(RnnifyError, match="no Hugging Face token"):
+        run_recipe(r, progress=False)
+    assert not (wd / "out").exists() and not (wd / "out.run" / "metrics.jsonl").exists()
+    with pytest.raises(RnnifyError, match="is not owner/name"):
+        recipe(wd, [{"type": "distill", "max_steps": 1}], hub={"repo_id": "nope", "push": True})
+
+
+def _workdir(tmp_path):
+    from .conftest import make_tokenizer, tiny_model
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "src")
+    make_tokenizer(128).save_pretrained(tmp_path / "src")
+    (tmp_path / "data.txt").write_text("\n".join(" ".join(f"w{(i + j) % 30}" for j in range(30)) for i in range(60)))
+    return tmp_path

@@ -11,7 +11,8 @@ from .conftest import tiny_model
 
 
 @pytest.mark.parametrize("fam", ["llama", "qwen2"])
-@pytest.mark.parametrize("method,keep", [(None, None), ("supra", "1"), ("lolcats", "0"), ("lolcats", "")])
+@pytest.mark.parametrize("method,keep", [(None, None), ("supra", "1"), ("lolcats", "0"), ("lolcats", ""),
+                                         ("mamba_in_llama", "2")])
 @pytest.mark.parametrize("T", [3, 40])
 def test_accounting_matches_a_filled_cache(fam, method, keep, T):
     teacher = tiny_model(fam)

@@ -34,7 +34,7 @@ def test_a_good_recipe_resolves_stage_settings():
         ({"stages": [{"type": "distill", "max_step": 1}]}, "stages.0: unknown stage setting(s) ['max_step']"),
         ({"stages": [{"type": "distill"}]}, "needs max_steps or max_tokens"),
         ({"stages": [{"type": "distill", "max_steps": 1, "data": "other"}]}, "uses data 'other', not in datasets"),
-        ({"conversion": {"method": "mamba"}}, "conversion: unknown method 'mamba'; accepted: lolcats, supra"),
+        ({"conversion": {"method": "mamba"}}, "conversion: unknown method 'mamba'; accepted: lolcats, mamba_in_llama, supra"),
         ({"conversion": {"method": "supra", "options": {"window": 3}}}, "method 'supra' has no setting window"),
     ],
 )

@@ -58,7 +58,7 @@ def _load_in_subprocess(path, ids, mode, tmp_path):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("method,keep", [("supra", "0"), ("lolcats", "")])
+@pytest.mark.parametrize("method,keep", [("supra", "0"), ("lolcats", ""), ("mamba_in_llama", "1")])
 def test_save_then_load_in_fresh_processes(tmp_path, method, keep):
     student = convert(tiny_model("qwen2"), method, keep_attention=keep, options={"chunk_size": 8})
     path = tmp_path / "model"

@@ -32,7 +32,12 @@ def resolve_options(method: str, options: dict | None) -> dict:
     if unknown:
         accepted = ", ".join(sorted(mod.OPTIONS)) or "none"
         raise RnnifyError(f"method {method!r} has no setting {', '.join(unknown)}; its settings: {accepted}")
-    return {**mod.OPTIONS, **options}
+    resolved = {**mod.OPTIONS, **options}
+    for name, value in resolved.items():
+        check = getattr(mod, "CHECKS", {}).get(name)
+        if check is not None and not check[0](value):
+            raise RnnifyError(f"method {method!r}: {name}={value!r} is not accepted; {check[1]}")
+    return resolved
 
 
 def spread_layers(num_layers: int, fraction: float) -> list[int]:

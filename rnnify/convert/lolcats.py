@@ -14,3 +14,11 @@ OPTIONS = {"window": 64, "sinks": 4, "chunk_size": 64, "init_linear_mix_logit": 
 
 def plan(source_config, keep_attention, options) -> LayerPlan:
     return plan_layers(source_config, "lolcats", "hybrid_sliding_sink", keep_attention, {**OPTIONS, **options})
+
+# setting -> (test, what is accepted)
+CHECKS = {
+    "window": (lambda v: isinstance(v, int) and v >= 1, "accepted: an integer >= 1"),
+    "sinks": (lambda v: isinstance(v, int) and v >= 0, "accepted: an integer >= 0"),
+    "chunk_size": (lambda v: isinstance(v, int) and v >= 1, "accepted: a positive integer"),
+    "linear_branch": (lambda v: isinstance(v, bool), "accepted: true or false"),
+}

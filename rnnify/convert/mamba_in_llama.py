@@ -12,3 +12,10 @@ OPTIONS = {"chunk_size": 64, "conv_kernel": 4, "conv_init": "default"}
 
 def plan(source_config, keep_attention, options) -> LayerPlan:
     return plan_layers(source_config, "mamba2", "linear_attention", keep_attention, {**OPTIONS, **options})
+
+# setting -> (test, what is accepted)
+CHECKS = {
+    "conv_init": (lambda v: v in ("default", "identity"), "accepted: default, identity"),
+    "conv_kernel": (lambda v: isinstance(v, int) and v >= 2, "accepted: an integer >= 2"),
+    "chunk_size": (lambda v: isinstance(v, int) and v >= 1, "accepted: a positive integer"),
+}

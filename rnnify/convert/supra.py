@@ -9,3 +9,5 @@ OPTIONS = {"chunk_size": 64}
 
 def plan(source_config, keep_attention, options) -> LayerPlan:
     return plan_layers(source_config, "supra", "linear_attention", keep_attention, {**OPTIONS, **options})
+
+CHECKS = {"chunk_size": (lambda v: isinstance(v, int) and v >= 1, "accepted: a positive integer")}

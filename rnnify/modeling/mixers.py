@@ -396,7 +396,9 @@ class Mamba2Mixer(Mixer):
         self.dt_bias = nn.Parameter(torch.zeros(H))
         self.A_log = nn.Parameter(torch.zeros(H))
         self.D = nn.Parameter(torch.ones(H))
-        self.norm = GatedRMSNorm(self.d_inner, D, eps=float(self.settings.get("norm_eps", 1e-5)))
+        # the source's RMSNorm epsilon unless set (Llama-3's 1e-5 is what the paper's Mamba2 uses)
+        eps = float(self.settings.get("norm_eps", getattr(base, "rms_norm_eps", 1e-5)))
+        self.norm = GatedRMSNorm(self.d_inner, D, eps=eps)
         o_bias = getattr(attn, "o_proj", None) is not None and attn.o_proj.bias is not None
         self.out_proj = nn.Linear(self.d_inner, hidden, bias=o_bias)
         for name in ("q_norm", "k_norm"):

@@ -1,0 +1,188 @@
+"""Mamba-in-the-Llama: the Mamba2 mixer, its initialisation from attention, layer plans, stepwise stages."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from rnnify.convert import attention_layers, convert, spread_layers
+from rnnify.distill.stages import DistillObjective, active_layers
+from rnnify.errors import RnnifyError
+from rnnify.recipe import TrainSpec
+
+from .conftest import FAMILIES, tiny_model
+
+OPTS = {"chunk_size": 8}
+
+
+@pytest.mark.parametrize("fam", ["llama", "qwen2"])
+def test_initialisation_copies_the_papers_rows(fam):
+    teacher = tiny_model(fam)
+    student = convert(teacher, "mamba_in_llama", keep_attention="0", options=OPTS)
+    for i in (1, 2, 3):
+        m, a = student.model.layers[i].self_attn, teacher.model.layers[i].self_attn
+        z, x, b, c, dt = m._split()
+        w = m.in_proj.weight
+        assert torch.equal(w[z : z + x], a.v_proj.weight)  # x <- V
+        assert torch.equal(w[z + x : z + x + b], a.k_proj.weight)  # B <- K
+        assert torch.equal(w[z + x + b : z + x + b + c], a.q_proj.weight)  # C <- Q
+        assert torch.equal(m.out_proj.weight, a.o_proj.weight)  # out_proj <- O
+        if a.q_proj.bias is not None:
+            assert torch.equal(m.in_proj.bias[z + x + b : z + x + b + c], a.q_proj.bias)
+        # fresh parts follow Mamba2: A in [1, 16], dt = softplus(dt_bias) in [1e-3, 1e-1], D = 1
+        A = m.A_log.exp()
+        assert ((A >= 1) & (A <= 16)).all()
+        dt = F.softplus(m.dt_bias)
+        assert ((dt >= 1e-4) & (dt <= 0.1 + 1e-6)).all() and torch.equal(m.D, torch.ones_like(m.D))
+    # MLPs and norms are the teacher's
+    assert torch.equal(student.model.layers[2].mlp.up_proj.weight, teacher.model.layers[2].mlp.up_proj.weight)
+    # the conversion is deterministic (resumed runs rebuild the same student)
+    again = convert(teacher, "mamba_in_llama", keep_attention="0", options=OPTS)
+    assert all(torch.equal(p, q) for p, q in zip(student.parameters(), again.parameters()))
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_all_attention_reproduces_the_teacher(fam):
+    teacher = tiny_model(fam)
+    x = torch.randint(0, 128, (2, 17))
+    student = convert(teacher, "mamba_in_llama", attention_fraction=1.0)
+    with torch.no_grad():
+        assert torch.equal(student(x).logits, teacher(x).logits)
+
+
+@pytest.mark.parametrize("T", [16, 21])
+def test_recurrent_decoding_matches_parallel(family, T):
+    student = convert(tiny_model(family), "mamba_in_llama", keep_attention="2", options=OPTS)
+    x = torch.randint(0, 128, (2, T))
+    with torch.no_grad():
+        full = student(x).logits
+        for prefill in (1, 3, 9):
+            cache = DynamicCache(config=student.config)
+            outs = [student(x[:, :prefill], cache=cache, use_cache=True).logits]
+            for t in range(prefill, T):
+                outs.append(student(x[:, t : t + 1], cache=cache, use_cache=True).logits)
+            assert (torch.cat(outs, 1) - full).abs().max() <= 1e-4
+        out = student.generate(x[:, :5], attention_mask=torch.ones_like(x[:, :5]), max_new_tokens=8, do_sample=False,
+                               output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        ref = student(out.sequences).logits
+    assert (torch.stack(out.scores, 1) - ref[:, 4:-1]).abs().max() <= 1e-4
+
+
+def test_mamba2_matches_a_plain_token_loop():
+    student = convert(tiny_model("llama"), "mamba_in_llama", options=OPTS)
+    m = student.model.layers[0].self_attn
+    with torch.no_grad():
+        m.norm.weight.normal_(1, 0.2)
+    T = 13
+    h = torch.randn(1, T, student.config.hidden_size)
+    with torch.no_grad():
+        out, _ = m(h)
+        H, Hkv, D, K = m.num_heads, m.num_kv_heads, m.head_dim, m.conv_kernel
+        zxbcdt = h[0] @ m.in_proj.weight.T
+        z, xBC, dt = zxbcdt.split([H * D, H * D + 2 * Hkv * D, H], -1)
+        w, bias = m.conv1d.weight[:, 0], m.conv1d.bias
+        padded = torch.cat([torch.zeros(K - 1, xBC.shape[1]), xBC])
+        conv = torch.stack([(padded[t : t + K].T * w).sum(-1) + bias for t in range(T)])
+        conv = conv * torch.sigmoid(conv)
+        x, Bm, C = conv.split([Hkv * D, Hkv * D, H * D], -1)
+        rep = H // Hkv
+        x = x.view(T, Hkv, D).repeat_interleave(rep, 1)
+        Bm = Bm.view(T, Hkv, D).repeat_interleave(rep, 1)
+        C = C.view(T, H, D)
+        dt = F.softplus(dt + m.dt_bias)
+        A = -m.A_log.exp()
+        S = torch.zeros(H, D, D)
+        ys = []
+        for t in range(T):
+            S = torch.exp(dt[t] * A)[:, None, None] * S + Bm[t][:, :, None] * (dt[t][:, None] * x[t])[:, None, :]
+            y = torch.einsum("hk,hkv->hv", C[t], S) + m.D[:, None] * x[t]
+            g = (y * F.silu(z[t].view(H, D)))
+            g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + m.norm.eps)
+            ys.append(g.reshape(-1) * m.norm.weight)
+        ref = torch.stack(ys) @ m.out_proj.weight.T
+    torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_layer_plans():
+    assert spread_layers(30, 0.5) == list(range(0, 30, 2))
+    assert spread_layers(30, 0.25) == [0, 4, 8, 11, 15, 19, 22, 26]
+    assert spread_layers(32, 0.125) == [0, 8, 16, 24] and spread_layers(30, 0) == []
+    assert attention_layers(12, attention_every=4) == [0, 4, 8]
+    assert attention_layers(12, keep_attention="1,3") == [1, 3]
+    with pytest.raises(RnnifyError, match="only one of"):
+        attention_layers(12, keep_attention="1", attention_fraction=0.5)
+    with pytest.raises(RnnifyError, match="not in \\[0, 1\\]"):
+        attention_layers(12, attention_fraction=1.5)
+    with pytest.raises(RnnifyError, match="must be >= 1"):
+        attention_layers(12, attention_every=0)
+
+
+def test_cli_plan_and_bad_conv_init(tiny_llama_dir, tmp_path, capsys):
+    import json
+
+    from rnnify.cli import main
+
+    assert main(["inspect", str(tiny_llama_dir), "--method", "mamba_in_llama", "--attention-fraction", "0.5",
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["attention_layers"] == [0, 2] and plan["layer_types"][1] == "linear_attention"
+    assert main(["convert", str(tiny_llama_dir), "--method", "mamba_in_llama", "--conv-init", "zeros",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "conv_init='zeros' is not accepted; accepted: default, identity" in capsys.readouterr().err
+
+
+def test_stepwise_inactive_layers_run_the_teachers_attention():
+    teacher = tiny_model("llama")
+    student = convert(teacher, "mamba_in_llama", options=OPTS)
+    x = torch.randint(0, 128, (2, 15))
+    nothing_active = DistillObjective(student, teacher, active=[])
+    with torch.no_grad():
+        torch.testing.assert_close(nothing_active._student_logits(x), teacher(x).logits, atol=1e-5, rtol=1e-5)
+        loss, _ = nothing_active(x)
+    assert loss.abs() < 1e-6
+    # the swap is undone afterwards
+    assert type(student.model.layers[0].self_attn).__name__ == "Mamba2Mixer"
+    some = DistillObjective(student, teacher, active=[1, 3])
+    loss, _ = some(x)
+    loss.backward()
+    grads = {i: student.model.layers[i].self_attn.A_log.grad for i in range(4)}
+    assert grads[0] is None and grads[2] is None and grads[1] is not None and grads[3] is not None
+    settings = TrainSpec(max_steps=1, active_attention_fraction=0.5)
+    assert active_layers(student, settings) == [1, 3]
+    with pytest.raises(RnnifyError, match="not converted layers"):
+        active_layers(convert(teacher, "mamba_in_llama", keep_attention="1"), TrainSpec(max_steps=1, active_layers=[1]))
+
+
+@pytest.mark.parametrize("fam", ["llama", "qwen2"])
+def test_export_to_bamba_is_exact(fam, tmp_path):
+    import transformers
+
+    from rnnify.export import to_bamba
+
+    teacher = tiny_model(fam)
+    if fam == "qwen2":  # full attention everywhere (Bamba has no sliding window)
+        teacher.config.use_sliding_window = False
+        teacher.config.layer_types = ["full_attention"] * 4
+    student = convert(teacher, "mamba_in_llama", keep_attention="1", options=OPTS)
+    with torch.no_grad():
+        for _, m in student.mixers():  # move off the initial values so every mapped piece matters
+            for p in (m.conv1d.bias, m.D, m.norm.weight, m.dt_bias):
+                p.add_(0.1 * torch.randn_like(p))
+    bamba = to_bamba(student)
+    bamba.save_pretrained(tmp_path / "bamba")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bamba")
+    assert type(loaded).__name__ == "BambaForCausalLM" and loaded.config.attn_layer_indices == [1]
+    x = torch.randint(0, 128, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, student(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_export_refuses_what_does_not_map():
+    from rnnify.export import to_bamba
+
+    with pytest.raises(RnnifyError, match="cannot export to Bamba: mixers"):
+        to_bamba(convert(tiny_model("llama"), "lolcats"))
+    with pytest.raises(RnnifyError, match="sliding-window"):
+        to_bamba(convert(tiny_model("mistral"), "mamba_in_llama", options=OPTS))
+    with pytest.raises(RnnifyError, match="base architecture gemma3_text"):
+        to_bamba(convert(tiny_model("gemma3_text"), "mamba_in_llama", options=OPTS))
