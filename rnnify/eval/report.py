@@ -90,9 +90,12 @@ def results_table(results: dict) -> str:
         rows.append(f"| decode tokens/s after {length} (batch 1) | {tok(t)} | {tok(s)} | — |")
         rows.append(f"| cache after {length} tokens | {mem(t)} | {mem(s)} | — |")
     text = "\n".join(rows) + "\n"
-    if p.get("gap_recovered") is not None:
+    if p.get("gap_recovered") is not None and p["gap_recovered"] >= 0:
         text += (f"\nThe student recovers {p['gap_recovered']:.1%} of the perplexity gap between the window-only "
                  f"baseline ({results.get('baseline', '')}) and the teacher.\n")
+    elif p.get("gap_recovered") is not None:
+        text += (f"\nThe student is behind the window-only baseline ({results.get('baseline', '')}): it has not "
+                 "recovered the gap to the teacher yet.\n")
     return text
 
 
