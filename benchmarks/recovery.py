@@ -76,8 +76,10 @@ def main():
     for k in range(1, len(rows), 3):
         u, b, s = rows[k][2], rows[k + 1][2], rows[k + 2][2]
         msg = f"{rows[k][0]}: distilled {s:.2f} vs untrained {u:.2f}"
-        if b > t:
+        if b > t and s <= b:
             msg += f"; recovers {(b - s) / (b - t):.1%} of the window-only gap ({b:.2f} -> teacher {t:.2f})"
+        elif b > t:
+            msg += f"; behind the window-only baseline ({b:.2f}; teacher {t:.2f})"
         print(msg)
     print(f"cache sizes: per sequence, bf16 keys/values, fp32 states ({time.time() - t0:.0f}s)")
 
