@@ -28,7 +28,7 @@ def cache_table(student, lengths=(4096, 32768)) -> str:
 
 
 def model_card(student, *, source: str, recipe: dict | None = None, eval_results: dict | None = None,
-               training: dict | None = None, repo_id: str | None = None) -> str:
+               training: dict | None = None, repo_id: str | None = None, name: str | None = None) -> str:
     from .eval.report import results_table
 
     cfg = student.config
@@ -50,7 +50,7 @@ def model_card(student, *, source: str, recipe: dict | None = None, eval_results
                                 f"{v.get('final_loss', float('nan')):.4g}" for k, v in training.items())
     text = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# {where.split('/')[-1]}: {method} conversion of {source}", "",
+        f"# {repo_id.split('/')[-1] if repo_id else name or method}: {method} conversion of {source}", "",
         f"Made with rnnify from `{source}` by the **{method}** method ([{paper}]({url})): {layers}; "
         f"mixer settings `{settings}`.", "",
         "## Load it", "",

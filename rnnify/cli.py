@@ -184,7 +184,8 @@ def cmd_convert(args) -> None:
         if tok is not None:
             tok.save_pretrained(tmp)
         (tmp / "rnnify_conversion.json").write_text(json.dumps(record, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(student, source=args.model, recipe={"conversion": record}))
+        (tmp / "README.md").write_text(model_card(student, source=args.model, recipe={"conversion": record},
+                                                      name=Path(args.out).name))
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"converted {args.model} with {args.method} -> {out}  ({time.time() - t1:.1f}s)")
     print(f"  layers kept as attention: {record['keep_attention'] or 'none'}; new parameters {n_new:,}")

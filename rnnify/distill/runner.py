@@ -194,4 +194,4 @@ def save_output(student, tok, recipe: Recipe, out: Path, eval_results, run: RunS
             (tmp / "metrics.jsonl").write_text((run.dir / "metrics.jsonl").read_text())
         (tmp / "README.md").write_text(model_card(
             student, source=recipe.model.source, recipe=recipe.model_dump(mode="json"), eval_results=eval_results,
-            training=run.load().get("stages", {}), repo_id=recipe.hub.repo_id))
+            training=run.load().get("stages", {}), repo_id=recipe.hub.repo_id, name=recipe.name))
