@@ -203,3 +203,17 @@ def test_batches_are_deterministic_and_cover_the_data():
     seen = torch.cat([trainer.batch_indices(10, 3, step, m, s) for step in range(5) for m in range(2)])
     assert sorted(seen[:10].tolist()) == list(range(10))  # the first epoch is a permutation
     assert torch.equal(trainer.batch_indices(10, 3, 2, 1, s), trainer.batch_indices(10, 3, 2, 1, s))
+
+
+def test_lora_adapters_train_with_extra_patterns():
+    from rnnify.convert import convert
+    from rnnify.distill.runner import _apply_lora
+    from rnnify.distill.stages import select_trainable
+    from rnnify.recipe import LoraSpec
+
+    student = convert(tiny_model("llama"), "lolcats")
+    model = _apply_lora(student, LoraSpec(r=4))
+    names = select_trainable(model, ["@new"], student.new_parameter_names(), keep_existing=True)
+    assert sum("lora_" in n for n in names) == 32  # q/k/v/o x A/B x 4 layers
+    assert sum("feature_map" in n for n in names) == 16
+    assert not any("mlp" in n for n in names)

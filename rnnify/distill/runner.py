@@ -107,11 +107,10 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
         blocks = pack_tokens(recipe.datasets[data_key], tok, settings.seq_len, max_blocks=n_blocks)
         model = student
         if stage.type == "finetune" and settings.lora is not None:
-            model = _apply_lora(student, settings.lora)
-            patterns = settings.trainable or []
+            model = _apply_lora(student, settings.lora)  # the adapters train; `trainable` adds more
             trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-            if patterns:
-                trainable = sorted(set(trainable) | set(select_trainable_extra(model, patterns, new_names)))
+            if settings.trainable:
+                trainable = select_trainable(model, settings.trainable, new_names, keep_existing=True)
         else:
             active = active_layers(student, settings)
             stage_new = new_names if active is None else [n for n in new_names if int(n.split(".")[2]) in active]
@@ -164,21 +163,6 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
             _log(accelerator, f"pushed {out} to {summary['hub_url']}")
     accelerator.wait_for_everyone()
     return summary
-
-
-def select_trainable_extra(model, patterns, new_names):
-    import fnmatch
-
-    names = [n for n, _ in model.named_parameters()]
-    out = []
-    for pat in patterns:
-        for n in names:
-            if (pat == "@new" and any(n.endswith(x) for x in new_names)) or fnmatch.fnmatchcase(n, pat):
-                out.append(n)
-    for n, p in model.named_parameters():
-        if n in out:
-            p.requires_grad_(True)
-    return out
 
 
 def save_output(student, tok, recipe: Recipe, out: Path, eval_results, run: RunState, tokens_trained: int):

@@ -160,8 +160,9 @@ def build_objective(stage_type: str, student, teacher, settings, active=None) ->
     raise RnnifyError(f"unknown stage type {stage_type!r}; accepted: {', '.join(sorted(STAGES))}")
 
 
-def select_trainable(model, patterns: list[str], new_names: list[str]) -> list[str]:
+def select_trainable(model, patterns: list[str], new_names: list[str], keep_existing: bool = False) -> list[str]:
     """Set requires_grad from glob patterns over parameter names ('@new' = the conversion's new parameters).
+    With ``keep_existing`` the parameters that already train (LoRA adapters) keep training too.
 
     Returns the names that train; fails when nothing matches.
     """
@@ -175,6 +176,8 @@ def select_trainable(model, patterns: list[str], new_names: list[str]) -> list[s
     if not chosen:
         examples = ", ".join(names[:3] + new_names[:2])
         raise RnnifyError(f"trainable patterns {patterns} match no parameter; names look like: {examples}")
+    if keep_existing:
+        chosen |= {n for n, p in model.named_parameters() if p.requires_grad}
     for n, p in model.named_parameters():
         p.requires_grad_(n in chosen)
     return sorted(chosen)
