@@ -106,25 +106,24 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
         n_blocks = steps * settings.batch_size * settings.grad_accum
         blocks = pack_tokens(recipe.datasets[data_key], tok, settings.seq_len, max_blocks=n_blocks)
         model = student
+        active = active_layers(student, settings)  # converted layers this stage trains (None: all)
         if stage.type == "finetune" and settings.lora is not None:
             model = _apply_lora(student, settings.lora)  # the adapters train; `trainable` adds more
             trainable = [n for n, p in model.named_parameters() if p.requires_grad]
             if settings.trainable:
                 trainable = select_trainable(model, settings.trainable, new_names, keep_existing=True)
         else:
-            active = active_layers(student, settings)
             stage_new = new_names if active is None else [n for n in new_names if int(n.split(".")[2]) in active]
             trainable = select_trainable(model, settings.trainable or spec["trainable"], stage_new)
         n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
         _log(accelerator, f"stage {stage.name} ({stage.type}): {steps} steps x {settings.batch_size * settings.grad_accum} "
                           f"x {settings.seq_len} tokens on {blocks.shape[0]} blocks of {data_key}; "
                           f"training {n_train:,} parameters in {len(trainable)} tensors; {accelerator.num_processes} process(es)")
-        active = active_layers(student, settings)
         if active is not None:
             _log(accelerator, f"stage {stage.name}: active converted layers {active} (the others run the teacher's attention)")
         objective = build_objective(stage.type, model, teacher if spec["needs_teacher"] else None, settings, active)
         result = train_stage(
-            accelerator=accelerator, objective=objective, trainable_names=trainable, blocks=blocks,
+            accelerator=accelerator, objective=objective, blocks=blocks,
             settings=settings, stage_name=stage.name, stage_index=i, seed=recipe.seed, run=run,
             resume=resume or only_stage is not None, metrics_path=metrics_path, progress=progress,
         )

@@ -67,7 +67,7 @@ def make_scheduler(optimizer, settings, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_stage(*, accelerator, objective, trainable_names, blocks, settings, stage_name, stage_index, seed,
+def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_index, seed,
                 run: RunState, resume: bool, metrics_path: Path, progress: bool = True) -> StageResult:
     """Train ``objective`` on ``blocks`` ([N, seq_len] token ids) with the stage's settings."""
     world, rank = accelerator.num_processes, accelerator.process_index
