@@ -92,3 +92,30 @@ def test_forced_unknown_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("RNNIFY_KERNELS", "cuda-magic")
     with pytest.raises(ValueError, match="accepted: reference"):
         kernels.chunk_linear_attention(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+
+
+@pytest.mark.parametrize("decay", [None, "head", "data"])
+def test_chunked_forms_match_the_token_loop_at_larger_shapes(decay):
+    """Both chunked references (linear attention and delta rule) against the token loops, several chunks long."""
+    B, T, H, K, V = 2, 300, 2, 64, 48
+    q, k, v, g = _inputs(B, T, H, K, V, decay, seed=3)
+    k_unit = torch.nn.functional.normalize(k, dim=-1)
+    beta = torch.rand(B, T, H, generator=torch.Generator().manual_seed(4))
+    s0 = torch.randn(B, H, K, V)
+    o_c, s_c = R.chunk_linear_attention(q, k, v, g, initial_state=s0, output_final_state=True, chunk_size=64)
+    o_r, s_r = R.recurrent_linear_attention(q, k, v, g, initial_state=s0, output_final_state=True)
+    scale = o_r.abs().max()
+    assert (o_c - o_r).abs().max() <= 1e-4 * scale and (s_c - s_r).abs().max() <= 1e-4 * s_r.abs().max()
+    o_c, s_c = R.chunk_delta_rule(q, k_unit, v, beta, g, initial_state=s0, output_final_state=True, chunk_size=64)
+    o_r, s_r = R.recurrent_delta_rule(q, k_unit, v, beta, g, initial_state=s0, output_final_state=True)
+    assert (o_c - o_r).abs().max() <= 1e-4 * o_r.abs().max() and (s_c - s_r).abs().max() <= 1e-4 * s_r.abs().max()
+
+
+def test_delta_rule_is_a_regression_onto_the_values():
+    """With beta = 1 and one unit key repeated, the state learns that key's latest value exactly (delta rule)."""
+    K, V = 8, 4
+    k = torch.nn.functional.normalize(torch.randn(1, 1, 1, K), dim=-1).expand(1, 5, 1, K)
+    v = torch.randn(1, 5, 1, V)
+    o, state = R.recurrent_delta_rule(k, k, v, torch.ones(1, 5, 1), scale=1.0, output_final_state=True)
+    assert torch.allclose(o, v, atol=1e-5)  # reading with q = k returns the value just written
+    assert torch.allclose(torch.einsum("k,kv->v", k[0, 0, 0], state[0, 0]), v[0, -1, 0], atol=1e-5)

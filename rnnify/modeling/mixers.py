@@ -470,12 +470,14 @@ class Mamba2Mixer(Mixer):
         ssm_state = layer.recurrent_states[0] if layer is not None and layer.is_recurrent_states_initialized[0] else None
         weight = self.conv1d.weight.squeeze(1)
         if T == 1 and conv_state is not None:
-            y1, _ = causal_conv1d_step(xBC[:, 0], weight, self.conv1d.bias, conv_state)
+            # the step returns the slid window (a fused kernel slides the cached one in place)
+            y1, new_conv = causal_conv1d_step(xBC[:, 0], weight, self.conv1d.bias, conv_state)
+            conv_state.copy_(new_conv)
             xBC_act = y1.unsqueeze(1)
         else:
             xBC_act, _ = causal_conv1d(xBC, weight, self.conv1d.bias, conv_state)
-        if layer is not None:
-            layer.update_conv_state(xBC.transpose(1, 2), 0, conv_kernel_size=self.conv_kernel - 1)
+            if layer is not None:
+                layer.update_conv_state(xBC.transpose(1, 2), 0, conv_kernel_size=self.conv_kernel - 1)
 
         x, Bm, C = torch.split(xBC_act, [self.d_xb, self.d_xb, self.d_inner], -1)
         x = self.repeat_kv(x.view(Bsz, T, Hkv, D))

@@ -1,0 +1,113 @@
+"""Pieces shared by the Triton kernels: packed-sequence bookkeeping, block sizes and a dot that is exact
+where it must be."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (kernels run in numpy on the CPU: the CI test mode)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def exact_dots(dtype: torch.dtype) -> bool:
+    """fp32 inputs get IEEE fp32 dots (not TF32) so they match the reference closely. The interpreter always
+    takes this path because it computes bf16 dots wrongly (numpy has no bf16)."""
+    return dtype == torch.float32 or interpreting()
+
+
+def num_warps(default: int = 4) -> int:
+    return 1 if interpreting() else default
+
+
+@triton.jit
+def dot(a, b, EXACT: tl.constexpr):
+    """a @ b with fp32 accumulation; EXACT upcasts both sides and asks for IEEE fp32."""
+    if EXACT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def chunk_rows(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
+    """Rows of global chunk ``i_c``: (sequence n, row indices, row-is-real mask, number of real rows)."""
+    n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + n).to(tl.int64)
+    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
+    rows = bos + t * BT + tl.arange(0, BT)
+    return n, rows, rows < eos, tl.minimum(eos - bos - t * BT, BT)
+
+
+@triton.jit
+def chunk_gates(g, rows, valid, i_h, H: tl.constexpr):
+    """Within-chunk cumulative log-decay b (fp32, [BT]) and its total over the chunk."""
+    b_g = tl.load(g + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    return tl.cumsum(b_g, 0), tl.sum(b_g, 0)
+
+
+class Varlen:
+    """Sequences of a (possibly packed) batch and their chunks. Fixed-length ``[B, T]`` batches are treated
+    as ``B`` packed sequences of length ``T``, so every kernel has one code path."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, chunk_indices: torch.Tensor, chunk_offsets: torch.Tensor, lengths):
+        self.cu_seqlens, self.chunk_indices, self.chunk_offsets = cu_seqlens, chunk_indices, chunk_offsets
+        self.lengths = lengths
+        self.num_seqs = len(lengths)
+        self.num_chunks = int(chunk_indices.shape[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _varlen(lengths: tuple, BT: int, device: torch.device) -> Varlen:
+    cu, idx, offs = [0], [], [0]
+    for n, L in enumerate(lengths):
+        cu.append(cu[-1] + L)
+        nt = -(-L // BT)
+        idx.extend((n, t) for t in range(nt))
+        offs.append(offs[-1] + nt)
+    as_t = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+    return Varlen(as_t(cu), as_t(idx).view(-1, 2), as_t(offs), lengths)
+
+
+def prepare_varlen(q: torch.Tensor, cu_seqlens, initial_state, V: int, BT: int) -> Varlen:
+    B, T, H, K = q.shape
+    if cu_seqlens is None:
+        lengths = (T,) * B
+    else:
+        cu = reference._check_cu_seqlens(cu_seqlens, B, T, initial_state, H, K, V)
+        lengths = tuple(b - a for a, b in zip(cu, cu[1:]))
+    return _varlen(lengths, BT, q.device)
+
+
+def check_chunk_size(chunk_size: int) -> int:
+    """The chunk size is a tiling choice (results do not depend on it beyond rounding): the kernels take the
+    nearest power of two in [16, 128] (16 is tl.dot's minimum tile)."""
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
+    return max(16, min(128, triton.next_power_of_2(chunk_size)))
+
+
+def block(d: int, cap: int = 64) -> int:
+    """Tile size for a head dimension: a power of two >= 16 (tl.dot's minimum), at most ``cap``."""
+    return max(16, min(cap, triton.next_power_of_2(d)))
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, ...] -> contiguous [B*T, ...]."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
+
+
+def flat_log_decay(g, B: int, T: int, H: int):
+    """None, [H] or [B, T, H] -> None or contiguous fp32 [B*T, H] (autograd reduces an expanded [H])."""
+    if g is None:
+        return None
+    return flat(reference._expand_log_decay(g, B, T, H, g.device))
