@@ -39,13 +39,23 @@ def dot(a, b, EXACT: tl.constexpr):
 
 @triton.jit
 def chunk_rows(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
-    """Rows of global chunk ``i_c``: (sequence n, row indices, row-is-real mask, number of real rows)."""
+    """Rows of global chunk ``i_c``: (sequence n, row indices, row-is-real mask, number of real rows, the
+    sequence's first row)."""
     n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + n).to(tl.int64)
     eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
     rows = bos + t * BT + tl.arange(0, BT)
-    return n, rows, rows < eos, tl.minimum(eos - bos - t * BT, BT)
+    return n, rows, rows < eos, tl.minimum(eos - bos - t * BT, BT), bos
+
+
+@triton.jit
+def seq_bounds(cu_seqlens, chunk_offsets, i_nh, H: tl.constexpr):
+    """For the state passes (one program per sequence and head): (head, first row, end row, first chunk)."""
+    n = i_nh // H
+    bos = tl.load(cu_seqlens + n).to(tl.int64)
+    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
+    return i_nh % H, bos, eos, tl.load(chunk_offsets + n).to(tl.int64)
 
 
 @triton.jit

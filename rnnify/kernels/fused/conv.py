@@ -11,10 +11,25 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .common import interpreting, num_warps, prepare_varlen
+from .common import chunk_rows, interpreting, num_warps, prepare_varlen
 
 BT_CONV = 64
 ACTIVATIONS = (None, "silu")
+
+
+@triton.jit
+def _shifted_input(x, state, n, rows, valid, bos, o_c, m_c, shift, C: tl.constexpr, W: tl.constexpr,
+                   USE_STATE: tl.constexpr):
+    """x_{t - shift} for the rows t of a block (fp32); rows before the sequence start read its state."""
+    src = rows - shift
+    inside = src >= bos
+    b_x = tl.load(x + src[:, None] * C + o_c[None, :], mask=(valid & inside)[:, None] & m_c[None, :], other=0.0)
+    b_x = b_x.to(tl.float32)
+    if USE_STATE:  # column (src - bos) + W - 1 of the sequence's state
+        col = src - bos + (W - 1)
+        b_x += tl.load(state + (n * C + o_c[None, :]) * (W - 1) + col[:, None],
+                       mask=(valid & (~inside))[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+    return b_x
 
 
 @triton.jit
@@ -25,14 +40,7 @@ def _pre_activation(x, weight, bias, state, n, rows, valid, bos, o_c, m_c,
     if USE_BIAS:
         acc += tl.load(bias + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
     for w in tl.static_range(W):
-        src = rows - (W - 1 - w)
-        inside = src >= bos
-        b_x = tl.load(x + src[:, None] * C + o_c[None, :], mask=(valid & inside)[:, None] & m_c[None, :], other=0.0)
-        b_x = b_x.to(tl.float32)
-        if USE_STATE:  # src before the sequence start: column (src - bos) + W - 1 of its state
-            col = src - bos + (W - 1)
-            b_x += tl.load(state + (n * C + o_c[None, :]) * (W - 1) + col[:, None],
-                           mask=(valid & (~inside))[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+        b_x = _shifted_input(x, state, n, rows, valid, bos, o_c, m_c, W - 1 - w, C, W, USE_STATE)
         acc += b_x * tl.load(weight + o_c * W + w, mask=m_c, other=0.0).to(tl.float32)[None, :]
     return acc
 
@@ -42,12 +50,7 @@ def fwd_kernel(x, weight, bias, state, y, cu_seqlens, chunk_indices,
                C: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                USE_BIAS: tl.constexpr, USE_STATE: tl.constexpr, SILU: tl.constexpr):
     i_cb, i_c = tl.program_id(0), tl.program_id(1)
-    n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
-    t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
-    rows = bos + t * BT + tl.arange(0, BT)
-    valid = rows < eos
+    n, rows, valid, _, bos = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_c = i_cb * BC + tl.arange(0, BC)
     m_c = o_c < C
     acc = _pre_activation(x, weight, bias, state, n, rows, valid, bos, o_c, m_c, C, W, BT, BC, USE_BIAS, USE_STATE)
@@ -62,12 +65,7 @@ def bwd_dp_kernel(x, weight, bias, state, dy, dp, dweight, cu_seqlens, chunk_ind
                   USE_BIAS: tl.constexpr, USE_STATE: tl.constexpr, SILU: tl.constexpr):
     """Gradient at the pre-activation (dp) and this chunk's share of the weight gradient."""
     i_cb, i_c = tl.program_id(0), tl.program_id(1)
-    n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
-    t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
-    rows = bos + t * BT + tl.arange(0, BT)
-    valid = rows < eos
+    n, rows, valid, _, bos = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_c = i_cb * BC + tl.arange(0, BC)
     m_c = o_c < C
     m = valid[:, None] & m_c[None, :]
@@ -78,14 +76,7 @@ def bwd_dp_kernel(x, weight, bias, state, dy, dp, dweight, cu_seqlens, chunk_ind
         b_dp = b_dp * s * (1 + acc * (1 - s))
     tl.store(dp + rows[:, None] * C + o_c[None, :], b_dp, mask=m)
     for w in tl.static_range(W):
-        src = rows - (W - 1 - w)
-        inside = src >= bos
-        b_x = tl.load(x + src[:, None] * C + o_c[None, :], mask=(valid & inside)[:, None] & m_c[None, :], other=0.0)
-        b_x = b_x.to(tl.float32)
-        if USE_STATE:
-            col = src - bos + (W - 1)
-            b_x += tl.load(state + (n * C + o_c[None, :]) * (W - 1) + col[:, None],
-                           mask=(valid & (~inside))[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+        b_x = _shifted_input(x, state, n, rows, valid, bos, o_c, m_c, W - 1 - w, C, W, USE_STATE)
         tl.store(dweight + (i_c * C + o_c) * W + w, tl.sum(b_x * b_dp, 0), mask=m_c)
 
 
@@ -94,18 +85,14 @@ def bwd_dx_kernel(dp, weight, dx, cu_seqlens, chunk_indices,
                   C: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """dx_s = sum_w weight[:, w] dp_{s + W-1-w} over outputs inside the same sequence."""
     i_cb, i_c = tl.program_id(0), tl.program_id(1)
-    n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
-    t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
-    rows = bos + t * BT + tl.arange(0, BT)
-    valid = rows < eos
+    n, rows, valid, _, _ = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    seq_end = tl.load(cu_seqlens + n + 1).to(tl.int64)
     o_c = i_cb * BC + tl.arange(0, BC)
     m_c = o_c < C
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for w in tl.static_range(W):
         dst = rows + (W - 1 - w)
-        b_dp = tl.load(dp + dst[:, None] * C + o_c[None, :], mask=(valid & (dst < eos))[:, None] & m_c[None, :], other=0.0)
+        b_dp = tl.load(dp + dst[:, None] * C + o_c[None, :], mask=(valid & (dst < seq_end))[:, None] & m_c[None, :], other=0.0)
         acc += b_dp * tl.load(weight + o_c * W + w, mask=m_c, other=0.0).to(tl.float32)[None, :]
     tl.store(dx + rows[:, None] * C + o_c[None, :], acc.to(dx.dtype.element_ty), mask=valid[:, None] & m_c[None, :])
 

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .. import reference
 from .common import (block, check_chunk_size, chunk_gates, chunk_rows, dot, exact_dots, flat, flat_log_decay,
-                     num_warps, prepare_varlen)
+                     num_warps, prepare_varlen, seq_bounds)
 from .linear_attention import _bwd_dqk, _bwd_dv, _fwd_o
 
 MAX_K = 256  # the state pass keeps a whole [K, BV] slab of the state in registers
@@ -32,7 +32,7 @@ def wy_fwd_kernel(k, v, beta, g, tinv, w, u0, cu_seqlens, chunk_indices,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, USE_G: tl.constexpr, EXACT: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    n, rows, valid, _ = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    n, rows, valid, _, _ = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_t = tl.arange(0, BT)
     b_beta = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
     b_gram = tl.zeros([BT, BT], dtype=tl.float32)
@@ -77,10 +77,7 @@ def fwd_h_kernel(k, w, u0, g, h, vnew, h0, ht, cu_seqlens, chunk_offsets,
                  EXACT: tl.constexpr):
     """Sequential state pass: U = u0 - w S, then S <- exp(G) S + (K exp(G - b))^T U. BK covers all of K."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
-    boh = tl.load(chunk_offsets + n).to(tl.int64)
+    i_h, bos, eos, boh = seq_bounds(cu_seqlens, chunk_offsets, i_nh, H)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
@@ -115,10 +112,7 @@ def bwd_dhu_kernel(q, k, w, g, do, dv_intra, dh, du, dht, dh0, cu_seqlens, chunk
                    EXACT: tl.constexpr):
     """Reverse state pass: stores dS_next per chunk and the total gradient of the corrected values U."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
-    boh = tl.load(chunk_offsets + n).to(tl.int64)
+    i_h, bos, eos, boh = seq_bounds(cu_seqlens, chunk_offsets, i_nh, H)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
@@ -159,7 +153,7 @@ def wy_bwd_kernel(k, v, beta, g, tinv, du, dw, dk, dv, dbeta, dg, cu_seqlens, ch
                   BV: tl.constexpr, USE_G: tl.constexpr, EXACT: tl.constexpr):
     """Gradients through u0 = Tinv (beta v), w = Tinv (beta exp(b) k): dv, this path's dk, dbeta and dlog-decay."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    n, rows, valid, _ = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    n, rows, valid, _, _ = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_t = tl.arange(0, BT)
     b_T = tl.load(tinv + (rows[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
     b_beta = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .. import reference
 from .common import (block, check_chunk_size, chunk_gates, chunk_rows, dot, exact_dots, flat, flat_log_decay,
-                     num_warps, prepare_varlen)
+                     num_warps, prepare_varlen, seq_bounds)
 
 
 @triton.jit
@@ -29,10 +29,7 @@ def fwd_h_kernel(k, v, g, h, h0, ht, cu_seqlens, chunk_offsets,
                  EXACT: tl.constexpr):
     """State entering every chunk (h[chunk, head]) and, optionally, the final state. Sequential over chunks."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
-    boh = tl.load(chunk_offsets + n).to(tl.int64)
+    i_h, bos, eos, boh = seq_bounds(cu_seqlens, chunk_offsets, i_nh, H)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
@@ -61,7 +58,7 @@ def fwd_o_kernel(q, k, v, g, h, o, cu_seqlens, chunk_indices, scale,
                  BV: tl.constexpr, USE_G: tl.constexpr, EXACT: tl.constexpr):
     """Outputs of one chunk: inter-chunk part from the entering state, intra-chunk part exactly."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, rows, valid, _ = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    n, rows, valid, _, _ = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = valid[:, None] & (o_v[None, :] < V)
@@ -94,10 +91,7 @@ def bwd_dh_kernel(q, do, g, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
                   EXACT: tl.constexpr):
     """Gradient of the state leaving every chunk, in reverse: dS = exp(G) dS_next + scale (Q exp(b))^T dO."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
-    boh = tl.load(chunk_offsets + n).to(tl.int64)
+    i_h, bos, eos, boh = seq_bounds(cu_seqlens, chunk_offsets, i_nh, H)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
@@ -129,7 +123,7 @@ def bwd_dv_kernel(q, k, g, do, dh, dv, cu_seqlens, chunk_indices, scale,
                   BV: tl.constexpr, USE_G: tl.constexpr, USE_DH: tl.constexpr, EXACT: tl.constexpr):
     """dv_j = scale sum_{i>=j} exp(b_i - b_j) (q_i.k_j) do_i  [+ exp(G - b_j) k_j dS_next when USE_DH]."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, rows, valid, _ = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    n, rows, valid, _, _ = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = valid[:, None] & (o_v[None, :] < V)
@@ -163,7 +157,7 @@ def bwd_dqk_kernel(q, k, v, g, h, do, dh, dq, dk, dg, du, dw, cu_seqlens, chunk_
     """dq, dk of one chunk (one K tile), this tile's share of the log-decay gradient (already reverse-summed
     within the chunk) and, for the delta rule, dw = -dU S^T."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, rows, valid, n_real = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    n, rows, valid, n_real, _ = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = valid[:, None] & (o_k[None, :] < K)
