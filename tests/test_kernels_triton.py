@@ -264,3 +264,13 @@ def test_converted_model_on_the_triton_path(method, monkeypatch):
         gen = student.generate(ids[:, :9], max_new_tokens=4, do_sample=False)
     close(out, ref, torch.float32, "logits")
     assert torch.equal(gen, gen_ref)
+
+
+def test_mixed_input_dtypes_follow_the_values():
+    """Mamba2 feeds bf16 C/B with fp32 dt*x: the kernels promote, and return v's dtype like the reference."""
+    q, k, v, g, _, _ = _make(1, 20, 2, 16, 16, "data", torch.float32, False)
+    with torch.no_grad():
+        o, _ = fla_ours.chunk_linear_attention(q.bfloat16(), k.bfloat16(), v, g, chunk_size=16)
+        ref, _ = R.chunk_linear_attention(q.bfloat16(), k.bfloat16(), v, g)
+    assert o.dtype == ref.dtype == torch.float32
+    close(o, ref, torch.float32, "mixed-dtype output")

@@ -121,3 +121,11 @@ def flat_log_decay(g, B: int, T: int, H: int):
     if g is None:
         return None
     return flat(reference._expand_log_decay(g, B, T, H, g.device))
+
+
+def common_dtype(*xs: torch.Tensor):
+    """q, k, v in one dtype (the widest): tl.dot needs both sides alike. Mamba2 passes bf16 C/B with fp32 dt*x."""
+    dt = xs[0].dtype
+    for x in xs[1:]:
+        dt = torch.promote_types(dt, x.dtype)
+    return [x.to(dt) for x in xs]

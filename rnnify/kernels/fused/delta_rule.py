@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .. import reference
 from .common import (block, check_chunk_size, chunk_gates, chunk_rows, dot, exact_dots, flat, flat_log_decay,
-                     num_warps, prepare_varlen, seq_bounds)
+                     common_dtype, num_warps, prepare_varlen, seq_bounds)
 from .linear_attention import _bwd_dqk, _bwd_dv, _fwd_o
 
 MAX_K = 256  # the state pass keeps a whole [K, BV] slab of the state in registers
@@ -326,9 +326,11 @@ def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, outp
     vl = prepare_varlen(q, cu_seqlens, initial_state, V, BT)
     reference._expand_beta(beta, B, T, H)
     h0 = None if initial_state is None else initial_state.float().contiguous()
+    out_dtype = v.dtype
+    q, k, v = common_dtype(q, k, v)
     o, ht = _ChunkDeltaRule.apply(flat(q), flat(k), flat(v), flat(beta), flat_log_decay(g, B, T, H), h0, scale, vl,
                                   BT, output_final_state)
-    return o.view(B, T, H, V), ht
+    return o.view(B, T, H, V).to(out_dtype), ht
 
 
 def delta_rule_step(q, k, v, beta, g, state, scale=None):

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .. import reference
 from .common import (block, check_chunk_size, chunk_gates, chunk_rows, dot, exact_dots, flat, flat_log_decay,
-                     num_warps, prepare_varlen, seq_bounds)
+                     common_dtype, num_warps, prepare_varlen, seq_bounds)
 
 
 @triton.jit
@@ -337,9 +337,11 @@ def chunk_linear_attention(q, k, v, g=None, scale=None, initial_state=None, outp
     scale = K**-0.5 if scale is None else float(scale)
     vl = prepare_varlen(q, cu_seqlens, initial_state, V, BT)
     h0 = None if initial_state is None else initial_state.float().contiguous()
+    out_dtype = v.dtype
+    q, k, v = common_dtype(q, k, v)
     o, ht = _ChunkLinearAttention.apply(flat(q), flat(k), flat(v), flat_log_decay(g, B, T, H), h0, scale, vl, BT,
                                         output_final_state)
-    return o.view(B, T, H, V), ht
+    return o.view(B, T, H, V).to(out_dtype), ht
 
 
 def linear_attention_step(q, k, v, g, state, scale=None):
