@@ -10,7 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from .common import chunk_rows, interpreting, num_warps, prepare_varlen
 
 BT_CONV = 64
