@@ -40,22 +40,23 @@ def _expand_log_decay(g: torch.Tensor | None, B: int, T: int, H: int, device) ->
     return g
 
 
-def _check(q, k, v, initial_state):
+def _check(q, k, v, initial_state) -> tuple[int, int, int, int, int]:
+    """Validate the shapes; return (B, T, H, K, V)."""
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(
             f"expected q, k as [B, T, H, K] and v as [B, T, H, V]; got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    B, _, H, K = q.shape
+    B, T, H, K = q.shape
     V = v.shape[-1]
     if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
         raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}, expected {(B, H, K, V)}")
+    return B, T, H, K, V
 
 
 def naive_linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False):
     """Quadratic reference: materialises the full decay-weighted T x T score matrix."""
-    _check(q, k, v, initial_state)
-    B, T, H, K = q.shape
+    B, T, H, K, _ = _check(q, k, v, initial_state)
     scale = K**-0.5 if scale is None else scale
     dtype = v.dtype
     q, k, v = q.float(), k.float(), v.float()
@@ -82,9 +83,7 @@ def recurrent_linear_attention(q, k, v, g=None, scale=None, initial_state=None, 
     if cu_seqlens is not None:
         return _per_sequence(recurrent_linear_attention, cu_seqlens, (q, k, v), {"g": g},
                              initial_state, output_final_state, scale=scale)
-    _check(q, k, v, initial_state)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, K, V = _check(q, k, v, initial_state)
     scale = K**-0.5 if scale is None else scale
     gl = _expand_log_decay(g, B, T, H, q.device)
     state = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float().clone()
@@ -125,9 +124,7 @@ def chunk_linear_attention(
     if cu_seqlens is not None:
         return _per_sequence(chunk_linear_attention, cu_seqlens, (q, k, v), {"g": g},
                              initial_state, output_final_state, scale=scale, chunk_size=chunk_size)
-    _check(q, k, v, initial_state)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, K, V = _check(q, k, v, initial_state)
     scale = K**-0.5 if scale is None else scale
     dtype = v.dtype
     C = chunk_size
@@ -279,9 +276,7 @@ def recurrent_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, 
     if cu_seqlens is not None:
         return _per_sequence(recurrent_delta_rule, cu_seqlens, (q, k, v), {"beta": beta, "g": g},
                              initial_state, output_final_state, scale=scale)
-    _check(q, k, v, initial_state)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, K, V = _check(q, k, v, initial_state)
     beta = _expand_beta(beta, B, T, H)
     gl = None if g is None else _expand_log_decay(g, B, T, H, q.device)
     state = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float().clone()
@@ -305,9 +300,7 @@ def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, outp
     if cu_seqlens is not None:
         return _per_sequence(chunk_delta_rule, cu_seqlens, (q, k, v), {"beta": beta, "g": g},
                              initial_state, output_final_state, scale=scale, chunk_size=chunk_size)
-    _check(q, k, v, initial_state)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, K, V = _check(q, k, v, initial_state)
     scale = K**-0.5 if scale is None else scale
     dtype = v.dtype
     C = chunk_size

@@ -65,6 +65,27 @@ def chunk_gates(g, rows, valid, i_h, H: tl.constexpr):
     return tl.cumsum(b_g, 0), tl.sum(b_g, 0)
 
 
+@triton.jit
+def load_rows(x, rows, valid, i_h, o_d, H: tl.constexpr, D: tl.constexpr):
+    """The [rows, o_d] tile of head i_h of a [T_all, H, D] tensor; zeros past the sequence end or past D."""
+    return tl.load(x + (rows[:, None] * H + i_h) * D + o_d[None, :], mask=valid[:, None] & (o_d[None, :] < D),
+                   other=0.0)
+
+
+@triton.jit
+def store_rows(x, value, rows, valid, i_h, o_d, H: tl.constexpr, D: tl.constexpr):
+    tl.store(x + (rows[:, None] * H + i_h) * D + o_d[None, :], value.to(x.dtype.element_ty),
+             mask=valid[:, None] & (o_d[None, :] < D))
+
+
+@triton.jit
+def state_tile(i_k, i_v, BK: tl.constexpr, BV: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Offsets and mask of the [BK, BV] tile (i_k, i_v) inside a [K, V] state."""
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    return o_k, o_v, o_k[:, None] * V + o_v[None, :], (o_k[:, None] < K) & (o_v[None, :] < V)
+
+
 class Varlen:
     """Sequences of a (possibly packed) batch and their chunks. Fixed-length ``[B, T]`` batches are treated
     as ``B`` packed sequences of length ``T``, so every kernel has one code path."""

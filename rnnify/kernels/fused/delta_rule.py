@@ -21,7 +21,8 @@ import triton.language as tl
 
 from .. import reference
 from .common import (block, check_chunk_size, chunk_gates, chunk_rows, dot, exact_dots, flat, flat_log_decay,
-                     common_dtype, num_warps, prepare_varlen, seq_bounds)
+                     common_dtype, load_rows, num_warps, prepare_varlen, seq_bounds, state_tile,
+                     store_rows)
 from .linear_attention import _bwd_dqk, _bwd_dv, _fwd_o
 
 MAX_K = 256  # the state pass keeps a whole [K, BV] slab of the state in registers
@@ -38,7 +39,7 @@ def wy_fwd_kernel(k, v, beta, g, tinv, w, u0, cu_seqlens, chunk_indices,
     b_gram = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & (o_k[None, :] < K), other=0.0)
+        b_k = load_rows(k, rows, valid, i_h, o_k, H, K)
         b_gram += dot(b_k, tl.trans(b_k), EXACT)
     strict = o_t[:, None] > o_t[None, :]
     if USE_G:
@@ -56,18 +57,16 @@ def wy_fwd_kernel(k, v, beta, g, tinv, w, u0, cu_seqlens, chunk_indices,
     tl.store(tinv + (rows[:, None] * H + i_h) * BT + o_t[None, :], b_T, mask=valid[:, None])
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_k = valid[:, None] & (o_k[None, :] < K)
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_k, other=0.0)
+        b_k = load_rows(k, rows, valid, i_h, o_k, H, K)
         b_kb = (b_k.to(tl.float32) * b_kscale[:, None]).to(b_k.dtype)
         b_w = dot(b_T.to(b_k.dtype), b_kb, EXACT)
-        tl.store(w + (rows[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_k)
+        store_rows(w, b_w, rows, valid, i_h, o_k, H, K)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        m_v = valid[:, None] & (o_v[None, :] < V)
-        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_v, other=0.0)
+        b_v = load_rows(v, rows, valid, i_h, o_v, H, V)
         b_vb = (b_v.to(tl.float32) * b_beta[:, None]).to(b_v.dtype)
         b_u = dot(b_T.to(b_v.dtype), b_vb, EXACT)
-        tl.store(u0 + (rows[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u0.dtype.element_ty), mask=m_v)
+        store_rows(u0, b_u, rows, valid, i_h, o_v, H, V)
 
 
 @triton.jit
@@ -78,10 +77,7 @@ def fwd_h_kernel(k, w, u0, g, h, vnew, h0, ht, cu_seqlens, chunk_offsets,
     """Sequential state pass: U = u0 - w S, then S <- exp(G) S + (K exp(G - b))^T U. BK covers all of K."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_h, bos, eos, boh = seq_bounds(cu_seqlens, chunk_offsets, i_nh, H)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
-    p_kv = o_k[:, None] * V + o_v[None, :]
+    o_k, o_v, p_kv, m_kv = state_tile(0, i_v, BK, BV, K, V)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
@@ -89,13 +85,11 @@ def fwd_h_kernel(k, w, u0, g, h, vnew, h0, ht, cu_seqlens, chunk_offsets,
         tl.store(h + ((boh + t) * H + i_h) * K * V + p_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
         rows = bos + t * BT + tl.arange(0, BT)
         valid = rows < eos
-        m_k = valid[:, None] & (o_k[None, :] < K)
-        m_v = valid[:, None] & (o_v[None, :] < V)
-        b_w = tl.load(w + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_k, other=0.0)
-        b_u = tl.load(u0 + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_v, other=0.0).to(tl.float32)
+        b_w = load_rows(w, rows, valid, i_h, o_k, H, K)
+        b_u = load_rows(u0, rows, valid, i_h, o_v, H, V).to(tl.float32)
         b_u -= dot(b_w, b_h.to(b_w.dtype), EXACT)
-        tl.store(vnew + (rows[:, None] * H + i_h) * V + o_v[None, :], b_u.to(vnew.dtype.element_ty), mask=m_v)
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_k, other=0.0)
+        store_rows(vnew, b_u, rows, valid, i_h, o_v, H, V)
+        b_k = load_rows(k, rows, valid, i_h, o_k, H, K)
         if USE_G:
             b_b, b_G = chunk_gates(g, rows, valid, i_h, H)
             b_h = b_h * tl.exp(b_G)
@@ -113,10 +107,7 @@ def bwd_dhu_kernel(q, k, w, g, do, dv_intra, dh, du, dht, dh0, cu_seqlens, chunk
     """Reverse state pass: stores dS_next per chunk and the total gradient of the corrected values U."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_h, bos, eos, boh = seq_bounds(cu_seqlens, chunk_offsets, i_nh, H)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
-    p_kv = o_k[:, None] * V + o_v[None, :]
+    o_k, o_v, p_kv, m_kv = state_tile(0, i_v, BK, BV, K, V)
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
@@ -126,20 +117,17 @@ def bwd_dhu_kernel(q, k, w, g, do, dv_intra, dh, du, dht, dh0, cu_seqlens, chunk
         tl.store(dh + ((boh + t) * H + i_h) * K * V + p_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
         rows = bos + t * BT + tl.arange(0, BT)
         valid = rows < eos
-        m_k = valid[:, None] & (o_k[None, :] < K)
-        m_v = valid[:, None] & (o_v[None, :] < V)
-        p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_k, other=0.0).to(tl.float32) * scale
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_k, other=0.0)
-        b_w = tl.load(w + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_k, other=0.0)
-        b_do = tl.load(do + p_v, mask=m_v, other=0.0)
-        b_du = tl.load(dv_intra + p_v, mask=m_v, other=0.0).to(tl.float32)
+        b_q = load_rows(q, rows, valid, i_h, o_k, H, K).to(tl.float32) * scale
+        b_k = load_rows(k, rows, valid, i_h, o_k, H, K)
+        b_w = load_rows(w, rows, valid, i_h, o_k, H, K)
+        b_do = load_rows(do, rows, valid, i_h, o_v, H, V)
+        b_du = load_rows(dv_intra, rows, valid, i_h, o_v, H, V).to(tl.float32)
         if USE_G:
             b_b, b_G = chunk_gates(g, rows, valid, i_h, H)
             b_k = (b_k.to(tl.float32) * tl.exp(b_G - b_b)[:, None]).to(b_w.dtype)
             b_q = b_q * tl.exp(b_b)[:, None]
         b_du += dot(b_k, b_dh.to(b_k.dtype), EXACT)
-        tl.store(du + p_v, b_du.to(du.dtype.element_ty), mask=m_v)
+        store_rows(du, b_du, rows, valid, i_h, o_v, H, V)
         if USE_G:
             b_dh = b_dh * tl.exp(b_G)
         b_dh += dot(tl.trans(b_q.to(b_do.dtype)), b_do, EXACT) - dot(tl.trans(b_w), b_du.to(b_w.dtype), EXACT)
@@ -167,22 +155,18 @@ def wy_bwd_kernel(k, v, beta, g, tinv, du, dw, dk, dv, dbeta, dg, cu_seqlens, ch
     b_db = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        m_v = valid[:, None] & (o_v[None, :] < V)
-        p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
-        b_v = tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32)
-        b_dX = dot(tl.trans(b_T), tl.load(du + p_v, mask=m_v, other=0.0).to(tl.float32), EXACT)
-        tl.store(dv + p_v, (b_dX * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_v)
+        b_v = load_rows(v, rows, valid, i_h, o_v, H, V).to(tl.float32)
+        b_dX = dot(tl.trans(b_T), load_rows(du, rows, valid, i_h, o_v, H, V).to(tl.float32), EXACT)
+        store_rows(dv, b_dX * b_beta[:, None], rows, valid, i_h, o_v, H, V)
         b_dbeta += tl.sum(b_dX * b_v, 1)
         b_u0 = dot(b_T, b_v * b_beta[:, None], EXACT)
         b_dA -= dot(b_dX, tl.trans(b_u0), EXACT)
     b_gram = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_k = valid[:, None] & (o_k[None, :] < K)
-        p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
-        b_k = tl.load(k + p_k, mask=m_k, other=0.0).to(tl.float32)
+        b_k = load_rows(k, rows, valid, i_h, o_k, H, K).to(tl.float32)
         b_kb = b_k * (b_beta * b_eb)[:, None]
-        b_dX = dot(tl.trans(b_T), tl.load(dw + p_k, mask=m_k, other=0.0).to(tl.float32), EXACT)
+        b_dX = dot(tl.trans(b_T), load_rows(dw, rows, valid, i_h, o_k, H, K).to(tl.float32), EXACT)
         b_dA -= dot(b_dX, tl.trans(dot(b_T, b_kb, EXACT)), EXACT)
         b_dbeta += tl.sum(b_dX * b_k * b_eb[:, None], 1)
         b_db += tl.sum(b_dX * b_kb, 1)
@@ -198,13 +182,11 @@ def wy_bwd_kernel(k, v, beta, g, tinv, du, dw, dk, dv, dbeta, dg, cu_seqlens, ch
     b_db += tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_k = valid[:, None] & (o_k[None, :] < K)
-        p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
-        b_k = tl.load(k + p_k, mask=m_k, other=0.0).to(tl.float32)
-        b_dX = dot(tl.trans(b_T), tl.load(dw + p_k, mask=m_k, other=0.0).to(tl.float32), EXACT)
+        b_k = load_rows(k, rows, valid, i_h, o_k, H, K).to(tl.float32)
+        b_dX = dot(tl.trans(b_T), load_rows(dw, rows, valid, i_h, o_k, H, K).to(tl.float32), EXACT)
         b_dk = b_dX * (b_beta * b_eb)[:, None]
         b_dk += dot(b_dAE, b_k, EXACT) * b_beta[:, None] + dot(tl.trans(b_dAE), b_k * b_beta[:, None], EXACT)
-        tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_k)
+        store_rows(dk, b_dk, rows, valid, i_h, o_k, H, K)
     tl.store(dbeta + rows * H + i_h, b_dbeta, mask=valid)
     if USE_G:
         b_db = tl.where(valid, b_db, 0.0)

@@ -19,7 +19,8 @@ import triton.language as tl
 
 from .. import reference
 from .common import (block, check_chunk_size, chunk_gates, chunk_rows, dot, exact_dots, flat, flat_log_decay,
-                     common_dtype, num_warps, prepare_varlen, seq_bounds)
+                     common_dtype, load_rows, num_warps, prepare_varlen, seq_bounds, state_tile,
+                     store_rows)
 
 
 @triton.jit
@@ -30,10 +31,7 @@ def fwd_h_kernel(k, v, g, h, h0, ht, cu_seqlens, chunk_offsets,
     """State entering every chunk (h[chunk, head]) and, optionally, the final state. Sequential over chunks."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h, bos, eos, boh = seq_bounds(cu_seqlens, chunk_offsets, i_nh, H)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
-    p_kv = o_k[:, None] * V + o_v[None, :]
+    o_k, o_v, p_kv, m_kv = state_tile(i_k, i_v, BK, BV, K, V)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
@@ -41,8 +39,8 @@ def fwd_h_kernel(k, v, g, h, h0, ht, cu_seqlens, chunk_offsets,
         tl.store(h + ((boh + t) * H + i_h) * K * V + p_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
         rows = bos + t * BT + tl.arange(0, BT)
         valid = rows < eos
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & (o_k[None, :] < K), other=0.0)
-        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=valid[:, None] & (o_v[None, :] < V), other=0.0)
+        b_k = load_rows(k, rows, valid, i_h, o_k, H, K)
+        b_v = load_rows(v, rows, valid, i_h, o_v, H, V)
         if USE_G:
             b_b, b_G = chunk_gates(g, rows, valid, i_h, H)
             b_h = b_h * tl.exp(b_G)
@@ -61,14 +59,12 @@ def fwd_o_kernel(q, k, v, g, h, o, cu_seqlens, chunk_indices, scale,
     n, rows, valid, _, _ = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_v = valid[:, None] & (o_v[None, :] < V)
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_k = valid[:, None] & (o_k[None, :] < K)
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_k, other=0.0)
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_k, other=0.0)
+        b_q = load_rows(q, rows, valid, i_h, o_k, H, K)
+        b_k = load_rows(k, rows, valid, i_h, o_k, H, K)
         b_h = tl.load(h + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
                       mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.0)
         b_o += dot(b_q, b_h.to(b_q.dtype), EXACT)
@@ -79,9 +75,9 @@ def fwd_o_kernel(q, k, v, g, h, o, cu_seqlens, chunk_indices, scale,
         b_o = b_o * tl.exp(b_b)[:, None]
         b_A = b_A * tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], 0.0))
     b_A = tl.where(causal, b_A, 0.0)
-    b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_v, other=0.0)
+    b_v = load_rows(v, rows, valid, i_h, o_v, H, V)
     b_o = (b_o + dot(b_A.to(b_v.dtype), b_v, EXACT)) * scale
-    tl.store(o + (rows[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_v)
+    store_rows(o, b_o, rows, valid, i_h, o_v, H, V)
 
 
 @triton.jit
@@ -92,10 +88,7 @@ def bwd_dh_kernel(q, do, g, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
     """Gradient of the state leaving every chunk, in reverse: dS = exp(G) dS_next + scale (Q exp(b))^T dO."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h, bos, eos, boh = seq_bounds(cu_seqlens, chunk_offsets, i_nh, H)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
-    p_kv = o_k[:, None] * V + o_v[None, :]
+    o_k, o_v, p_kv, m_kv = state_tile(i_k, i_v, BK, BV, K, V)
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
@@ -105,8 +98,8 @@ def bwd_dh_kernel(q, do, g, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
         tl.store(dh + ((boh + t) * H + i_h) * K * V + p_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
         rows = bos + t * BT + tl.arange(0, BT)
         valid = rows < eos
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & (o_k[None, :] < K), other=0.0)
-        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=valid[:, None] & (o_v[None, :] < V), other=0.0)
+        b_q = load_rows(q, rows, valid, i_h, o_k, H, K)
+        b_do = load_rows(do, rows, valid, i_h, o_v, H, V)
         b_q = b_q.to(tl.float32) * scale
         if USE_G:
             b_b, b_G = chunk_gates(g, rows, valid, i_h, H)
@@ -126,14 +119,12 @@ def bwd_dv_kernel(q, k, g, do, dh, dv, cu_seqlens, chunk_indices, scale,
     n, rows, valid, _, _ = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_v = valid[:, None] & (o_v[None, :] < V)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)  # [key j, query i]
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_k = valid[:, None] & (o_k[None, :] < K)
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_k, other=0.0)
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_k, other=0.0)
+        b_q = load_rows(q, rows, valid, i_h, o_k, H, K)
+        b_k = load_rows(k, rows, valid, i_h, o_k, H, K)
         b_A += dot(b_k, tl.trans(b_q), EXACT)
         if USE_DH:
             b_dh = tl.load(dh + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
@@ -145,9 +136,9 @@ def bwd_dv_kernel(q, k, g, do, dh, dv, cu_seqlens, chunk_indices, scale,
         b_dv = b_dv * tl.exp(b_G - b_b)[:, None]
         b_A = b_A * tl.exp(tl.where(later, b_b[None, :] - b_b[:, None], 0.0))
     b_A = tl.where(later, b_A * scale, 0.0)
-    b_do = tl.load(do + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_v, other=0.0)
+    b_do = load_rows(do, rows, valid, i_h, o_v, H, V)
     b_dv += dot(b_A.to(b_do.dtype), b_do, EXACT)
-    tl.store(dv + (rows[:, None] * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_v)
+    store_rows(dv, b_dv, rows, valid, i_h, o_v, H, V)
 
 
 @triton.jit
@@ -160,7 +151,6 @@ def bwd_dqk_kernel(q, k, v, g, h, do, dh, dq, dk, dg, du, dw, cu_seqlens, chunk_
     n, rows, valid, n_real, _ = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
-    m_k = valid[:, None] & (o_k[None, :] < K)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
@@ -168,11 +158,10 @@ def bwd_dqk_kernel(q, k, v, g, h, do, dh, dq, dk, dg, du, dw, cu_seqlens, chunk_
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        m_v = valid[:, None] & (o_v[None, :] < V)
         m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
         p_kv = (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_v, other=0.0)
-        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_v, other=0.0)
+        b_v = load_rows(v, rows, valid, i_h, o_v, H, V)
+        b_do = load_rows(do, rows, valid, i_h, o_v, H, V)
         b_h = tl.load(h + p_kv, mask=m_kv, other=0.0)
         b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.0)
         b_ds += dot(b_do, tl.trans(b_v), EXACT)
@@ -181,10 +170,10 @@ def bwd_dqk_kernel(q, k, v, g, h, do, dh, dq, dk, dg, du, dw, cu_seqlens, chunk_
         if USE_G:
             b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
         if DELTA:
-            b_du = tl.load(du + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_v, other=0.0)
+            b_du = load_rows(du, rows, valid, i_h, o_v, H, V)
             b_dw += dot(b_du, tl.trans(b_h.to(b_du.dtype)), EXACT)
-    b_q = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_k, other=0.0)
-    b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_k, other=0.0)
+    b_q = load_rows(q, rows, valid, i_h, o_k, H, K)
+    b_k = load_rows(k, rows, valid, i_h, o_k, H, K)
     causal = o_t[:, None] >= o_t[None, :]
     if USE_G:
         b_b, b_G = chunk_gates(g, rows, valid, i_h, H)
@@ -196,11 +185,10 @@ def bwd_dqk_kernel(q, k, v, g, h, do, dh, dq, dk, dg, du, dw, cu_seqlens, chunk_
     # <S_next, dS_next> = exp(G) <S, dS_next> + sum_j k_j . dk_inter_j  (this K tile's share)
     s_end = tl.sum(b_k.to(tl.float32) * b_dk)
     b_dk += dot(tl.trans(b_ds.to(b_q.dtype)), b_q, EXACT)
-    p_qk = (rows[:, None] * H + i_h) * K + o_k[None, :]
-    tl.store(dq + p_qk, b_dq.to(dq.dtype.element_ty), mask=m_k)
-    tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=m_k)
+    store_rows(dq, b_dq, rows, valid, i_h, o_k, H, K)
+    store_rows(dk, b_dk, rows, valid, i_h, o_k, H, K)
     if DELTA:
-        tl.store(dw + p_qk, (-b_dw).to(dw.dtype.element_ty), mask=m_k)
+        store_rows(dw, -b_dw, rows, valid, i_h, o_k, H, K)
     if USE_G:
         b_db = tl.sum(b_q.to(tl.float32) * b_dq, 1) - tl.sum(b_k.to(tl.float32) * b_dk, 1)
         s_end += tl.exp(b_G) * tl.sum(b_hdh, 0)
