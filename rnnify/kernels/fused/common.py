@@ -45,8 +45,8 @@ def chunk_rows(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
     t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + n).to(tl.int64)
     eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
-    rows = bos + t * BT + tl.arange(0, BT)
-    return n, rows, rows < eos, tl.minimum(eos - bos - t * BT, BT), bos
+    rows, valid = seq_chunk(bos, eos, t, BT)
+    return n, rows, valid, tl.minimum(eos - bos - t * BT, BT), bos
 
 
 @triton.jit
@@ -84,6 +84,29 @@ def state_tile(i_k, i_v, BK: tl.constexpr, BV: tl.constexpr, K: tl.constexpr, V:
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     return o_k, o_v, o_k[:, None] * V + o_v[None, :], (o_k[:, None] < K) & (o_v[None, :] < V)
+
+
+@triton.jit
+def initial_tile(h0, i_nh, p_kv, m_kv, BK: tl.constexpr, BV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                 USE: tl.constexpr):
+    """fp32 [BK, BV] tile of state i_nh of a [N*H, K, V] tensor (zeros when USE is False)."""
+    b = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE:
+        b += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    return b
+
+
+@triton.jit
+def store_tile(h, b, index, p_kv, m_kv, K: tl.constexpr, V: tl.constexpr):
+    """Store a tile into state ``index`` (chunk * H + head, or sequence * H + head) of a [.., K, V] tensor."""
+    tl.store(h + index.to(tl.int64) * K * V + p_kv, b.to(h.dtype.element_ty), mask=m_kv)
+
+
+@triton.jit
+def seq_chunk(bos, eos, t, BT: tl.constexpr):
+    """Rows of chunk t of the sequence [bos, eos) and which of them are real."""
+    rows = bos + t * BT + tl.arange(0, BT)
+    return rows, rows < eos
 
 
 class Varlen:

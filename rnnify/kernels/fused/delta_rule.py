@@ -21,8 +21,8 @@ import triton.language as tl
 
 from .. import reference
 from .common import (block, check_chunk_size, chunk_gates, chunk_rows, dot, exact_dots, flat, flat_log_decay,
-                     common_dtype, load_rows, num_warps, prepare_varlen, seq_bounds, state_tile,
-                     store_rows)
+                     common_dtype, initial_tile, load_rows, num_warps, prepare_varlen, seq_bounds, seq_chunk,
+                     state_tile, store_rows, store_tile)
 from .linear_attention import _bwd_dqk, _bwd_dv, _fwd_o
 
 MAX_K = 256  # the state pass keeps a whole [K, BV] slab of the state in registers
@@ -78,13 +78,10 @@ def fwd_h_kernel(k, w, u0, g, h, vnew, h0, ht, cu_seqlens, chunk_offsets,
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_h, bos, eos, boh = seq_bounds(cu_seqlens, chunk_offsets, i_nh, H)
     o_k, o_v, p_kv, m_kv = state_tile(0, i_v, BK, BV, K, V)
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    b_h = initial_tile(h0, i_nh, p_kv, m_kv, BK, BV, K, V, USE_H0)
     for t in range(0, tl.cdiv(eos - bos, BT)):
-        tl.store(h + ((boh + t) * H + i_h) * K * V + p_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
-        rows = bos + t * BT + tl.arange(0, BT)
-        valid = rows < eos
+        store_tile(h, b_h, (boh + t) * H + i_h, p_kv, m_kv, K, V)
+        rows, valid = seq_chunk(bos, eos, t, BT)
         b_w = load_rows(w, rows, valid, i_h, o_k, H, K)
         b_u = load_rows(u0, rows, valid, i_h, o_v, H, V).to(tl.float32)
         b_u -= dot(b_w, b_h.to(b_w.dtype), EXACT)
@@ -96,7 +93,7 @@ def fwd_h_kernel(k, w, u0, g, h, vnew, h0, ht, cu_seqlens, chunk_offsets,
             b_k = (b_k.to(tl.float32) * tl.exp(b_G - b_b)[:, None]).to(b_w.dtype)
         b_h += dot(tl.trans(b_k), b_u.to(b_k.dtype), EXACT)
     if STORE_HT:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + p_kv, b_h, mask=m_kv)
+        store_tile(ht, b_h, i_nh, p_kv, m_kv, K, V)
 
 
 @triton.jit
@@ -108,15 +105,12 @@ def bwd_dhu_kernel(q, k, w, g, do, dv_intra, dh, du, dht, dh0, cu_seqlens, chunk
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_h, bos, eos, boh = seq_bounds(cu_seqlens, chunk_offsets, i_nh, H)
     o_k, o_v, p_kv, m_kv = state_tile(0, i_v, BK, BV, K, V)
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_DHT:
-        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    b_dh = initial_tile(dht, i_nh, p_kv, m_kv, BK, BV, K, V, USE_DHT)
     NT = tl.cdiv(eos - bos, BT)
     for i in range(0, NT):
         t = NT - 1 - i
-        tl.store(dh + ((boh + t) * H + i_h) * K * V + p_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
-        rows = bos + t * BT + tl.arange(0, BT)
-        valid = rows < eos
+        store_tile(dh, b_dh, (boh + t) * H + i_h, p_kv, m_kv, K, V)
+        rows, valid = seq_chunk(bos, eos, t, BT)
         b_q = load_rows(q, rows, valid, i_h, o_k, H, K).to(tl.float32) * scale
         b_k = load_rows(k, rows, valid, i_h, o_k, H, K)
         b_w = load_rows(w, rows, valid, i_h, o_k, H, K)
@@ -132,7 +126,7 @@ def bwd_dhu_kernel(q, k, w, g, do, dv_intra, dh, du, dht, dh0, cu_seqlens, chunk
             b_dh = b_dh * tl.exp(b_G)
         b_dh += dot(tl.trans(b_q.to(b_do.dtype)), b_do, EXACT) - dot(tl.trans(b_w), b_du.to(b_w.dtype), EXACT)
     if STORE_DH0:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_kv, b_dh, mask=m_kv)
+        store_tile(dh0, b_dh, i_nh, p_kv, m_kv, K, V)
 
 
 @triton.jit

@@ -19,8 +19,8 @@ import triton.language as tl
 
 from .. import reference
 from .common import (block, check_chunk_size, chunk_gates, chunk_rows, dot, exact_dots, flat, flat_log_decay,
-                     common_dtype, load_rows, num_warps, prepare_varlen, seq_bounds, state_tile,
-                     store_rows)
+                     common_dtype, initial_tile, load_rows, num_warps, prepare_varlen, seq_bounds, seq_chunk,
+                     state_tile, store_rows, store_tile)
 
 
 @triton.jit
@@ -32,13 +32,10 @@ def fwd_h_kernel(k, v, g, h, h0, ht, cu_seqlens, chunk_offsets,
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h, bos, eos, boh = seq_bounds(cu_seqlens, chunk_offsets, i_nh, H)
     o_k, o_v, p_kv, m_kv = state_tile(i_k, i_v, BK, BV, K, V)
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    b_h = initial_tile(h0, i_nh, p_kv, m_kv, BK, BV, K, V, USE_H0)
     for t in range(0, tl.cdiv(eos - bos, BT)):
-        tl.store(h + ((boh + t) * H + i_h) * K * V + p_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
-        rows = bos + t * BT + tl.arange(0, BT)
-        valid = rows < eos
+        store_tile(h, b_h, (boh + t) * H + i_h, p_kv, m_kv, K, V)
+        rows, valid = seq_chunk(bos, eos, t, BT)
         b_k = load_rows(k, rows, valid, i_h, o_k, H, K)
         b_v = load_rows(v, rows, valid, i_h, o_v, H, V)
         if USE_G:
@@ -47,7 +44,7 @@ def fwd_h_kernel(k, v, g, h, h0, ht, cu_seqlens, chunk_offsets,
             b_k = (b_k.to(tl.float32) * tl.exp(b_G - b_b)[:, None]).to(b_v.dtype)
         b_h += dot(tl.trans(b_k), b_v, EXACT)
     if STORE_HT:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + p_kv, b_h, mask=m_kv)
+        store_tile(ht, b_h, i_nh, p_kv, m_kv, K, V)
 
 
 @triton.jit
@@ -89,15 +86,12 @@ def bwd_dh_kernel(q, do, g, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h, bos, eos, boh = seq_bounds(cu_seqlens, chunk_offsets, i_nh, H)
     o_k, o_v, p_kv, m_kv = state_tile(i_k, i_v, BK, BV, K, V)
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_DHT:
-        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    b_dh = initial_tile(dht, i_nh, p_kv, m_kv, BK, BV, K, V, USE_DHT)
     NT = tl.cdiv(eos - bos, BT)
     for i in range(0, NT):
         t = NT - 1 - i
-        tl.store(dh + ((boh + t) * H + i_h) * K * V + p_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
-        rows = bos + t * BT + tl.arange(0, BT)
-        valid = rows < eos
+        store_tile(dh, b_dh, (boh + t) * H + i_h, p_kv, m_kv, K, V)
+        rows, valid = seq_chunk(bos, eos, t, BT)
         b_q = load_rows(q, rows, valid, i_h, o_k, H, K)
         b_do = load_rows(do, rows, valid, i_h, o_v, H, V)
         b_q = b_q.to(tl.float32) * scale
@@ -107,7 +101,7 @@ def bwd_dh_kernel(q, do, g, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
             b_q = b_q * tl.exp(b_b)[:, None]
         b_dh += dot(tl.trans(b_q.to(b_do.dtype)), b_do, EXACT)
     if STORE_DH0:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_kv, b_dh, mask=m_kv)
+        store_tile(dh0, b_dh, i_nh, p_kv, m_kv, K, V)
 
 
 @triton.jit
