@@ -24,8 +24,22 @@ def exact_dots(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or interpreting()
 
 
-def num_warps(default: int = 4) -> int:
-    return 1 if interpreting() else default
+# Launch shapes per kernel: (num_warps, cap on BK, cap on BV). Chosen without a GPU so that ptxas reports no
+# register spills on sm_90a for D = 128 in bf16 (``python -m rnnify.kernels.fused.aot`` prints the table; with
+# 4 warps and 64-wide tiles most chunk kernels spilled 300-1800 bytes). Not yet tuned for speed on a GPU.
+LAUNCH = {
+    "la.fwd_h": (8, 64, 64), "la.fwd_o": (8, 64, 64), "la.bwd_dh": (8, 64, 64), "la.bwd_dv": (8, 64, 64),
+    "la.bwd_dqk": (8, 32, 32), "la.step": (4, 128, 32),
+    "delta.wy_fwd": (8, 64, 64), "delta.fwd_h": (8, 256, 16), "delta.bwd_dhu": (8, 256, 32),
+    "delta.wy_bwd": (8, 32, 32), "delta.step": (4, 256, 32),
+    "conv.fwd": (4, 0, 0), "conv.bwd_dp": (8, 0, 0), "conv.bwd_dx": (4, 0, 0), "conv.step": (4, 0, 0),
+}
+
+
+def launch(kernel: str, K: int = 16, V: int = 16) -> tuple[int, int, int]:
+    """(BK, BV, num_warps) for ``kernel`` at head dims K, V (one warp in the interpreter: it is faster)."""
+    warps, cap_k, cap_v = LAUNCH[kernel]
+    return (block(K, cap_k) if cap_k else 0, block(V, cap_v) if cap_v else 0, 1 if interpreting() else warps)
 
 
 @triton.jit

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import chunk_rows, interpreting, num_warps, prepare_varlen
+from .common import chunk_rows, interpreting, launch, prepare_varlen
 
 BT_CONV = 64
 ACTIVATIONS = (None, "silu")
@@ -150,7 +150,7 @@ class _CausalConv1d(torch.autograd.Function):
         y = torch.empty_like(x)
         fwd_kernel[(triton.cdiv(C, BC), vl.num_chunks)](
             x, weight, bias, state, y, vl.cu_seqlens, vl.chunk_indices, C=C, W=W, BT=BT_CONV, BC=BC,
-            USE_BIAS=bias is not None, USE_STATE=state is not None, SILU=silu, num_warps=num_warps())
+            USE_BIAS=bias is not None, USE_STATE=state is not None, SILU=silu, num_warps=launch("conv.fwd")[2])
         ctx.save_for_backward(x, weight, bias, state)
         ctx.vl, ctx.silu = vl, silu
         return y
@@ -165,11 +165,12 @@ class _CausalConv1d(torch.autograd.Function):
         grid = (triton.cdiv(C, BC), vl.num_chunks)
         dp = x.new_empty(T_all, C, dtype=torch.float32)
         dweight = x.new_zeros(vl.num_chunks, C, W, dtype=torch.float32)
-        common = dict(C=C, W=W, BT=BT_CONV, BC=BC, num_warps=num_warps())
+        common = dict(C=C, W=W, BT=BT_CONV, BC=BC)
         bwd_dp_kernel[grid](x, weight, bias, state, dy.contiguous(), dp, dweight, vl.cu_seqlens, vl.chunk_indices,
-                            USE_BIAS=bias is not None, USE_STATE=state is not None, SILU=ctx.silu, **common)
+                            USE_BIAS=bias is not None, USE_STATE=state is not None, SILU=ctx.silu,
+                            num_warps=launch("conv.bwd_dp")[2], **common)
         dx = torch.empty_like(x)
-        bwd_dx_kernel[grid](dp, weight, dx, vl.cu_seqlens, vl.chunk_indices, **common)
+        bwd_dx_kernel[grid](dp, weight, dx, vl.cu_seqlens, vl.chunk_indices, num_warps=launch("conv.bwd_dx")[2], **common)
         dbias = dp.sum(0).to(bias.dtype) if bias is not None else None
         dstate = None
         if state is not None:  # state column j feeds output bos + j - w through weight[:, w]  (tiny: done here)
@@ -213,5 +214,6 @@ def causal_conv1d_step(x, weight, bias, state, activation="silu"):
     BC = min(256 if not interpreting() else 64, triton.next_power_of_2(C))
     y = torch.empty_like(x)
     step_kernel[(triton.cdiv(C, BC), B)](x.contiguous(), weight.contiguous(), bias, state, y, C=C, W=W, BC=BC,
-                                         USE_BIAS=bias is not None, SILU=activation == "silu", num_warps=num_warps())
+                                         USE_BIAS=bias is not None, SILU=activation == "silu",
+                                         num_warps=launch("conv.step")[2])
     return y, state

@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .common import (block, check_chunk_size, chunk_gates, chunk_rows, dot, exact_dots, flat, flat_log_decay,
-                     common_dtype, initial_tile, load_rows, num_warps, prepare_varlen, seq_bounds, seq_chunk,
-                     state_tile, store_rows, store_tile)
+from .common import (check_chunk_size, chunk_gates, chunk_rows, common_dtype, dot, exact_dots, flat,
+                     flat_log_decay, initial_tile, launch, load_rows, prepare_varlen, seq_bounds,
+                     seq_chunk, state_tile, store_rows, store_tile)
 from .linear_attention import _bwd_dqk, _bwd_dv, _fwd_o
 
 MAX_K = 256  # the state pass keeps a whole [K, BV] slab of the state in registers
@@ -216,9 +216,10 @@ def step_kernel(q, k, v, beta, g, state, o, scale,
 # -------------------------------------------------------------------------------------------------------
 # host side
 
-def _state_tile(K: int, V: int) -> tuple[int, int]:
-    BK = block(K, MAX_K)
-    return BK, block(V, max(16, 8192 // BK))
+def _state_tile(kernel: str, K: int, V: int) -> tuple[int, int, int]:
+    """The state passes hold all of K: a [BK, BV] fp32 slab, BV shrunk so that it stays <= 8192 values."""
+    BK, BV, warps = launch(kernel, K, V)
+    return BK, min(BV, max(16, 8192 // BK)), warps
 
 
 def _wy_fwd(k, v, beta, g, vl, BT, exact):
@@ -226,22 +227,22 @@ def _wy_fwd(k, v, beta, g, vl, BT, exact):
     V = v.shape[2]
     tinv = k.new_empty(T_all, H, BT, dtype=torch.float32)
     w, u0 = torch.empty_like(k), torch.empty_like(v)
+    BK, BV, warps = launch("delta.wy_fwd", K, V)
     wy_fwd_kernel[(vl.num_chunks, H)](k, v, beta, g, tinv, w, u0, vl.cu_seqlens, vl.chunk_indices, H=H, K=K, V=V,
-                                      BT=BT, BK=block(K), BV=block(V), USE_G=g is not None, EXACT=exact,
-                                      num_warps=num_warps())
+                                      BT=BT, BK=BK, BV=BV, USE_G=g is not None, EXACT=exact, num_warps=warps)
     return tinv, w, u0
 
 
 def _fwd_h(k, w, u0, g, h0, vl, BT, store_final, exact):
     _, H, K = k.shape
     V = u0.shape[2]
-    BK, BV = _state_tile(K, V)
+    BK, BV, warps = _state_tile("delta.fwd_h", K, V)
     h = k.new_empty(vl.num_chunks, H, K, V, dtype=torch.float32 if exact else k.dtype)
     vnew = torch.empty_like(u0)
     ht = k.new_empty(vl.num_seqs, H, K, V, dtype=torch.float32) if store_final else None
     fwd_h_kernel[(triton.cdiv(V, BV), vl.num_seqs * H)](
         k, w, u0, g, h, vnew, h0, ht, vl.cu_seqlens, vl.chunk_offsets, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_G=g is not None, USE_H0=h0 is not None, STORE_HT=store_final, EXACT=exact, num_warps=num_warps())
+        USE_G=g is not None, USE_H0=h0 is not None, STORE_HT=store_final, EXACT=exact, num_warps=warps)
     return h, vnew, ht
 
 
@@ -269,21 +270,22 @@ class _ChunkDeltaRule(torch.autograd.Function):
         tinv, w, u0 = _wy_fwd(k, v, beta, g, vl, BT, exact)
         h, vnew, _ = _fwd_h(k, w, u0, g, h0, vl, BT, False, exact)
         dv_intra = _bwd_dv(q, k, g, do, None, vl, scale, BT, exact)
-        BKs, BVs = _state_tile(K, V)
+        BKs, BVs, warps = _state_tile("delta.bwd_dhu", K, V)
         dh = torch.empty_like(h)
         du = torch.empty_like(v, dtype=torch.float32 if exact else v.dtype)
         dh0 = q.new_empty(vl.num_seqs, H, K, V, dtype=torch.float32) if h0 is not None else None
         bwd_dhu_kernel[(triton.cdiv(V, BVs), vl.num_seqs * H)](
             q, k, w, g, do, dv_intra, dh, du, dht, dh0, vl.cu_seqlens, vl.chunk_offsets, scale, H=H, K=K, V=V,
             BT=BT, BK=BKs, BV=BVs, USE_G=g is not None, USE_DHT=dht is not None, STORE_DH0=h0 is not None,
-            EXACT=exact, num_warps=num_warps())
+            EXACT=exact, num_warps=warps)
         dq, dk, dg, dw = _bwd_dqk(q, k, vnew, g, h, do, dh, vl, scale, BT, exact, du=du)
         dk_wy, dv = torch.empty_like(k), torch.empty_like(v)
         dbeta = q.new_empty(T_all, H, dtype=torch.float32)
         dg_wy = q.new_empty(T_all, H, dtype=torch.float32) if g is not None else None
+        BKw, BVw, warps = launch("delta.wy_bwd", K, V)
         wy_bwd_kernel[(vl.num_chunks, H)](
             k, v, beta, g, tinv, du, dw, dk_wy, dv, dbeta, dg_wy, vl.cu_seqlens, vl.chunk_indices, H=H, K=K, V=V,
-            BT=BT, BK=block(K), BV=block(V), USE_G=g is not None, EXACT=exact, num_warps=num_warps())
+            BT=BT, BK=BKw, BV=BVw, USE_G=g is not None, EXACT=exact, num_warps=warps)
         dk = (dk.float() + dk_wy.float()).to(k.dtype)
         dg = None if g is None else dg + dg_wy
         return dq, dk, dv, dbeta.to(beta.dtype), dg, dh0, None, None, None, None
@@ -323,9 +325,8 @@ def delta_rule_step(q, k, v, beta, g, state, scale=None):
     G_MODE = 0 if g is None else (1 if g.dim() == 1 else 2)
     g = None if g is None else g.float().contiguous()
     o = v.new_empty(B, H, V)
-    BK, BV = _state_tile(K, V)
-    BV = min(BV, 32)
+    BK, BV, warps = _state_tile("delta.step", K, V)
     step_kernel[(triton.cdiv(V, BV), B * H)](q.contiguous(), k.contiguous(), v.contiguous(), beta.float().contiguous(),
                                              g, state, o, scale, H=H, K=K, V=V, BK=BK, BV=BV, G_MODE=G_MODE,
-                                             num_warps=num_warps())
+                                             num_warps=warps)
     return o, state

@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .common import (block, check_chunk_size, chunk_gates, chunk_rows, dot, exact_dots, flat, flat_log_decay,
-                     common_dtype, initial_tile, load_rows, num_warps, prepare_varlen, seq_bounds, seq_chunk,
-                     state_tile, store_rows, store_tile)
+from .common import (check_chunk_size, chunk_gates, chunk_rows, common_dtype, dot, exact_dots, flat,
+                     flat_log_decay, initial_tile, launch, load_rows, prepare_varlen, seq_bounds,
+                     seq_chunk, state_tile, store_rows, store_tile)
 
 
 @triton.jit
@@ -229,51 +229,51 @@ def step_kernel(q, k, v, g, state, o, scale,
 
 def _fwd_h(k, v, g, h0, vl, BT, store_final, exact):
     H, K, V = k.shape[1], k.shape[2], v.shape[2]
-    BK, BV = block(K), block(V)
+    BK, BV, warps = launch("la.fwd_h", K, V)
     h = k.new_empty(vl.num_chunks, H, K, V, dtype=torch.float32 if exact else k.dtype)
     ht = k.new_empty(vl.num_seqs, H, K, V, dtype=torch.float32) if store_final else None
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), vl.num_seqs * H)
     fwd_h_kernel[grid](k, v, g, h, h0, ht, vl.cu_seqlens, vl.chunk_offsets, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
                        USE_G=g is not None, USE_H0=h0 is not None, STORE_HT=store_final, EXACT=exact,
-                       num_warps=num_warps())
+                       num_warps=warps)
     return h, ht
 
 
 def _fwd_o(q, k, v, g, h, vl, scale, BT, exact):
     H, K, V = q.shape[1], q.shape[2], v.shape[2]
-    BK, BV = block(K), block(V)
+    BK, BV, warps = launch("la.fwd_o", K, V)
     o = torch.empty_like(v)
     fwd_o_kernel[(triton.cdiv(V, BV), vl.num_chunks, H)](
         q, k, v, g, h, o, vl.cu_seqlens, vl.chunk_indices, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_G=g is not None, EXACT=exact, num_warps=num_warps())
+        USE_G=g is not None, EXACT=exact, num_warps=warps)
     return o
 
 
 def _bwd_dh(q, do, g, dht, need_dh0, vl, scale, BT, exact):
     H, K, V = q.shape[1], q.shape[2], do.shape[2]
-    BK, BV = block(K), block(V)
+    BK, BV, warps = launch("la.bwd_dh", K, V)
     dh = q.new_empty(vl.num_chunks, H, K, V, dtype=torch.float32 if exact else q.dtype)
     dh0 = q.new_empty(vl.num_seqs, H, K, V, dtype=torch.float32) if need_dh0 else None
     bwd_dh_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), vl.num_seqs * H)](
         q, do, g, dh, dht, dh0, vl.cu_seqlens, vl.chunk_offsets, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_G=g is not None, USE_DHT=dht is not None, STORE_DH0=need_dh0, EXACT=exact, num_warps=num_warps())
+        USE_G=g is not None, USE_DHT=dht is not None, STORE_DH0=need_dh0, EXACT=exact, num_warps=warps)
     return dh, dh0
 
 
 def _bwd_dv(q, k, g, do, dh, vl, scale, BT, exact):
     H, K, V = q.shape[1], q.shape[2], do.shape[2]
-    BK, BV = block(K), block(V)
+    BK, BV, warps = launch("la.bwd_dv", K, V)
     dv = torch.empty_like(do)
     bwd_dv_kernel[(triton.cdiv(V, BV), vl.num_chunks, H)](
         q, k, g, do, dh, dv, vl.cu_seqlens, vl.chunk_indices, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_G=g is not None, USE_DH=dh is not None, EXACT=exact, num_warps=num_warps())
+        USE_G=g is not None, USE_DH=dh is not None, EXACT=exact, num_warps=warps)
     return dv
 
 
 def _bwd_dqk(q, k, v, g, h, do, dh, vl, scale, BT, exact, du=None):
     T_all, H, K = q.shape
     V = v.shape[2]
-    BK, BV = block(K), block(V)
+    BK, BV, warps = launch("la.bwd_dqk", K, V)
     NK = triton.cdiv(K, BK)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dg = q.new_zeros(NK, T_all, H, dtype=torch.float32) if g is not None else None
@@ -281,7 +281,7 @@ def _bwd_dqk(q, k, v, g, h, do, dh, vl, scale, BT, exact, du=None):
     bwd_dqk_kernel[(NK, vl.num_chunks, H)](
         q, k, v, g, h, do, dh, dq, dk, dg, du, dw, vl.cu_seqlens, vl.chunk_indices, scale, T_all,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None, DELTA=du is not None, EXACT=exact,
-        num_warps=num_warps())
+        num_warps=warps)
     return dq, dk, (dg.sum(0) if dg is not None else None), dw
 
 
@@ -338,8 +338,8 @@ def linear_attention_step(q, k, v, g, state, scale=None):
     G_MODE = 0 if g is None else (1 if g.dim() == 1 else 2)
     g = None if g is None else g.float().contiguous()
     o = v.new_empty(B, H, V)
-    BV = block(V, 32)
+    BK, BV, warps = launch("la.step", K, V)
     step_kernel[(triton.cdiv(V, BV), B * H)](q.contiguous(), k.contiguous(), v.contiguous(), g, state, o, scale,
-                                             H=H, K=K, V=V, BK=block(K, 128), BV=BV, G_MODE=G_MODE,
-                                             num_warps=num_warps())
+                                             H=H, K=K, V=V, BK=BK, BV=BV, G_MODE=G_MODE,
+                                             num_warps=warps)
     return o, state
