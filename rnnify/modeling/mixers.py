@@ -260,17 +260,20 @@ class LolcatsMixer(Mixer):
         run_k_kv, run_v_kv = torch.cat([recent_k, k], 1), torch.cat([recent_v, v], 1)
         run_ok = torch.cat([recent_ok, valid], 1)
         run_pos = torch.arange(p0, n + T, device=q.device)
-        run_k, run_v = self.repeat_kv(run_k_kv).float(), self.repeat_kv(run_v_kv).float()
+        run_k, run_v = run_k_kv.float(), run_v_kv.float()  # KV heads: the softmax groups query heads (GQA)
 
         # ---- linear part: query at position t sees run keys with position <= t - W (and >= S) -------------
         # Left-padding the run with W - r zeros and keeping T entries aligns key t - W with query t, so an
         # ordinary causal linear attention (initial state = the cached state) computes it; its final state
-        # covers every position <= n + T - 1 - W, as the next call expects.
-        fk = self.feature_map_k(run_k)
-        lin_ok = (run_ok & (run_pos >= S)).to(fk.dtype)[..., None, None]
-        fk = fk * lin_ok
-        v1 = torch.cat([run_v, torch.ones_like(run_v[..., :1])], -1) * lin_ok  # last column: normaliser z
+        # covers every position <= n + T - 1 - W, as the next call expects. Only the first T - shift run keys
+        # survive the [:T] cut, so only their features are computed (one key per decode step, not the window).
         shift = W - r
+        need = max(0, min(run_k.shape[1], T - shift))
+        fk = self.feature_map_k(self.repeat_kv(run_k[:, :need]))
+        lin_ok = (run_ok[:, :need] & (run_pos[:need] >= S)).to(fk.dtype)[..., None, None]
+        fk = fk * lin_ok
+        v_lin = self.repeat_kv(run_v[:, :need])
+        v1 = torch.cat([v_lin, torch.ones_like(v_lin[..., :1])], -1) * lin_ok  # last column: normaliser z
         fk = F.pad(fk, (0, 0, 0, 0, shift, 0))[:, :T]
         v1 = F.pad(v1, (0, 0, 0, 0, shift, 0))[:, :T]
         fq = self.feature_map_q(q)
@@ -287,7 +290,7 @@ class LolcatsMixer(Mixer):
 
         # ---- softmax part over sinks + window, in query blocks (memory O(T * (S + W + block))) -------------
         num, den = self._window_softmax(
-            q, self.repeat_kv(sink_k).float(), self.repeat_kv(sink_v).float(), sink_ok, run_k, run_v, run_ok, run_pos, n
+            q, sink_k.float(), sink_v.float(), sink_ok, run_k, run_v, run_ok, run_pos, n
         )
 
         a_ln = torch.sigmoid(self.linear_mix_logit.float())[None, None, :, None] * float(self.linear_branch)
@@ -300,7 +303,11 @@ class LolcatsMixer(Mixer):
         return self.o_proj(y), None
 
     def _window_softmax(self, q, sink_k, sink_v, sink_ok, run_k, run_v, run_ok, run_pos, n):
+        """Un-normalised softmax over sinks + window. Keys/values have the KV heads; each KV head serves its
+        group of G query heads (query head h*G + g reads KV head h, as repeat_kv lays them out)."""
         B, T, H, D = q.shape
+        Hkv = run_k.shape[2]
+        G = H // Hkv
         S, W = self.sinks, self.window
         p0 = int(run_pos[0]) if run_pos.numel() else n
         ns = max(0, min(S - n, T)) if n < S else 0  # new tokens that are sinks sit at run[0:ns] (no recent then)
@@ -318,11 +325,12 @@ class LolcatsMixer(Mixer):
             qpos = torch.arange(n + a, n + b, device=q.device)  # [Q]
             allowed = (pos[None] <= qpos[:, None]) & ((pos[None] < S) | (pos[None] > qpos[:, None] - W))
             allowed = allowed[None] & (ok[:, None, :] | (pos[None, None] == qpos[None, :, None]))  # [B, Q, K]
-            s = torch.einsum("bqhd,bkhd->bhqk", q[:, a:b], keys) * self.scaling
-            s = s.masked_fill(~allowed[:, None], float("-inf"))
+            qg = q[:, a:b].reshape(B, b - a, Hkv, G, D)
+            s = torch.einsum("bqhgd,bkhd->bhgqk", qg, keys) * self.scaling
+            s = s.masked_fill(~allowed[:, None, None], float("-inf"))
             p = torch.exp(s - s.amax(-1, keepdim=True))
-            nums.append(torch.einsum("bhqk,bkhd->bqhd", p, vals))
-            dens.append(p.sum(-1).transpose(1, 2).unsqueeze(-1))
+            nums.append(torch.einsum("bhgqk,bkhd->bqhgd", p, vals).reshape(B, b - a, H, D))
+            dens.append(p.sum(-1).reshape(B, H, b - a).transpose(1, 2).unsqueeze(-1))
         return torch.cat(nums, 1), torch.cat(dens, 1)
 
     def _update_cache(self, layer, n, T, k, v, valid, sink_k, sink_v, sink_ok, run_k, run_v, run_ok, run_pos, state):
