@@ -30,3 +30,14 @@ def test_recurrent_state_is_constant_in_length():
     assert cache_bytes(student, 100) == cache_bytes(student, 100_000)
     teacher = tiny_model("llama")
     assert cache_bytes(teacher, 100_000) == 1000 * cache_bytes(teacher, 100)
+
+
+def test_lolcats_cache_does_not_keep_the_prefill_alive():
+    """The window kept after a long prefill owns its memory: a view into the prefill's keys would hold all of them."""
+    student = convert(tiny_model("llama"), "lolcats", None, {"window": 8, "sinks": 2, "chunk_size": 8})
+    cache = DynamicCache(config=student.config)
+    with torch.no_grad():
+        student(torch.randint(0, 128, (1, 200)), cache=cache, use_cache=True)
+    for layer in cache.layers:
+        for t in (layer.recent_k, layer.recent_v, layer.sink_k, layer.sink_v):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()

@@ -341,10 +341,12 @@ class LolcatsMixer(Mixer):
             layer.sink_k = torch.cat([sink_k, k[:, :ns]], 1).detach()
             layer.sink_v = torch.cat([sink_v, v[:, :ns]], 1).detach()
             layer.sink_valid = torch.cat([sink_ok, valid[:, :ns]], 1)
-            keep = run_pos >= max(S, end - W)
-            layer.recent_k = run_k[:, keep].detach()
-            layer.recent_v = run_v[:, keep].detach()
-            layer.recent_valid = run_ok[:, keep]
+            # run_pos is consecutive: the kept tail (positions >= max(S, end - W)) is a slice; cloned so the
+            # cache does not keep the whole prefill's keys alive through a view
+            first = max(0, max(S, end - W) - (end - run_pos.shape[0]))
+            layer.recent_k = run_k[:, first:].detach().clone()
+            layer.recent_v = run_v[:, first:].detach().clone()
+            layer.recent_valid = run_ok[:, first:].clone()
             layer.set_state(state.detach())
             layer.seen_tokens = end
 
