@@ -69,7 +69,7 @@ def _compare(run_ours, run_ref, inputs, dtype):
 
 CASES = [  # (T, decay, with_state, chunk)
     (40, None, False, 16), (40, "head", True, 16), (40, "data", True, 16), (33, "data", False, 32),
-    (16, "data", True, 16), (5, "head", True, 16), (70, "data", True, 64),
+    (16, "data", True, 16), (5, "head", True, 16), (70, "data", True, 64), (150, "data", True, 128),
 ]
 
 
@@ -91,6 +91,22 @@ def test_delta_rule_matches_the_token_loop(T, decay, with_state, chunk):
         lambda: fdelta.chunk_delta_rule(q, k, v, beta, g, initial_state=s0, output_final_state=True, chunk_size=chunk),
         lambda: R.recurrent_delta_rule(q, k, v, beta, g, initial_state=s0, output_final_state=True),
         (q, k, v, beta, g, s0), torch.float32)
+
+
+def test_delta_rule_with_repeated_keys():
+    """The worst case for the blocked (I + A)^{-1}: one key repeated with beta = 1 makes A all ones below the
+    diagonal (powers of A grow like binomials). The inverse is still exact: (I + A)^{-1} is bidiagonal."""
+    B, T, H, K, V = 1, 128, 1, 16, 8
+    gen = torch.Generator().manual_seed(0)
+    k = F.normalize(torch.randn(1, 1, 1, K, generator=gen), dim=-1).expand(B, T, H, K).contiguous().to(DEVICE)
+    q = torch.randn(B, T, H, K, generator=gen).to(DEVICE)
+    v = torch.randn(B, T, H, V, generator=gen).to(DEVICE)
+    beta = torch.ones(B, T, H, device=DEVICE)
+    with torch.no_grad():
+        o, s = fdelta.chunk_delta_rule(q, k, v, beta, None, output_final_state=True, chunk_size=128)
+        o_ref, s_ref = R.recurrent_delta_rule(q, k, v, beta, None, output_final_state=True)
+    close(o, o_ref, torch.float32, "output")
+    close(s, s_ref, torch.float32, "final state")
 
 
 @pytest.mark.parametrize("op", ["linear_attention", "delta_rule"])

@@ -30,7 +30,7 @@ def exact_dots(dtype: torch.dtype) -> bool:
 LAUNCH = {
     "la.fwd_h": (8, 64, 64), "la.fwd_o": (8, 64, 64), "la.bwd_dh": (8, 64, 64), "la.bwd_dv": (8, 64, 64),
     "la.bwd_dqk": (8, 32, 32), "la.step": (4, 128, 32),
-    "delta.wy_fwd": (8, 64, 64), "delta.fwd_h": (8, 256, 16), "delta.bwd_dhu": (8, 256, 32),
+    "delta.wy_fwd": (8, 32, 32), "delta.fwd_h": (8, 256, 16), "delta.bwd_dhu": (8, 256, 32),
     "delta.wy_bwd": (8, 32, 32), "delta.step": (4, 256, 32),
     "conv.fwd": (4, 0, 0), "conv.bwd_dp": (8, 0, 0), "conv.bwd_dx": (4, 0, 0), "conv.step": (4, 0, 0),
 }
@@ -49,6 +49,15 @@ def dot(a, b, EXACT: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def dot_fp32(a, b, EXACT: tl.constexpr):
+    """fp32 a @ b at fp32 accuracy: IEEE where exact, else TF32x3 (three TF32 tensor-core passes)."""
+    if EXACT:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="tf32x3")
 
 
 @triton.jit
