@@ -22,10 +22,10 @@ import importlib.util
 import time
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import rnnify  # noqa: F401
 from rnnify.convert import convert
-from transformers import LlamaConfig, LlamaForCausalLM
 
 SHAPES = {  # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json)
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

@@ -107,24 +107,25 @@ def chunked_table(impls, args, device, dtype, bench):
             o = out[0] if isinstance(out, tuple) else out
             do = torch.randn_like(o)
 
-            def fb():
+            def fwd_bwd(fn=fn, do=do):
                 out = fn()
                 (out[0] if isinstance(out, tuple) else out).backward(do)
-            return fwd, bench(fb)
+            return fwd, bench(fwd_bwd)
 
         qs, ks, vs = (x.transpose(1, 2) for x in (q, k, v))  # SDPA takes [B, H, T, D]
         try:
             with (torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.FLASH_ATTENTION])
                   if device.type == "cuda" else contextlib.nullcontext()):
-                rows[sdpa_label] = both(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
+                rows[sdpa_label] = both(lambda qs=qs, ks=ks, vs=vs: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
         except RuntimeError as e:
             rows[sdpa_label] = (float("nan"), float("nan"))
             print(f"SDPA at T={T}: {e}")
         for name, ops in impls.items():
             if name == "reference" and device.type == "cuda" and T > args.reference_max_T:
                 continue
-            rows[f"{name} linear attention (chunk, scalar decay)"] = both(lambda ops=ops: ops["la"](q, k, v, g))
-            rows[f"{name} gated delta rule (chunk)"] = both(lambda ops=ops: ops["delta"](q, k, v, beta, g))
+            args_ = (q, k, v, g, beta)
+            rows[f"{name} linear attention (chunk, scalar decay)"] = both(lambda ops=ops, a=args_: ops["la"](*a[:4]))
+            rows[f"{name} gated delta rule (chunk)"] = both(lambda ops=ops, a=args_: ops["delta"](*a[:3], a[4], a[3]))
         sdpa = rows[sdpa_label][1]
         for label, (f, fb) in rows.items():
             kind = "la" if "linear attention" in label else ("delta" if "delta" in label else None)
@@ -132,7 +133,7 @@ def chunked_table(impls, args, device, dtype, bench):
             vs_fla = f"{rows[fla_label][1] / fb:.2f}x" if fla_label in rows and label.startswith("rnnify") else ""
             vs_sdpa = f"{sdpa / fb:.2f}x" if kind else ""
             print(f"| {T} | {label} | {f:.2f} | {fb:.2f} | {vs_sdpa} | {vs_fla} |")
-        del q, k, v, g, beta
+        del q, k, v, g, beta, args_
 
 
 def step_table(impls, args, device, bench):
@@ -149,8 +150,9 @@ def step_table(impls, args, device, bench):
         rows = {}
         with torch.no_grad():
             for name, ops in impls.items():
-                rows[f"{name} linear attention step"] = bench(lambda ops=ops: ops["la_step"](q, k, v, g, state))
-                rows[f"{name} delta rule step"] = bench(lambda ops=ops: ops["delta_step"](q, k, v, beta, g, state))
+                a = (q, k, v, g, beta, state)
+                rows[f"{name} linear attention step"] = bench(lambda ops=ops, a=a: ops["la_step"](*a[:4], a[5]))
+                rows[f"{name} delta rule step"] = bench(lambda ops=ops, a=a: ops["delta_step"](*a[:3], a[4], a[3], a[5]))
         for label, ms in rows.items():
             kind = "linear attention step" if "linear" in label else "delta rule step"
             other = rows.get(f"fla {kind}")

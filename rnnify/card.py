@@ -6,12 +6,6 @@ import yaml
 
 from .eval.memory import attention_cache_bytes, cache_bytes, human_bytes
 
-PAPERS = {
-    "supra": ("Linearizing Large Language Models (Mercat et al., 2024)", "https://arxiv.org/abs/2405.06640"),
-    "lolcats": ("LoLCATs: On Low-Rank Linearizing of Large Language Models (Zhang et al., 2024)",
-                "https://arxiv.org/abs/2410.10254"),
-}
-
 
 def teacher_cache_bytes(student, seq_len: int, kv_bytes: int = 2) -> int:
     """KV-cache bytes of the source model, from the base config the student carries."""
@@ -29,21 +23,30 @@ def cache_table(student, lengths=(4096, 32768)) -> str:
 
 def model_card(student, *, source: str, recipe: dict | None = None, eval_results: dict | None = None,
                training: dict | None = None, repo_id: str | None = None, name: str | None = None) -> str:
+    from .convert import METHODS
     from .eval.report import results_table
+    from .modeling.layer_program import describe
 
     cfg = student.config
     method = cfg.method or "rnnify"
+    applied = [t["method"] for t in cfg.transforms]
     kept = [i for i, m in enumerate(cfg.layer_mixers) if m == "attention"]
-    tags = ["rnnify", method, "hybrid" if kept else "linear-attention"]
-    if kept:
+    converted = [i for i, m in enumerate(cfg.layer_mixers) if m not in ("attention", "dropped")]
+    tags = ["rnnify", method, *applied, "hybrid" if kept and converted else "linear-attention" if converted else "looped"]
+    if kept and converted:
         tags.append("linear-attention")
     front = {"base_model": source, "library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags}
-    paper, url = PAPERS.get(method, (method, ""))
+    def cite(m):
+        paper = METHODS[m].paper if m in METHODS else None
+        return f"**{m}**" + (f" ([{paper.title}]({paper.url}))" if paper else "")
+
+    by = " then ".join(cite(m) for m in [method, *applied])
     where = repo_id or "PATH_OR_REPO_ID"
     n = cfg.num_hidden_layers
-    layers = (f"{n - len(kept)} of {n} layers converted; layers {kept} stay softmax attention" if kept
-              else f"all {n} layers converted")
-    settings = {k: v for k, v in cfg.mixer_config.items() if k != "per_layer"}
+    layers = (f"{len(converted)} of {n} layers converted; layers {kept} stay softmax attention" if kept
+              else f"all {n} layers converted" if len(converted) == n else f"{len(converted)} of {n} layers converted")
+    settings = cfg.mixer_config
+    program = "\n".join(describe(cfg.parsed_program(), cfg.layer_types))
     train_lines = "- none: conversion only (surgery, not yet trained)"
     if training:
         train_lines = "\n".join(f"- `{k}`: {v.get('steps')} steps, {v.get('tokens', 0):,} tokens, final loss "
@@ -51,8 +54,8 @@ def model_card(student, *, source: str, recipe: dict | None = None, eval_results
     text = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {repo_id.split('/')[-1] if repo_id else name or method}: {method} conversion of {source}", "",
-        f"Made with rnnify from `{source}` by the **{method}** method ([{paper}]({url})): {layers}; "
-        f"mixer settings `{settings}`.", "",
+        f"Made with rnnify from `{source}` by {by}: {layers}; mixer settings `{settings}`.", "",
+        "Layer program (what the forward runs):", "", "```", program, "```", "",
         "## Load it", "",
         "```python", "import rnnify, transformers  # rnnify registers the architecture",
         f'model = transformers.AutoModelForCausalLM.from_pretrained("{where}")',

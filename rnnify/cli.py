@@ -18,16 +18,18 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------- inspect
 def cmd_inspect(args) -> None:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from . import models
     from .convert import SUPPORTED_MODEL_TYPES
+    from .convert.flags import options_from_args
     from .eval.memory import cache_bytes, human_bytes
     from .modeling import RnnifyConfig
+    from .modeling.layer_program import describe
 
     t0 = time.time()
     src = models.local_path(args.model, progress=_log)
-    config = AutoConfig.from_pretrained(src.path)
+    config = models.read_config(src)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     is_student = isinstance(config, RnnifyConfig)
@@ -39,7 +41,8 @@ def cmd_inspect(args) -> None:
     layers = model.model.layers
     attn_classes: dict[str, list[int]] = {}
     for i, layer in enumerate(layers):
-        attn_classes.setdefault(type(layer.self_attn).__name__, []).append(i)
+        attn = getattr(layer, "self_attn", None)
+        attn_classes.setdefault(type(attn).__name__ if attn is not None else "(dropped)", []).append(i)
     info = {
         "model": args.model,
         "source": src.kind,
@@ -61,13 +64,15 @@ def cmd_inspect(args) -> None:
     }
     if is_student:
         info["method"] = config.method
+        info["transforms"] = config.transforms
+        info["program"] = config.program
         info["layer_mixers"] = _ranges_by_value(config.layer_mixers)
     kv_bytes = 2  # bf16 serving
     info["cache_bytes_per_sequence_bf16"] = {
         f"{n // 1024}k": cache_bytes(model, n, kv_bytes=kv_bytes) for n in (4096, 32768)
     }
     if args.method:
-        info["plan"] = _plan(config, args, kv_bytes)
+        info["plan"] = _plan(config, args, options_from_args(args), kv_bytes)
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -82,7 +87,11 @@ def cmd_inspect(args) -> None:
     print(f"  layer types      {_ranges_by_value(types)}")
     print(f"  token mixers     {info['attention_modules']}")
     if is_student:
-        print(f"  method           {config.method}; mixers {info['layer_mixers']}")
+        applied = "".join(f" + {t['method']}" for t in config.transforms)
+        print(f"  method           {config.method}{applied}; mixer settings {config.mixer_config}")
+        print("  layer program")
+        for line in describe(config.parsed_program(), config.layer_types):
+            print(f"    {line}")
     for k, v in info["cache_bytes_per_sequence_bf16"].items():
         print(f"  cache @ {k:>3} tok  {human_bytes(v)} per sequence (bf16 K/V, fp32 states)")
     if not is_student:
@@ -92,33 +101,42 @@ def cmd_inspect(args) -> None:
         plan = info["plan"]
         print(f"  plan ({args.method}): attention layers {plan['attention_layers'] or 'none'}; "
               f"{plan['converted_layers']} layers -> {plan['mixer']}")
+        for line in plan["program_lines"]:
+            print(f"    {line}")
         for k, v in plan["cache_bytes_per_sequence_bf16"].items():
             print(f"    cache @ {k:>3} tok  {human_bytes(v)} per sequence after conversion")
     _log(f"inspected in {time.time() - t0:.1f}s")
 
 
-def _plan(config, args, kv_bytes) -> dict:
-    """Layer plan and cache size of a conversion, built on the meta device (no weights)."""
+def _plan(config, args, options, kv_bytes) -> dict:
+    """Layer program and cache size of a conversion, built on the meta device (no weights)."""
     import torch
 
     from .convert import get_method, validate
     from .eval.memory import cache_bytes
     from .modeling import RnnifyConfig, RnnifyForCausalLM
+    from .modeling.layer_program import describe
 
-    keep, opts = validate(config, args.method, args.keep_attention, {}, args.attention_fraction, args.attention_every)
-    plan = get_method(args.method).plan(config, keep, opts)
+    method = get_method(args.method)
+    keep, opts = validate(config, args.method, args.keep_attention, options, args.attention_fraction,
+                          args.attention_every)
+    if method.transform:
+        raise RnnifyError(f"inspect --method {args.method}: a transform's plan needs the model's weights; run "
+                          f"`rnnify convert {args.model} --method {args.method} --out DIR`, then inspect DIR")
+    plan = method.plan(config, keep, opts)
     base = config.get_text_config(decoder=True).to_dict()
     base.pop("quantization_config", None)
-    cfg = RnnifyConfig(base_config=base, layer_types=plan.layer_types, layer_mixers=plan.layer_mixers,
-                       mixer_config=plan.mixer_config, method=args.method)
+    cfg = RnnifyConfig(base_config=base, program=plan.program, mixer_config=plan.mixer_config, method=args.method)
     with torch.device("meta"):
         student = RnnifyForCausalLM(cfg)
-    mixer = next((m for m in plan.layer_mixers if m != "attention"), "none")
+    mixers = sorted({m for m in cfg.layer_mixers if m not in ("attention", "dropped")}) or ["none"]
     return {
-        "attention_layers": keep,
-        "layer_types": plan.layer_types,
-        "converted_layers": sum(m != "attention" for m in plan.layer_mixers),
-        "mixer": mixer,
+        "attention_layers": [i for i, m in enumerate(cfg.layer_mixers) if m == "attention"],
+        "program": cfg.program,
+        "program_lines": describe(cfg.parsed_program(), cfg.layer_types),
+        "layer_types": cfg.layer_types,
+        "converted_layers": sum(m not in ("attention", "dropped") for m in cfg.layer_mixers),
+        "mixer": ", ".join(mixers),
         "cache_bytes_per_sequence_bf16": {f"{n // 1024}k": cache_bytes(student, n, kv_bytes=kv_bytes) for n in (4096, 32768)},
     }
 
@@ -143,57 +161,59 @@ def _ranges_by_value(values: list[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------- convert
 def cmd_convert(args) -> None:
-    import torch
-
     from . import __version__, models
-    from .convert import convert, validate
+    from .card import model_card
+    from .convert import convert, get_method, validate
     from .convert.base import count_new_parameters
+    from .convert.flags import options_from_args
     from .eval.memory import cache_bytes, human_bytes
     from .io import atomic_output_dir, check_output_dir
 
-    options = {"window": args.window, "sinks": args.sinks, "chunk_size": args.chunk_size}
-    if args.conv_init is not None:
-        options["conv_init"] = args.conv_init
+    method = get_method(args.method)
+    options = options_from_args(args)
     dtype = models.parse_dtype(args.dtype)
+    models.parse_shard_size(args.max_shard_size)
     out = check_output_dir(args.out, args.overwrite)
     t0 = time.time()
     # everything that can be checked from the config fails here, before the weights load
-    validate(models.load_config(args.model, progress=_log), args.method, args.keep_attention, options,
-             args.attention_fraction, args.attention_every)
-    teacher, tok = models.load_source(args.model, dtype="float32", progress=_log)
+    keep, resolved = validate(models.load_config(args.model, progress=_log), args.method, args.keep_attention,
+                              options, args.attention_fraction, args.attention_every)
+    source, tok = models.load_source(args.model, dtype="float32", progress=_log)
     _log(f"loaded {args.model} in {time.time() - t0:.1f}s")
     t1 = time.time()
-    student = convert(teacher, args.method, keep_attention=args.keep_attention, options=options,
+    student = convert(source, args.method, keep_attention=args.keep_attention, options=options,
                       attention_fraction=args.attention_fraction, attention_every=args.attention_every)
     if dtype is not None:
         student = student.to(dtype)
         student.config.dtype = dtype
-    n_new = count_new_parameters(student)
+    n_new = count_new_parameters(student) if not method.transform else \
+        sum(p.numel() for p in student.parameters()) - sum(p.numel() for p in source.parameters())
     record = {
         "source": args.model,
         "method": args.method,
+        "options": resolved,
         "keep_attention": [i for i, m in enumerate(student.config.layer_mixers) if m == "attention"],
-        "mixer_config": student.config.mixer_config,
+        "program": student.config.program,
         "dtype": str(next(student.parameters()).dtype).replace("torch.", ""),
         "rnnify_version": __version__,
     }
-    from .card import model_card
-
     with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
         student.save_pretrained(tmp, max_shard_size=args.max_shard_size)
         if tok is not None:
             tok.save_pretrained(tmp)
         (tmp / "rnnify_conversion.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(student, source=args.model, recipe={"conversion": record},
-                                                      name=Path(args.out).name))
+                                                  name=Path(args.out).name))
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"converted {args.model} with {args.method} -> {out}  ({time.time() - t1:.1f}s)")
-    print(f"  layers kept as attention: {record['keep_attention'] or 'none'}; new parameters {n_new:,}")
+    print(f"{'transformed' if method.transform else 'converted'} {args.model} with {args.method} -> {out}  "
+          f"({time.time() - t1:.1f}s)")
+    print(f"  layers kept as attention: {record['keep_attention'] or 'none'}; "
+          f"{'parameters added' if method.transform else 'new parameters'} {n_new:,}")
     print(f"  weights {size / 2**20:.1f} MiB ({record['dtype']})")
+    before = "before" if method.transform else "teacher KV"
     for n in (4096, 32768):
-        s, t = cache_bytes(student, n), cache_bytes(teacher, n)
-        print(f"  cache per sequence @ {n // 1024}k tokens: {human_bytes(s)} vs teacher KV {human_bytes(t)} ({t / s:.1f}x less)")
-    del torch
+        s, t = cache_bytes(student, n), cache_bytes(source, n)
+        print(f"  cache per sequence @ {n // 1024}k tokens: {human_bytes(s)} vs {before} {human_bytes(t)} ({t / s:.1f}x less)")
 
 
 def cmd_export(args) -> None:
@@ -253,23 +273,29 @@ def cmd_generate(args) -> None:
 # ---------------------------------------------------------------------------------------------- recipes
 def cmd_ls(args) -> None:
     from .convert import METHODS
+    from .convert.method import describe_options
     from .distill.stages import STAGES
     from .recipe import RECIPES_DIR
 
     print("recipes:")
     for p in sorted(RECIPES_DIR.glob("*.yaml")):
         first = next((line[1:].strip() for line in p.read_text().splitlines() if line.startswith("#")), "")
-        print(f"  {p.stem:<16} {first}")
+        print(f"  {p.stem:<20} {first}")
     print("methods:")
-    for name, mod in sorted(METHODS.items()):
-        print(f"  {name:<16} {(mod.__doc__ or '').strip().splitlines()[0]}")
+    for name, m in sorted(METHODS.items()):
+        kind = " (transform: rewrites an rnnify model)" if m.transform else ""
+        print(f"  {name:<20} {m.summary}{kind}")
+        if m.paper:
+            print(f"  {'':<20} {m.paper.title} {m.paper.url}")
+        opts = ", ".join(f"{o}={d}" for o, _, d in describe_options(m))
+        print(f"  {'':<20} options: {opts or 'none'}")
     print("stages:")
-    for name in STAGES:
-        print(f"  {name}")
+    for name, stage in STAGES.items():
+        print(f"  {name:<20} {stage.summary}")
 
 
 def cmd_cp(args) -> None:
-    from .recipe import find_recipe, RECIPES_DIR
+    from .recipe import RECIPES_DIR, find_recipe
 
     src = find_recipe(args.name)
     if src.parent != RECIPES_DIR:
@@ -282,8 +308,8 @@ def cmd_cp(args) -> None:
 
 
 def cmd_validate(args) -> None:
-    from .recipe import dump_recipe, load_recipe
     from .distill.trainer import total_steps
+    from .recipe import dump_recipe, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     print(f"# {args.recipe}: valid. Resolved recipe:")
@@ -343,6 +369,7 @@ def cmd_eval(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .convert import METHODS
+    from .convert.flags import add_method_flags
     from .models import ALIASES, DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="rnnify", description="Convert pretrained transformers into recurrent and hybrid models.")
@@ -350,30 +377,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     model_help = f"Hub repo id, local folder, .gguf file or alias ({', '.join(ALIASES)}); default {DEFAULT_MODEL}"
 
+    def layer_choice(s):
+        s.add_argument("--keep-attention", default=None, help="layers that stay softmax attention, e.g. 0,15 or 0-3")
+        s.add_argument("--attention-fraction", type=float, default=None,
+                       help="share of layers that stay attention, spread evenly (e.g. 0.5, 0.25, 0.125, 0)")
+        s.add_argument("--attention-every", type=int, default=None, help="every k-th layer stays attention")
+
+    methods_help = ", ".join(f"{n}{' (transform)' if m.transform else ''}" for n, m in sorted(METHODS.items()))
     s = sub.add_parser("inspect", help="architecture, layers, heads, parameters and attention modules of a model")
     s.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     s.add_argument("--json", action="store_true", help="print JSON")
-    s.add_argument("--method", default=None, help="also show the layer plan and cache size of this conversion")
-    s.add_argument("--keep-attention", default=None)
-    s.add_argument("--attention-fraction", type=float, default=None)
-    s.add_argument("--attention-every", type=int, default=None)
+    s.add_argument("--method", default=None, help=f"also show the layer program and cache size of this conversion "
+                                                   f"({methods_help})")
+    layer_choice(s)
+    add_method_flags(s)
     s.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("convert", help="convert a model's attention layers (surgery only, no training)")
-    s.add_argument("model", help=model_help)
-    s.add_argument("--method", required=True, help=f"one of: {', '.join(sorted(METHODS))}")
-    s.add_argument("--keep-attention", default=None, help="layers that stay softmax attention, e.g. 0,15 or 0-3")
-    s.add_argument("--attention-fraction", type=float, default=None,
-                   help="share of layers that stay attention, spread evenly (e.g. 0.5, 0.25, 0.125, 0)")
-    s.add_argument("--attention-every", type=int, default=None, help="every k-th layer stays attention")
-    s.add_argument("--window", type=int, default=None, help="softmax window in tokens (lolcats; default 64)")
-    s.add_argument("--sinks", type=int, default=None, help="first tokens kept in the softmax part (lolcats; default 4)")
-    s.add_argument("--chunk-size", type=int, default=None, help="chunk length of the parallel form (default 64)")
-    s.add_argument("--conv-init", default=None, help="mamba_in_llama: default (Mamba2's random init) | identity")
+    s = sub.add_parser("convert", help="convert a model's attention layers (surgery only, no training), or "
+                                       "transform a converted model")
+    s.add_argument("model", help=model_help + "; for a transform method, a converted (rnnify) model")
+    s.add_argument("--method", required=True, help=f"one of: {methods_help}")
+    layer_choice(s)
     s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 for the saved weights")
     s.add_argument("--out", required=True, help="output folder (written atomically)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
     s.add_argument("--max-shard-size", default="5GB", help="split weights into shards of at most this size")
+    add_method_flags(s)
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("export", help="save a mamba_in_llama hybrid as transformers' in-tree Bamba architecture")
@@ -391,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--message", default=None, help="commit message")
     s.set_defaults(func=cmd_push)
 
-    s = sub.add_parser("ls", help="shipped recipes, conversion methods and training stages")
+    s = sub.add_parser("ls", help="shipped recipes, methods (with papers and options) and training stages")
     s.set_defaults(func=cmd_ls)
 
     s = sub.add_parser("cp", help="copy a shipped recipe to edit")

@@ -30,7 +30,7 @@ def _check(student):
         problems.append(f"heads x head_dim = {heads * head_dim} is not a multiple of hidden_size {base.hidden_size}")
     if getattr(base, "hidden_act", "silu") != "silu":
         problems.append(f"activation {base.hidden_act}")
-    mixers = [m for _, m in student.mixers() if type(m).__name__ == "Mamba2Mixer"]
+    mixers = [m for _, m in student.mixers() if m.name == "mamba2"]
     if mixers and len({m.conv_kernel for m in mixers}) > 1:
         problems.append("different conv kernels per layer")
     if any(abs(m.norm.eps - base.rms_norm_eps) > 1e-12 for m in mixers):
@@ -53,7 +53,8 @@ def bamba_config(student):
         vocab_size=base.vocab_size, hidden_size=base.hidden_size, intermediate_size=base.intermediate_size,
         num_hidden_layers=base.num_hidden_layers, num_attention_heads=heads, num_key_value_heads=kv,
         rms_norm_eps=base.rms_norm_eps, max_position_embeddings=base.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings, attn_layer_indices=[i for i, m in enumerate(cfg.layer_mixers) if m == "attention"],
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        attn_layer_indices=[i for i, m in enumerate(cfg.layer_mixers) if m == "attention"],
         mamba_n_heads=heads, mamba_d_head=head_dim, mamba_n_groups=heads, mamba_d_state=head_dim,
         mamba_d_conv=mixers[0].conv_kernel if mixers else 4, mamba_expand=heads * head_dim // base.hidden_size,
         mamba_chunk_size=256, mamba_conv_bias=True, mamba_proj_bias=bool(mixers and mixers[0].in_proj.bias is not None),

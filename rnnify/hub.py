@@ -9,7 +9,11 @@ from pathlib import Path
 from .errors import RnnifyError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-REMOTE_CODE = ("configuration_rnnify.py", "modeling_rnnify.py", "mixers.py", "sink_window_cache.py", "kernels_reference.py")
+
+
+# what a folder saved by rnnify 0.1 (no layer program) ships
+_V01_REMOTE_CODE = ("configuration_rnnify.py", "modeling_rnnify.py", "mixers.py", "sink_window_cache.py",
+                    "kernels_reference.py")
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -31,7 +35,10 @@ def check_model_folder(folder) -> list[str]:
         raise RnnifyError(f"{folder} holds a {cfg.get('model_type')!r} model, not an rnnify conversion")
     if "modeling_rnnify.RnnifyForCausalLM" not in json.dumps(cfg.get("auto_map", {})):
         raise RnnifyError(f"{folder}/config.json has no auto_map to modeling_rnnify: re-save it with rnnify")
-    missing = [f for f in REMOTE_CODE if not (folder / f).is_file()]
+    from .modeling.remote_code import remote_code_sources
+
+    code = sorted(remote_code_sources()) if cfg.get("program") is not None else sorted(_V01_REMOTE_CODE)
+    missing = [f for f in code if not (folder / f).is_file()]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -52,6 +52,19 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
+def parse_shard_size(size: str | int) -> int:
+    """Bytes of a shard size like '5GB', '500MB', '1GiB' (checked before any weights load)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        n = convert_file_size_to_int(size if not str(size).isdigit() else int(size))
+    except (ValueError, TypeError):
+        n = 0
+    if n <= 0:
+        raise RnnifyError(f"shard size {size!r} is not a size; accepted: an integer and a unit, e.g. 5GB, 500MB, 1GiB")
+    return n
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("RNNIFY_CACHE", Path.home() / ".cache" / "rnnify"))
 
@@ -165,10 +178,20 @@ def _hub_snapshot(repo_id: str) -> str:
         ) from e
 
 
-def load_config(name: str, progress=print):
+def read_config(src: Source):
+    """The transformers config of a resolved source; a config that cannot be read is a one-line error."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(local_path(name, progress).path)
+    try:
+        return AutoConfig.from_pretrained(src.path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RnnifyError(f"{src.name}: its config.json cannot be read as a transformers config ({first}); "
+                          "re-save the model or give another source") from e
+
+
+def load_config(name: str, progress=print):
+    return read_config(local_path(name, progress))
 
 
 def load_source(name: str, dtype: str | torch.dtype | None = "float32", progress=print):

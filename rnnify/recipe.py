@@ -11,22 +11,41 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from .distill.settings import Strict
 from .errors import RnnifyError
+from .eval.spec import EvalSpec
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUILTIN_PREFIX = "builtin:"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
 class ModelSpec(Strict):
     source: str = "smollm2-135m"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class TransformSpec(Strict):
+    """A transform method applied to the converted model, before training."""
+
+    method: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_transform(self):
+        from .convert import get_method
+
+        try:
+            m = get_method(self.method)
+            if not m.transform:
+                raise RnnifyError(f"method {self.method!r} is a conversion, not a transform; put it under "
+                                  "conversion.method")
+            m.resolve_options(self.options)
+        except RnnifyError as e:
+            raise ValueError(str(e)) from None
+        return self
 
 
 class ConversionSpec(Strict):
@@ -35,13 +54,18 @@ class ConversionSpec(Strict):
     attention_fraction: float | None = None  # share of layers kept as attention, spread evenly
     attention_every: int | None = None  # every k-th layer kept as attention
     options: dict[str, Any] = Field(default_factory=dict)
+    transforms: list[TransformSpec] = Field(default_factory=list)  # applied in order after the conversion
 
     @model_validator(mode="after")
     def _known_method(self):
-        from .convert import resolve_options
+        from .convert import get_method
 
         try:
-            resolve_options(self.method, self.options)
+            m = get_method(self.method)
+            if m.transform:
+                raise RnnifyError(f"method {self.method!r} is a transform; a recipe converts with a conversion "
+                                  "method and lists transforms under conversion.transforms")
+            m.resolve_options(self.options)
         except RnnifyError as e:
             raise ValueError(str(e)) from None
         return self
@@ -61,61 +85,9 @@ class DataSpec(Strict):
     streaming: bool = False  # Hub datasets: read rows as needed instead of downloading the whole set
 
 
-class LoraSpec(Strict):
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    merge: bool = True
-
-
-class TrainSpec(Strict):
-    """Settings a stage inherits from ``train:`` and may override."""
-
-    data: str | None = None  # key in ``datasets``; default: the first
-    trainable: list[str] | None = None  # glob patterns over parameter names; "@new" = the conversion's new parameters
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    warmup_steps: int = 0
-    max_steps: int | None = None
-    max_tokens: int | None = None
-    seq_len: int = 512
-    batch_size: int = 4  # sequences per optimizer micro-step, over all processes
-    grad_accum: int = 1
-    grad_clip: float | None = 1.0
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    # distill
-    temperature: float = 1.0
-    kl: Literal["forward", "reverse"] = "forward"
-    ce_weight: float = 0.0
-    # finetune
-    lora: LoraSpec | None = None
-    # stepwise distillation (Mamba-in-Llama): only these converted layers use their new mixer in this stage;
-    # the other converted layers run the teacher's attention. Give a list, or the attention fraction whose
-    # converted layers are active (0.5 then 0.25 ... replaces layers progressively). "@new" then means the
-    # active layers' new parameters.
-    active_layers: list[int] | None = None
-    active_attention_fraction: float | None = None
-
-    @model_validator(mode="after")
-    def _positive(self):
-        for name in ("seq_len", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError("max_steps must be >= 1")
-        return self
-
-
-_TRAIN_FIELDS = set(TrainSpec.model_fields)
-
-
 class StageSpec(Strict):
+    """One stage: its type, an optional name, and its own settings (checked against its type's settings model)."""
+
     type: str
     name: str | None = None
     settings: dict[str, Any] = Field(default_factory=dict)
@@ -123,15 +95,12 @@ class StageSpec(Strict):
     @model_validator(mode="before")
     @classmethod
     def _split(cls, data):
-        """Stage keys other than type/name are TrainSpec overrides."""
+        """Stage keys other than type/name are that stage type's settings."""
         if not isinstance(data, dict):
             raise ValueError("a stage is a mapping with at least 'type'")
         data = dict(data)
         out = {k: data.pop(k) for k in ("type", "name", "settings") if k in data}
         settings = dict(out.get("settings", {}))
-        unknown = sorted(set(data) - _TRAIN_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown stage setting(s) {unknown}; accepted: {sorted(_TRAIN_FIELDS)}")
         settings.update(data)
         out["settings"] = settings
         return out
@@ -146,23 +115,38 @@ class StageSpec(Strict):
         return v
 
 
+def _stage_keys() -> dict[str, list[str]]:
+    """setting -> the stage types that accept it."""
+    from .distill.stages import STAGES
+
+    keys: dict[str, list[str]] = {}
+    for name, stage in STAGES.items():
+        for key in stage.settings.model_fields:
+            keys.setdefault(key, []).append(name)
+    return keys
+
+
+def _train_defaults_model():
+    """The ``train:`` block: every stage type's settings, all optional (a stage takes those its type accepts)."""
+    from pydantic import create_model
+
+    from .distill.stages import STAGES
+
+    fields = {}
+    for stage in STAGES.values():
+        for key, info in stage.settings.model_fields.items():
+            fields.setdefault(key, (info.annotation | None, None))
+    return create_model("TrainDefaults", __base__=Strict, **fields)
+
+
+TrainDefaults = _train_defaults_model()
+
+
 class OutputSpec(Strict):
     dir: str
     run_dir: str | None = None  # checkpoints and logs; default: <dir>.run
     overwrite: bool = False
     max_shard_size: str = "5GB"  # larger models are saved as shards + model.safetensors.index.json
-
-
-class EvalSpec(Strict):
-    text: str = "builtin:wikitext-2/test.txt"
-    context_length: int = 2048
-    num_windows: int = 4
-    baseline: bool = True  # window + sinks softmax with the student's window (or 64 + 4)
-    passkey_lengths: list[int] = Field(default_factory=lambda: [1024])
-    passkey_trials: int = 5
-    speed_lengths: list[int] = Field(default_factory=lambda: [512, 2048])
-    speed_new_tokens: int = 32
-    teacher: bool = True
 
 
 class HubSpec(Strict):
@@ -191,7 +175,7 @@ class Recipe(Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     conversion: ConversionSpec
     datasets: dict[str, DataSpec] = Field(default_factory=dict)
-    train: TrainSpec = Field(default_factory=TrainSpec)
+    train: TrainDefaults = Field(default_factory=TrainDefaults)
     stages: list[StageSpec] = Field(default_factory=list)
     output: OutputSpec
     eval: EvalSpec | None = None
@@ -202,13 +186,31 @@ class Recipe(Strict):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
+        accepted = _stage_keys()
+        types = {s.type for s in self.stages}
+        for key in self.train.model_fields_set:
+            if types and getattr(self.train, key) is not None and not types & set(accepted[key]):
+                raise ValueError(f"train.{key}: no stage of this recipe uses it; stages that accept it: "
+                                 f"{', '.join(accepted[key])}")
         for i, s in enumerate(self.stages):
-            data = self.stage_settings(i).data
-            if data is None and not self.datasets:
+            wrong = sorted(k for k in s.settings if k in accepted and s.type not in accepted[k])
+            if wrong:
+                raise ValueError(f"stage {s.name!r} ({s.type}): " + "; ".join(
+                    f"{k} is not a {s.type} setting (stages that accept it: {', '.join(accepted[k])})" for k in wrong))
+            unknown = sorted(set(s.settings) - set(accepted))
+            if unknown:
+                raise ValueError(f"stage {s.name!r}: unknown stage setting(s) {unknown}; a {s.type} stage accepts: "
+                                 f"{sorted(self._settings_model(i).model_fields)}")
+            try:
+                st = self.stage_settings(i)
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                raise ValueError(f"stage {s.name!r}: {where}: {err['msg']}") from None
+            if st.data is None and not self.datasets:
                 raise ValueError(f"stage {s.name!r} needs data: add a 'datasets' entry")
-            if data is not None and data not in self.datasets:
-                raise ValueError(f"stage {s.name!r} uses data {data!r}, not in datasets {sorted(self.datasets)}")
-            st = self.stage_settings(i)
+            if st.data is not None and st.data not in self.datasets:
+                raise ValueError(f"stage {s.name!r} uses data {st.data!r}, not in datasets {sorted(self.datasets)}")
             if st.max_steps is None and st.max_tokens is None:
                 raise ValueError(f"stage {s.name!r} needs max_steps or max_tokens")
         return self
@@ -218,9 +220,16 @@ class Recipe(Strict):
             if s.name is None:
                 s.name = s.type if [t.type for t in self.stages].count(s.type) == 1 else f"{s.type}{i}"
 
-    def stage_settings(self, i: int) -> TrainSpec:
-        merged = {**self.train.model_dump(exclude_unset=False), **self.stages[i].settings}
-        return TrainSpec(**merged)
+    def _settings_model(self, i: int):
+        from .distill.stages import STAGES
+
+        return STAGES[self.stages[i].type].settings
+
+    def stage_settings(self, i: int):
+        """The typed settings of stage ``i``: the ``train:`` defaults its type accepts, then its own."""
+        model = self._settings_model(i)
+        defaults = {k: v for k, v in self.train.model_dump(exclude_unset=True).items() if k in model.model_fields}
+        return model(**{**defaults, **self.stages[i].settings})
 
     def run_dir(self) -> Path:
         return Path(self.output.run_dir or f"{self.output.dir.rstrip('/')}.run")
@@ -289,12 +298,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def find_recipe(name_or_path: str) -> Path:
+    """A recipe file, a shipped recipe's name, or ``recipes/<name>.yaml`` (the shipped copy when no such file is
+    here, e.g. outside a clone of the repository)."""
     p = Path(name_or_path)
     if p.is_file():
         return p
     shipped = RECIPES_DIR / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
+    if p.parent.name == "recipes" and (RECIPES_DIR / p.name).is_file():
+        return RECIPES_DIR / p.name
     names = ", ".join(sorted(x.stem for x in RECIPES_DIR.glob("*.yaml")))
     raise RnnifyError(f"recipe {name_or_path!r} is neither a file nor a shipped recipe; shipped: {names}")
 
@@ -330,4 +343,5 @@ def resolve_path(path: str) -> str:
 
 def dump_recipe(recipe: Recipe) -> str:
     data = recipe.model_dump(mode="json", exclude_none=False)
+    data["train"] = recipe.train.model_dump(mode="json", exclude_unset=True)  # only the defaults the recipe sets
     return yaml.safe_dump(data, sort_keys=False)

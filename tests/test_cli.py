@@ -27,13 +27,14 @@ def test_inspect_convert_generate(tiny_llama_dir, tmp_path, capsys):
     assert code == 0, err
     assert "layers kept as attention: [0, 3]" in out
     cfg = json.loads((out_dir / "config.json").read_text())
-    assert cfg["layer_mixers"] == ["attention", "lolcats", "lolcats", "attention"]
+    assert [s["mixer"] for s in cfg["program"]] == ["attention", "lolcats", "lolcats", "attention"]
     assert cfg["mixer_config"]["window"] == 8
     assert (out_dir / "tokenizer.json").exists() and (out_dir / "rnnify_conversion.json").exists()
     assert not list(tmp_path.glob(".student.partial-*"))
 
     code, out, err = run(capsys, "inspect", out_dir)
-    assert code == 0 and "lolcats" in out and "LolcatsMixer" in out
+    assert code == 0 and "LolcatsMixer" in out
+    assert "0        attention  (full_attention)" in out and "1-2      lolcats    (hybrid_sliding_sink)" in out
 
     code, out, err = run(capsys, "generate", out_dir, "w1 w2 w3", "--max-new-tokens", 4)
     assert code == 0, err
@@ -52,7 +53,7 @@ def test_bf16_convert(tiny_llama_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra,needle",
     [
-        (["--method", "mamba9"], "unknown method 'mamba9'; accepted: lolcats, mamba_in_llama, supra"),
+        (["--method", "mamba9"], "unknown method 'mamba9'; accepted: lolcats, mamba_in_llama, supra, window"),
         (["--method", "supra", "--keep-attention", "4"], "layer 4 is out of range; this model has layers 0..3"),
         (["--method", "supra", "--keep-attention", "x"], "'x' is not a layer index"),
         (["--method", "supra", "--window", "8"], "method 'supra' has no setting window; its settings: chunk_size"),

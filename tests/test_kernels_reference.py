@@ -119,3 +119,32 @@ def test_delta_rule_is_a_regression_onto_the_values():
     o, state = R.recurrent_delta_rule(k, k, v, torch.ones(1, 5, 1), scale=1.0, output_final_state=True)
     assert torch.allclose(o, v, atol=1e-5)  # reading with q = k returns the value just written
     assert torch.allclose(torch.einsum("k,kv->v", k[0, 0, 0], state[0, 0]), v[0, -1, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["linear_attention", "delta_rule"])
+def test_chunked_reference_on_empty_sequences(op):
+    """T = 0 and a packed batch holding an empty sequence: the chunked reference returns the initial state for it,
+    as the token loop does (and the Triton kernels)."""
+    H, K, V = 2, 4, 3
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 5, H, K, generator=g), torch.randn(1, 5, H, K, generator=g)
+    v = torch.randn(1, 5, H, V, generator=g)
+    beta = torch.rand(1, 5, H, generator=g)
+    gl = torch.nn.functional.logsigmoid(torch.randn(1, 5, H, generator=g) + 2)
+    s0 = torch.randn(3, H, K, V, generator=g)
+    cu = torch.tensor([0, 2, 2, 5])
+    if op == "linear_attention":
+        chunk = lambda *a, **kw: R.chunk_linear_attention(*a[:3], gl if a[0].shape[1] else gl[:, :0], **kw)  # noqa: E731
+        loop = lambda *a, **kw: R.recurrent_linear_attention(*a[:3], gl if a[0].shape[1] else gl[:, :0], **kw)  # noqa: E731
+    else:
+        chunk = lambda *a, **kw: R.chunk_delta_rule(*a[:3], beta[:, :a[0].shape[1]], gl[:, :a[0].shape[1]], **kw)  # noqa: E731
+        loop = lambda *a, **kw: R.recurrent_delta_rule(*a[:3], beta[:, :a[0].shape[1]], gl[:, :a[0].shape[1]], **kw)  # noqa: E731
+    o, s = chunk(q[:, :0], k[:, :0], v[:, :0], initial_state=s0[:1], output_final_state=True, chunk_size=4)
+    assert o.shape == (1, 0, H, V) and torch.equal(s, s0[:1])
+    o, s = chunk(q[:, :0], k[:, :0], v[:, :0], output_final_state=True, chunk_size=4)
+    assert torch.equal(s, torch.zeros(1, H, K, V))
+    o_c, s_c = chunk(q, k, v, initial_state=s0, output_final_state=True, chunk_size=4, cu_seqlens=cu)
+    o_r, s_r = loop(q, k, v, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    torch.testing.assert_close(o_c, o_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_c, s_r, atol=1e-5, rtol=1e-5)
+    assert torch.equal(s_c[1], s0[1])  # the empty sequence keeps its initial state

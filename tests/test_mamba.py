@@ -3,14 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from rnnify.convert import attention_layers, convert, spread_layers
+from rnnify.distill.settings import DistillSettings
 from rnnify.distill.stages import DistillObjective, active_layers
 from rnnify.errors import RnnifyError
-from rnnify.recipe import TrainSpec
 
-from .conftest import FAMILIES, tiny_model
+from .conftest import tiny_model
 
 OPTS = {"chunk_size": 8}
 
@@ -41,31 +40,12 @@ def test_initialisation_copies_the_papers_rows(fam):
     assert all(torch.equal(p, q) for p, q in zip(student.parameters(), again.parameters()))
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
-def test_all_attention_reproduces_the_teacher(fam):
-    teacher = tiny_model(fam)
+def test_attention_fraction_one_reproduces_the_teacher():
+    teacher = tiny_model("gemma3_text")
     x = torch.randint(0, 128, (2, 17))
     student = convert(teacher, "mamba_in_llama", attention_fraction=1.0)
     with torch.no_grad():
         assert torch.equal(student(x).logits, teacher(x).logits)
-
-
-@pytest.mark.parametrize("T", [16, 21])
-def test_recurrent_decoding_matches_parallel(family, T):
-    student = convert(tiny_model(family), "mamba_in_llama", keep_attention="2", options=OPTS)
-    x = torch.randint(0, 128, (2, T))
-    with torch.no_grad():
-        full = student(x).logits
-        for prefill in (1, 3, 9):
-            cache = DynamicCache(config=student.config)
-            outs = [student(x[:, :prefill], cache=cache, use_cache=True).logits]
-            for t in range(prefill, T):
-                outs.append(student(x[:, t : t + 1], cache=cache, use_cache=True).logits)
-            assert (torch.cat(outs, 1) - full).abs().max() <= 1e-4
-        out = student.generate(x[:, :5], attention_mask=torch.ones_like(x[:, :5]), max_new_tokens=8, do_sample=False,
-                               output_scores=True, return_dict_in_generate=True, pad_token_id=0)
-        ref = student(out.sequences).logits
-    assert (torch.stack(out.scores, 1) - ref[:, 4:-1]).abs().max() <= 1e-4
 
 
 def test_mamba2_matches_a_plain_token_loop():
@@ -147,10 +127,10 @@ def test_stepwise_inactive_layers_run_the_teachers_attention():
     loss.backward()
     grads = {i: student.model.layers[i].self_attn.A_log.grad for i in range(4)}
     assert grads[0] is None and grads[2] is None and grads[1] is not None and grads[3] is not None
-    settings = TrainSpec(max_steps=1, active_attention_fraction=0.5)
+    settings = DistillSettings(max_steps=1, active_attention_fraction=0.5)
     assert active_layers(student, settings) == [1, 3]
     with pytest.raises(RnnifyError, match="not converted layers"):
-        active_layers(convert(teacher, "mamba_in_llama", keep_attention="1"), TrainSpec(max_steps=1, active_layers=[1]))
+        active_layers(convert(teacher, "mamba_in_llama", keep_attention="1"), DistillSettings(max_steps=1, active_layers=[1]))
 
 
 @pytest.mark.parametrize("fam", ["llama", "qwen2"])

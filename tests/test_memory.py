@@ -11,12 +11,10 @@ from .conftest import tiny_model
 
 
 @pytest.mark.parametrize("fam", ["llama", "qwen2"])
-@pytest.mark.parametrize("method,keep", [(None, None), ("supra", "1"), ("lolcats", "0"), ("lolcats", ""),
-                                         ("mamba_in_llama", "2")])
 @pytest.mark.parametrize("T", [3, 40])
-def test_accounting_matches_a_filled_cache(fam, method, keep, T):
-    teacher = tiny_model(fam)
-    model = teacher if method is None else convert(teacher, method, keep, {"chunk_size": 8, **({"window": 8, "sinks": 2} if method == "lolcats" else {})})
+def test_teacher_accounting_matches_a_filled_cache(fam, T):
+    """(Every method's accounting is checked in the matrix, test_methods.py.)"""
+    model = tiny_model(fam)
     x = torch.randint(0, 128, (2, T))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():

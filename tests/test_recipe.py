@@ -18,7 +18,7 @@ BASE = {
 def test_a_good_recipe_resolves_stage_settings():
     r = recipe_from_dict(BASE)
     assert [s.name for s in r.stages] == ["attention_transfer", "distill"]
-    assert r.stage_settings(1).lr == 1e-4 and r.stage_settings(0).lr == r.train.lr
+    assert r.stage_settings(1).lr == 1e-4 and r.stage_settings(0).lr == 1e-3  # the default
     assert str(r.run_dir()) == "out/x.run"
 
 
@@ -31,10 +31,17 @@ def test_a_good_recipe_resolves_stage_settings():
         ({"eval": {"context_len": 5}}, "eval.context_len: unknown key"),
         ({"train": {"lr": "fast"}}, "train.lr:"),
         ({"stages": [{"type": "distil", "max_steps": 1}]}, "stages.0.type: unknown stage type 'distil'"),
-        ({"stages": [{"type": "distill", "max_step": 1}]}, "stages.0: unknown stage setting(s) ['max_step']"),
+        ({"stages": [{"type": "distill", "max_step": 1}]}, "stage 'distill': unknown stage setting(s) ['max_step']"),
+        ({"stages": [{"type": "distill", "max_steps": 1, "lora": {"r": 4}}]},
+         "lora is not a distill setting (stages that accept it: finetune)"),
+        ({"train": {"temperature": 2.0}, "stages": [{"type": "finetune", "max_steps": 1}]},
+         "train.temperature: no stage of this recipe uses it; stages that accept it: distill"),
+        ({"train": {"tempreature": 2.0}}, "train.tempreature: unknown key"),
+        ({"stages": [{"type": "distill", "max_steps": 1, "lr": -0.1}]}, "stage 'distill': lr: Input should be greater than 0"),
         ({"stages": [{"type": "distill"}]}, "needs max_steps or max_tokens"),
         ({"stages": [{"type": "distill", "max_steps": 1, "data": "other"}]}, "uses data 'other', not in datasets"),
-        ({"conversion": {"method": "mamba"}}, "conversion: unknown method 'mamba'; accepted: lolcats, mamba_in_llama, supra"),
+        ({"conversion": {"method": "mamba"}},
+         "conversion: unknown method 'mamba'; accepted: lolcats, mamba_in_llama, supra, window"),
         ({"conversion": {"method": "supra", "options": {"window": 3}}}, "method 'supra' has no setting window"),
     ],
 )
@@ -80,3 +87,19 @@ def test_cli_cp_and_validate(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "bad.yaml")]) == 2
     assert "bogus: unknown key" in capsys.readouterr().err
     assert main(["cp", "quickstart", str(tmp_path / "my.yaml")]) == 2
+
+
+def test_recipes_are_reachable_as_documented_from_the_repository_root(tmp_path, capsys, monkeypatch):
+    """README: `rnnify run recipes/lolcats.yaml`. CI runs the suite in a fresh clone, so this checks a clone's tree."""
+    from pathlib import Path
+
+    from rnnify.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    for p in sorted(RECIPES_DIR.glob("*.yaml")):
+        assert (root / "recipes" / p.name).is_file(), f"recipes/{p.name} does not resolve in the repository"
+    monkeypatch.chdir(root)
+    assert main(["validate", "recipes/quickstart.yaml"]) == 0
+    monkeypatch.chdir(tmp_path)  # outside a clone: the documented path still finds the shipped recipe
+    assert main(["validate", "recipes/lolcats.yaml"]) == 0
+    assert "lolcats" in capsys.readouterr().out

@@ -57,7 +57,9 @@ def losses(workdir, stage):
 @pytest.mark.parametrize(
     "stage,method",
     [({"type": "attention_transfer", "lr": 0.05}, "lolcats"), ({"type": "distill", "lr": 0.01}, "supra"),
-     ({"type": "finetune", "lr": 0.003}, "supra"), ({"type": "finetune", "lr": 0.02, "lora": {"r": 8, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}}, "lolcats")],
+     ({"type": "finetune", "lr": 0.003}, "supra"),
+     ({"type": "finetune", "lr": 0.02, "lora": {"r": 8, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}},
+      "lolcats")],
     ids=["attention_transfer", "distill", "finetune", "finetune-lora"],
 )
 def test_each_stage_lowers_its_loss(workdir, stage, method):
@@ -197,9 +199,9 @@ def test_jsonl_parquet_and_chat_data(tmp_path):
 
 
 def test_batches_are_deterministic_and_cover_the_data():
-    from rnnify.recipe import TrainSpec
+    from rnnify.distill.settings import StageSettings
 
-    s = TrainSpec(batch_size=4, grad_accum=2, max_steps=10)
+    s = StageSettings(batch_size=4, grad_accum=2, max_steps=10)
     seen = torch.cat([trainer.batch_indices(10, 3, step, m, s) for step in range(5) for m in range(2)])
     assert sorted(seen[:10].tolist()) == list(range(10))  # the first epoch is a permutation
     assert torch.equal(trainer.batch_indices(10, 3, 2, 1, s), trainer.batch_indices(10, 3, 2, 1, s))
@@ -208,8 +210,8 @@ def test_batches_are_deterministic_and_cover_the_data():
 def test_lora_adapters_train_with_extra_patterns():
     from rnnify.convert import convert
     from rnnify.distill.runner import _apply_lora
+    from rnnify.distill.settings import LoraSpec
     from rnnify.distill.stages import select_trainable
-    from rnnify.recipe import LoraSpec
 
     student = convert(tiny_model("llama"), "lolcats")
     model = _apply_lora(student, LoraSpec(r=4))

@@ -1,24 +1,34 @@
-"""Conversion methods, one module each, registered by name.
+"""Conversion methods: one descriptor module each (``method.py`` says what a descriptor holds), registered here.
 
-A method module exposes ``OPTIONS`` (its settings and their defaults) and ``plan(source_config,
-keep_attention, options) -> LayerPlan``; ``convert`` turns the plan into a student initialised from the
-teacher.
+``convert`` turns a source model into a student by a conversion method's plan; ``transform`` rewrites an rnnify
+model by a transform method. Everything else that knows about methods (CLI flags, recipe validation, ``rnnify
+ls``, model cards, the test matrix) reads this registry.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from ..errors import RnnifyError
-from . import lolcats, mamba_in_llama, supra
 from .base import SUPPORTED_MODEL_TYPES, build_student, check_supported, parse_layer_list, text_config
+from .method import Method
 
-METHODS = {
-    "supra": supra,
-    "lolcats": lolcats,
-    "mamba_in_llama": mamba_in_llama,
-}
+# The registry: one line per method; the name is the module under rnnify/convert/ that defines METHOD.
+_REGISTERED = (
+    "supra",
+    "lolcats",
+    "mamba_in_llama",
+    "window",
+)
+
+METHODS: dict[str, Method] = {}
+for _name in _REGISTERED:
+    _method = importlib.import_module(f".{_name}", __name__).METHOD
+    assert _method.name == _name, f"rnnify/convert/{_name}.py registers {_method.name!r}"
+    METHODS[_name] = _method
 
 
-def get_method(name: str):
+def get_method(name: str) -> Method:
     if name not in METHODS:
         raise RnnifyError(f"unknown method {name!r}; accepted: {', '.join(sorted(METHODS))}")
     return METHODS[name]
@@ -26,18 +36,7 @@ def get_method(name: str):
 
 def resolve_options(method: str, options: dict | None) -> dict:
     """Fill defaults and reject settings the method does not have."""
-    mod = get_method(method)
-    options = {k: v for k, v in (options or {}).items() if v is not None}
-    unknown = sorted(set(options) - set(mod.OPTIONS))
-    if unknown:
-        accepted = ", ".join(sorted(mod.OPTIONS)) or "none"
-        raise RnnifyError(f"method {method!r} has no setting {', '.join(unknown)}; its settings: {accepted}")
-    resolved = {**mod.OPTIONS, **options}
-    for name, value in resolved.items():
-        check = getattr(mod, "CHECKS", {}).get(name)
-        if check is not None and not check[0](value):
-            raise RnnifyError(f"method {method!r}: {name}={value!r} is not accepted; {check[1]}")
-    return resolved
+    return get_method(method).resolve_options(options)
 
 
 def spread_layers(num_layers: int, fraction: float) -> list[int]:
@@ -63,23 +62,59 @@ def attention_layers(num_layers: int, keep_attention=None, attention_fraction=No
     return parse_layer_list(keep_attention, num_layers)
 
 
+def is_rnnify_config(config) -> bool:
+    return getattr(config, "model_type", None) == "rnnify"
+
+
 def validate(source_config, method: str, keep_attention=None, options: dict | None = None,
              attention_fraction=None, attention_every=None):
     """Check a conversion request against the source's config (no weights): returns (layers kept, options)."""
-    get_method(method)
+    m = get_method(method)
+    opts = m.resolve_options(options)
+    if m.transform:
+        if not is_rnnify_config(source_config):
+            conversions = ", ".join(n for n, x in METHODS.items() if not x.transform)
+            raise RnnifyError(f"method {method!r} transforms an rnnify model; convert the source first "
+                              f"(with one of: {conversions}) and give the converted folder")
+        if any(x is not None and x != "" for x in (keep_attention, attention_fraction, attention_every)):
+            raise RnnifyError(f"method {method!r} is a transform: it keeps the model's attention layers as they are; "
+                              "drop --keep-attention / --attention-fraction / --attention-every")
+        m.check_source(source_config)
+        return [], opts
     check_supported(source_config)
+    m.check_source(source_config)
+    if not m.keeps_attention and any(x is not None and x != "" for x in (keep_attention, attention_fraction, attention_every)):
+        raise RnnifyError(f"method {method!r} does not keep attention layers; drop --keep-attention / "
+                          "--attention-fraction / --attention-every")
     n = text_config(source_config).num_hidden_layers
     keep = attention_layers(n, keep_attention, attention_fraction, attention_every)
-    return keep, resolve_options(method, options)
+    return keep, opts
 
 
 def convert(teacher, method: str, keep_attention=None, options: dict | None = None, attention_fraction=None,
             attention_every=None):
-    """Build the student of ``teacher`` for ``method``; the layers left as attention come from
-    ``keep_attention`` (list), ``attention_fraction`` or ``attention_every``."""
+    """Build the student of ``teacher`` for ``method`` (or, for a transform method, rewrite the rnnify model
+    ``teacher``); the layers left as attention come from ``keep_attention`` (list), ``attention_fraction`` or
+    ``attention_every``."""
     keep, opts = validate(teacher.config, method, keep_attention, options, attention_fraction, attention_every)
-    plan = get_method(method).plan(teacher.config, keep, opts)
+    m = get_method(method)
+    if m.transform:
+        return transform(teacher, method, opts)
+    plan = m.plan(teacher.config, keep, opts)
     return build_student(teacher, plan, method)
 
 
-__all__ = ["METHODS", "convert", "validate", "get_method", "resolve_options", "parse_layer_list", "SUPPORTED_MODEL_TYPES"]
+def transform(model, method: str, options: dict | None = None):
+    """Rewrite the rnnify ``model`` with the transform ``method``; the result records it in ``config.transforms``."""
+    m = get_method(method)
+    if not m.transform:
+        raise RnnifyError(f"method {method!r} converts a source model; it is not a transform")
+    opts = m.resolve_options(options)
+    validate(model.config, method, options=opts)
+    out = m.apply(model, opts)
+    out.config.transforms = [*model.config.transforms, {"method": method, "options": opts}]
+    return out
+
+
+__all__ = ["METHODS", "Method", "convert", "transform", "validate", "get_method", "resolve_options",
+           "parse_layer_list", "SUPPORTED_MODEL_TYPES", "build_student", "text_config"]

@@ -1,27 +1,17 @@
-"""What every conversion shares: checking the source, planning layers, copying weights into the student."""
+"""What every conversion shares: checking the source, parsing layer lists, copying weights into the student."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import RnnifyError
 from ..modeling import RnnifyConfig, RnnifyForCausalLM
-from ..modeling.configuration_rnnify import base_layer_types
+from ..modeling.layer_program import DROPPED
+from .method import Plan
 
 # Source families whose decoder layers follow the frame the student reuses (self_attn with q/k/v/o
 # projections, rotate-half RoPE from model.rotary_emb).
 SUPPORTED_MODEL_TYPES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3")
-
-
-@dataclass
-class LayerPlan:
-    """Per-layer structure of a student: mixer names, cache layer types, shared mixer settings."""
-
-    layer_mixers: list[str]
-    layer_types: list[str]
-    mixer_config: dict = field(default_factory=dict)
 
 
 def text_config(config):
@@ -32,7 +22,11 @@ def check_supported(config) -> None:
     cfg = text_config(config)
     mt = getattr(cfg, "model_type", None)
     if mt == "rnnify":
-        raise RnnifyError("the source is already an rnnify model; convert its base model instead")
+        from . import METHODS
+
+        transforms = ", ".join(n for n, m in METHODS.items() if m.transform) or "none yet"
+        raise RnnifyError("the source is already an rnnify model; convert its base model instead, or give a "
+                          f"transform method (transforms: {transforms})")
     if mt not in SUPPORTED_MODEL_TYPES:
         arch = ",".join(getattr(config, "architectures", None) or [mt or "?"])
         raise RnnifyError(
@@ -57,7 +51,8 @@ def parse_layer_list(spec, num_layers: int, what: str = "--keep-attention") -> l
             else:
                 idx = [int(text)]
         except ValueError:
-            raise RnnifyError(f"{what}: {text!r} is not a layer index; accepted: comma-separated integers or ranges like 0-3") from None
+            raise RnnifyError(f"{what}: {text!r} is not a layer index; accepted: comma-separated integers or "
+                              "ranges like 0-3") from None
         for i in idx:
             j = i + num_layers if i < 0 else i
             if not 0 <= j < num_layers:
@@ -66,53 +61,35 @@ def parse_layer_list(spec, num_layers: int, what: str = "--keep-attention") -> l
     return sorted(out)
 
 
-def plan_layers(source_config, mixer: str, layer_type: str, keep_attention: list[int], mixer_config: dict) -> LayerPlan:
-    """Every layer becomes ``mixer`` except those in ``keep_attention``, which keep their attention type."""
-    cfg = text_config(source_config)
-    base_types = base_layer_types(cfg)
-    mixers, types = [], []
-    for i, bt in enumerate(base_types):
-        if i in keep_attention:
-            mixers.append("attention")
-            types.append(bt)
-        else:
-            mixers.append(mixer)
-            types.append(layer_type)
-    return LayerPlan(mixers, types, mixer_config)
-
-
-def build_student(teacher, plan: LayerPlan, method: str) -> RnnifyForCausalLM:
-    """Make the student from the teacher: same weights where names match, new mixer parts initialised."""
+def build_student(teacher, plan: Plan, method: str) -> RnnifyForCausalLM:
+    """Make the student from the teacher: same weights where names match, new parts initialised by their mixers."""
     check_supported(teacher.config)
     base = text_config(teacher.config)
     base_dict = base.to_dict()
     base_dict.pop("quantization_config", None)
-    config = RnnifyConfig(
-        base_config=base_dict,
-        layer_types=plan.layer_types,
-        layer_mixers=plan.layer_mixers,
-        mixer_config=plan.mixer_config,
-        method=method,
-    )
+    config = RnnifyConfig(base_config=base_dict, program=plan.program, mixer_config=plan.mixer_config, method=method)
     config._attn_implementation = getattr(base, "_attn_implementation", None) or "sdpa"
     dtype = next(teacher.parameters()).dtype
     student = RnnifyForCausalLM(config).to(dtype)
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     new = set(student.new_parameter_names())
-    new_buffers = {f"model.layers.{i}.self_attn.{n}" for i, m in student.mixers() for n, _ in m.named_buffers()}
-    # mixers that do not keep the attention's projections (Mamba2) absorb them in init_from_attention
-    absorbed = tuple(f"model.layers.{i}.self_attn." for i, m in student.mixers() if hasattr(m, "init_from_attention"))
+    mixers = student.mixers()
+    new_buffers = {f"model.layers.{i}.self_attn.{n}" for i, m in mixers for n, _ in m.named_buffers()}
+    # what the program leaves out: the attention modules a mixer absorbs, and the dropped layers
+    left_out = tuple(f"model.layers.{i}.self_attn.{name}." for i, m in mixers for name in m.absorbs)
+    left_out += tuple(f"model.layers.{i}." for i, mixer in enumerate(config.layer_mixers) if mixer == DROPPED)
     missing = [k for k in missing if k not in new and k not in new_buffers and not k.endswith("inv_freq")]
-    unexpected = [k for k in unexpected if not k.endswith("inv_freq") and not k.startswith(absorbed)]
+    unexpected = [k for k in unexpected if not k.endswith("inv_freq") and not k.startswith(left_out)]
     if missing or unexpected:
         raise RnnifyError(
             f"weights of {getattr(base, 'model_type', '?')} do not map onto the student: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    for i, m in student.mixers():
+    for i, m in mixers:
         m.init_new_parameters()
-        if hasattr(m, "init_from_attention"):
-            m.init_from_attention(teacher.model.layers[i].self_attn)
+        m.init_from_attention(teacher.model.layers[i].self_attn)
+    for block in student.blocks:
+        block.init_new_parameters()
     student.generation_config = teacher.generation_config
     student.eval()
     return student

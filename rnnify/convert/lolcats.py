@@ -1,24 +1,31 @@
-"""LoLCATs-style window + sinks softmax with Hedgehog linear attention (Zhang et al. 2024).
+"""LoLCATs-style window + sinks softmax with Hedgehog linear attention over older tokens (Zhang et al. 2024;
+``modeling/mixer_lolcats.py``).
 
-Hedgehog linear attention over old tokens plus a softmax
-window of the last ``window`` tokens and the first ``sinks`` tokens (``modeling/mixers.py::LolcatsMixer``).
-
-Defaults: window 64 as in LoLCATs; 4 sink tokens, which on SmolLM2-135M take a 64-token window from 3.3x
-to 1.5x the teacher's perplexity (DESIGN.md).
+Defaults: window 64 as in LoLCATs; 4 sink tokens, which on SmolLM2-135M take a 64-token window from 3.3x to 1.5x
+the teacher's perplexity (DESIGN.md).
 """
 
-from .base import LayerPlan, plan_layers
+from pydantic import Field
 
-OPTIONS = {"window": 64, "sinks": 4, "chunk_size": 64, "init_linear_mix_logit": -6.0, "linear_branch": True}
+from ..modeling.mixer_lolcats import LolcatsMixer
+from .method import Method, MethodOptions, Paper
 
 
-def plan(source_config, keep_attention, options) -> LayerPlan:
-    return plan_layers(source_config, "lolcats", "hybrid_sliding_sink", keep_attention, {**OPTIONS, **options})
+class LolcatsOptions(MethodOptions):
+    window: int = Field(64, ge=1, description="softmax window in tokens")
+    sinks: int = Field(4, ge=0, description="first tokens kept in the softmax part (attention sinks)")
+    chunk_size: int = Field(64, ge=1, description="chunk length of the parallel (chunked) form")
+    init_linear_mix_logit: float = Field(-6.0, description="initial per-head logit of the linear part's share")
 
-# setting -> (test, what is accepted)
-CHECKS = {
-    "window": (lambda v: isinstance(v, int) and v >= 1, "accepted: an integer >= 1"),
-    "sinks": (lambda v: isinstance(v, int) and v >= 0, "accepted: an integer >= 0"),
-    "chunk_size": (lambda v: isinstance(v, int) and v >= 1, "accepted: a positive integer"),
-    "linear_branch": (lambda v: isinstance(v, bool), "accepted: true or false"),
-}
+
+class Lolcats(Method):
+    name = "lolcats"
+    summary = "LoLCATs-style: window + sinks softmax, Hedgehog linear attention over older tokens, learned mix"
+    paper = Paper("LoLCATs: On Low-Rank Linearizing of Large Language Models (Zhang et al., 2024)",
+                  "https://arxiv.org/abs/2410.10254")
+    Options = LolcatsOptions
+    mixers = (LolcatsMixer,)
+    test_options = {"chunk_size": 8, "window": 4, "sinks": 2, "init_linear_mix_logit": 0.0}
+
+
+METHOD = Lolcats()

@@ -1,21 +1,34 @@
 """Mamba-in-the-Llama hybrid (Wang et al. 2024): Mamba2 mixers initialised from attention.
 
-Chosen layers become Mamba2 mixers with x <- V, B <- K, C <- Q, out_proj <- O; the rest stay attention.
-Pick them with ``attention_fraction`` (0.5 / 0.25 / 0.125 / 0, spread evenly), ``attention_every`` or an
-explicit ``--keep-attention`` list (``modeling/mixers.py::Mamba2Mixer``).
+Chosen layers become Mamba2 mixers with x <- V, B <- K, C <- Q, out_proj <- O; the rest stay attention. Pick them
+with ``--attention-fraction`` (0.5 / 0.25 / 0.125 / 0, spread evenly), ``--attention-every`` or an explicit
+``--keep-attention`` list (``modeling/mixer_mamba2.py``).
 """
 
-from .base import LayerPlan, plan_layers
+from typing import Literal
 
-OPTIONS = {"chunk_size": 64, "conv_kernel": 4, "conv_init": "default"}
+from pydantic import Field
+
+from ..modeling.mixer_mamba2 import Mamba2Mixer
+from .method import Method, MethodOptions, Paper
 
 
-def plan(source_config, keep_attention, options) -> LayerPlan:
-    return plan_layers(source_config, "mamba2", "linear_attention", keep_attention, {**OPTIONS, **options})
+class MambaInLlamaOptions(MethodOptions):
+    chunk_size: int = Field(64, ge=1, description="chunk length of the parallel (chunked) form")
+    conv_kernel: int = Field(4, ge=2, description="Mamba2 short convolution width")
+    conv_init: Literal["default", "identity"] = Field(
+        "default", description="Mamba2's random conv init, or a pass-through conv (the untrained mixer is then "
+                               "linear attention)")
 
-# setting -> (test, what is accepted)
-CHECKS = {
-    "conv_init": (lambda v: v in ("default", "identity"), "accepted: default, identity"),
-    "conv_kernel": (lambda v: isinstance(v, int) and v >= 2, "accepted: an integer >= 2"),
-    "chunk_size": (lambda v: isinstance(v, int) and v >= 1, "accepted: a positive integer"),
-}
+
+class MambaInLlama(Method):
+    name = "mamba_in_llama"
+    summary = "Mamba-in-the-Llama: Mamba2 mixers initialised from attention (x<-V, B<-K, C<-Q, out<-O)"
+    paper = Paper("The Mamba in the Llama: Distilling and Accelerating Hybrid Models (Wang et al., 2024)",
+                  "https://arxiv.org/abs/2408.15237")
+    Options = MambaInLlamaOptions
+    mixers = (Mamba2Mixer,)
+    test_options = {"chunk_size": 8}
+
+
+METHOD = MambaInLlama()

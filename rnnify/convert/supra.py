@@ -1,13 +1,23 @@
-"""SUPRA linear attention (Mercat et al. 2024) in every converted layer.
+"""SUPRA linear attention (Mercat et al. 2024) in every converted layer: ReLU feature maps, RoPE after them, fixed
+per-head decay, GroupNorm (``modeling/mixer_supra.py``)."""
 
-ReLU feature map, RoPE after it, fixed per-head decay, GroupNorm (``modeling/mixers.py::SupraMixer``)."""
+from pydantic import Field
 
-from .base import LayerPlan, plan_layers
+from ..modeling.mixer_supra import SupraMixer
+from .method import Method, MethodOptions, Paper
 
-OPTIONS = {"chunk_size": 64}
+
+class SupraOptions(MethodOptions):
+    chunk_size: int = Field(64, ge=1, description="chunk length of the parallel (chunked) form")
 
 
-def plan(source_config, keep_attention, options) -> LayerPlan:
-    return plan_layers(source_config, "supra", "linear_attention", keep_attention, {**OPTIONS, **options})
+class Supra(Method):
+    name = "supra"
+    summary = "SUPRA linear attention: ReLU feature maps, RoPE after them, fixed per-head decay, GroupNorm"
+    paper = Paper("Linearizing Large Language Models (Mercat et al., 2024)", "https://arxiv.org/abs/2405.06640")
+    Options = SupraOptions
+    mixers = (SupraMixer,)
+    test_options = {"chunk_size": 8}
 
-CHECKS = {"chunk_size": (lambda v: isinstance(v, int) and v >= 1, "accepted: a positive integer")}
+
+METHOD = Supra()

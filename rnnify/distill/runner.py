@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..convert import convert
+from ..convert import convert, transform
 from ..errors import RnnifyError
 from ..io import atomic_output_dir, check_output_dir
 from ..recipe import Recipe, dump_recipe
@@ -35,9 +35,13 @@ def make_accelerator():
 
 
 def build_student(recipe: Recipe, teacher):
+    """The recipe's conversion of ``teacher``, then its transforms in order."""
     c = recipe.conversion
-    return convert(teacher, c.method, keep_attention=c.keep_attention, options=c.options,
-                   attention_fraction=c.attention_fraction, attention_every=c.attention_every)
+    student = convert(teacher, c.method, keep_attention=c.keep_attention, options=c.options,
+                      attention_fraction=c.attention_fraction, attention_every=c.attention_every)
+    for t in c.transforms:
+        student = transform(student, t.method, t.options)
+    return student
 
 
 def _apply_lora(student, lora):
@@ -83,7 +87,8 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
 
     completed = run.completed() if (resume or only_stage) else []
     # start from the weights of the last finished stage before the first stage we will run
-    first_to_run = names.index(only_stage) if only_stage else next((i for i, n in enumerate(names) if n not in completed), len(names))
+    first_to_run = names.index(only_stage) if only_stage else \
+        next((i for i, n in enumerate(names) if n not in completed), len(names))
     prior = [n for n in names[:first_to_run] if n in completed]
     if only_stage and len(prior) < first_to_run:
         missing = [n for n in names[:first_to_run] if n not in completed]
@@ -101,34 +106,35 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
             continue
         settings = recipe.stage_settings(i)
         spec = STAGES[stage.type]
+        lora = getattr(settings, "lora", None)
         data_key = settings.data or next(iter(recipe.datasets))
         steps = total_steps(settings)
         n_blocks = steps * settings.batch_size * settings.grad_accum
         blocks = pack_tokens(recipe.datasets[data_key], tok, settings.seq_len, max_blocks=n_blocks)
         model = student
         active = active_layers(student, settings)  # converted layers this stage trains (None: all)
-        if stage.type == "finetune" and settings.lora is not None:
-            model = _apply_lora(student, settings.lora)  # the adapters train; `trainable` adds more
+        if lora is not None:
+            model = _apply_lora(student, lora)  # the adapters train; `trainable` adds more
             trainable = [n for n, p in model.named_parameters() if p.requires_grad]
             if settings.trainable:
                 trainable = select_trainable(model, settings.trainable, new_names, keep_existing=True)
         else:
             stage_new = new_names if active is None else [n for n in new_names if int(n.split(".")[2]) in active]
-            trainable = select_trainable(model, settings.trainable or spec["trainable"], stage_new)
+            trainable = select_trainable(model, settings.trainable or list(spec.trainable), stage_new)
         n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
         _log(accelerator, f"stage {stage.name} ({stage.type}): {steps} steps x {settings.batch_size * settings.grad_accum} "
                           f"x {settings.seq_len} tokens on {blocks.shape[0]} blocks of {data_key}; "
                           f"training {n_train:,} parameters in {len(trainable)} tensors; {accelerator.num_processes} process(es)")
         if active is not None:
             _log(accelerator, f"stage {stage.name}: active converted layers {active} (the others run the teacher's attention)")
-        objective = build_objective(stage.type, model, teacher if spec["needs_teacher"] else None, settings, active)
+        objective = build_objective(stage.type, model, teacher if spec.needs_teacher else None, settings, active)
         result = train_stage(
             accelerator=accelerator, objective=objective, blocks=blocks,
             settings=settings, stage_name=stage.name, stage_index=i, seed=recipe.seed, run=run,
             resume=resume or only_stage is not None, metrics_path=metrics_path, progress=progress,
         )
         if model is not student:  # LoRA: fold the adapters into the weights
-            student = model.merge_and_unload() if settings.lora.merge else model
+            student = model.merge_and_unload() if lora.merge else model
         student.requires_grad_(False)
         info = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
                 "seconds": round(result.seconds, 1), "world_size": accelerator.num_processes}

@@ -4,12 +4,15 @@ token blocks to ``(loss, metrics)``, so the generic loop (and DDP) wraps it whol
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import RnnifyError
 from .losses import kl_distill_loss, next_token_ce
+from .settings import AttentionTransferSettings, DistillSettings, FinetuneSettings, StageSettings
 
 
 class Objective(nn.Module):
@@ -127,11 +130,38 @@ class FinetuneObjective(Objective):
         return ce, {"ce": ce.item()}
 
 
-STAGES = {
-    "attention_transfer": {"needs_teacher": True, "trainable": ["@new"]},
-    "distill": {"needs_teacher": True, "trainable": ["@new"]},
-    "finetune": {"needs_teacher": False, "trainable": ["*"]},
-}
+@dataclass(frozen=True)
+class Stage:
+    """A training stage type: its settings model, what it trains by default and how it builds its objective."""
+
+    name: str
+    summary: str
+    settings: type[StageSettings]
+    needs_teacher: bool
+    trainable: tuple[str, ...]  # default trainable patterns ("@new": the conversion's new parameters)
+    objective: Callable  # (student, teacher, settings, active layers) -> Objective
+
+
+# The registry: one entry per stage type.
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("attention_transfer", "per-layer MSE between each new mixer and the attention it replaces (LoLCATs stage 1)",
+          AttentionTransferSettings, True, ("@new",), lambda st, te, se, ac: AttentionTransferObjective(st, te)),
+    Stage("distill", "end-to-end KL to the frozen teacher (+ CE); stepwise with active_layers",
+          DistillSettings, True, ("@new",),
+          lambda st, te, se, ac: DistillObjective(st, te, se.temperature, se.kl, se.ce_weight, ac)),
+    Stage("finetune", "next-token cross-entropy, all parameters or LoRA (peft)",
+          FinetuneSettings, False, ("*",), lambda st, te, se, ac: FinetuneObjective(st)),
+)}
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise RnnifyError(f"unknown stage type {name!r}; accepted: {', '.join(sorted(STAGES))}")
+    return STAGES[name]
+
+
+def build_objective(stage_type: str, student, teacher, settings, active=None) -> Objective:
+    return get_stage(stage_type).objective(student, teacher, settings, active)
 
 
 def active_layers(student, settings) -> list[int] | None:
@@ -139,25 +169,17 @@ def active_layers(student, settings) -> list[int] | None:
     from ..convert import spread_layers
 
     converted = [i for i, _ in student.mixers()]
-    if settings.active_layers is not None:
-        bad = sorted(set(settings.active_layers) - set(converted))
+    chosen = getattr(settings, "active_layers", None)
+    fraction = getattr(settings, "active_attention_fraction", None)
+    if chosen is not None:
+        bad = sorted(set(chosen) - set(converted))
         if bad:
             raise RnnifyError(f"active_layers {bad} are not converted layers; converted: {converted}")
-        return sorted(settings.active_layers)
-    if settings.active_attention_fraction is not None:
-        kept = set(spread_layers(len(student.model.layers), settings.active_attention_fraction))
+        return sorted(chosen)
+    if fraction is not None:
+        kept = set(spread_layers(len(student.model.layers), fraction))
         return [i for i in converted if i not in kept]
     return None
-
-
-def build_objective(stage_type: str, student, teacher, settings, active=None) -> Objective:
-    if stage_type == "attention_transfer":
-        return AttentionTransferObjective(student, teacher)
-    if stage_type == "distill":
-        return DistillObjective(student, teacher, settings.temperature, settings.kl, settings.ce_weight, active)
-    if stage_type == "finetune":
-        return FinetuneObjective(student)
-    raise RnnifyError(f"unknown stage type {stage_type!r}; accepted: {', '.join(sorted(STAGES))}")
 
 
 def select_trainable(model, patterns: list[str], new_names: list[str], keep_existing: bool = False) -> list[str]:

@@ -100,7 +100,7 @@ def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_i
     def save(step):
         if accelerator.is_main_process:
             trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
-            path = run.save_checkpoint(stage_name, step, trainable, optimizer, scheduler,
+            run.save_checkpoint(stage_name, step, trainable, optimizer, scheduler,
                                        {"stage": stage_name, "world_size": world}, settings.keep_checkpoints)
         accelerator.wait_for_everyone()
         return run.checkpoints(stage_name)[-1] if accelerator.is_main_process else None

@@ -18,27 +18,34 @@ def attention_cache_bytes(cfg, layer_type: str, seq_len: int, batch: int = 1, kv
     return batch * 2 * kv * head_dim * kept * kv_bytes
 
 
-def cache_bytes_per_layer(model, seq_len: int, batch: int = 1, kv_bytes: int = 2) -> list[int]:
-    """Bytes per layer for a teacher (any transformers causal LM) or an rnnify student."""
+def cache_bytes_per_layer(model, seq_len: int, batch: int = 1, kv_bytes: int = 2, recurrence: int | None = None) -> list[int]:
+    """Bytes per executed step (cache slot) for a teacher (any transformers causal LM) or an rnnify model; a block
+    counts once per loop (``recurrence`` loops, default the block's own count)."""
     from ..modeling import RnnifyForCausalLM
     from ..modeling.configuration_rnnify import base_layer_types
+    from ..modeling.layer_program import ATTENTION, Block
 
     if isinstance(model, RnnifyForCausalLM):
         base = model.config.base_config
+
+        def step_bytes(step):
+            if step.mixer == ATTENTION:
+                return attention_cache_bytes(base, model.config.layer_types[step.layer], seq_len, batch, kv_bytes)
+            return model.model.layers[step.layer].self_attn.cache_bytes(seq_len, batch, kv_bytes)
+
         out = []
-        for i, layer in enumerate(model.model.layers):
-            mixer = layer.self_attn
-            if model.config.layer_mixers[i] == "attention":
-                out.append(attention_cache_bytes(base, model.config.layer_types[i], seq_len, batch, kv_bytes))
+        for item in model.program:
+            if isinstance(item, Block):
+                out += [step_bytes(s) for _ in range(recurrence or item.loops) for s in item.steps]
             else:
-                out.append(mixer.cache_bytes(seq_len, batch, kv_bytes))
+                out.append(step_bytes(item))
         return out
     cfg = model.config.get_text_config(decoder=True)
     return [attention_cache_bytes(cfg, t, seq_len, batch, kv_bytes) for t in base_layer_types(cfg)]
 
 
-def cache_bytes(model, seq_len: int, batch: int = 1, kv_bytes: int = 2) -> int:
-    return sum(cache_bytes_per_layer(model, seq_len, batch, kv_bytes))
+def cache_bytes(model, seq_len: int, batch: int = 1, kv_bytes: int = 2, recurrence: int | None = None) -> int:
+    return sum(cache_bytes_per_layer(model, seq_len, batch, kv_bytes, recurrence))
 
 
 def measured_cache_bytes(cache) -> int:
@@ -55,7 +62,7 @@ def measured_cache_bytes(cache) -> int:
             total += t.numel() * t.element_size()
 
     for layer in cache.layers:
-        for name, val in vars(layer).items():
+        for val in vars(layer).values():
             if isinstance(val, dict):
                 for v in val.values():
                     add(v)

@@ -31,7 +31,8 @@ def passkey_accuracy(model, tokenizer, length: int, trials: int = 5, seed: int =
         enc = tokenizer(make_prompt(tokenizer, length, key, depth), return_tensors="pt").to(device)
         lengths.append(enc["input_ids"].shape[1])
         out = model.generate(**enc, max_new_tokens=8, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None
+                             else tokenizer.pad_token_id)
         answer = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         hits += str(key) in answer
     return {"length": length, "accuracy": hits / trials, "trials": trials, "prompt_tokens": max(lengths)}

@@ -6,22 +6,23 @@ from __future__ import annotations
 import json
 import time
 
-from ..recipe import EvalSpec
 from .memory import human_bytes
 from .passkey import passkey_accuracy
 from .perplexity import perplexity, windows
+from .spec import EvalSpec
 from .speed import decode_speed
 
 
 def window_baseline(student, teacher):
-    """The teacher with the student's window + sinks softmax and no memory of older tokens (same kept layers)."""
+    """The teacher with the student's window + sinks softmax and no memory of older tokens (same kept layers):
+    the ``window`` method with the student's settings, or 64 + 4."""
     from ..convert import convert
 
     settings = student.config.mixer_config
     window = settings.get("window", 64)
     sinks = settings.get("sinks", 4)
     keep = [i for i, m in enumerate(student.config.layer_mixers) if m == "attention"]
-    base = convert(teacher, "lolcats", keep_attention=keep, options={"window": window, "sinks": sinks, "linear_branch": False})
+    base = convert(teacher, "window", keep_attention=keep, options={"window": window, "sinks": sinks})
     return base, f"window {window} + {sinks} sinks"
 
 
@@ -78,7 +79,8 @@ def results_table(results: dict) -> str:
     rows = ["| measurement | teacher | student | window baseline |", "|---|---|---|---|"]
     f = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
     name = str(p.get("text", "text")).replace("builtin:", "").split("/")[-2:]
-    rows.append(f"| perplexity on {'/'.join(name)} @ {L} tokens ({p['windows']} windows) | {f(p.get('teacher'))} | {f(p.get('student'))} | "
+    rows.append(f"| perplexity on {'/'.join(name)} @ {L} tokens ({p['windows']} windows) | {f(p.get('teacher'))} | "
+                f"{f(p.get('student'))} | "
                 f"{f(p.get('window_baseline'))} |")
     for length, r in results.get("passkey", {}).items():
         pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731

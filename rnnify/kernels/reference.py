@@ -40,6 +40,12 @@ def _expand_log_decay(g: torch.Tensor | None, B: int, T: int, H: int, device) ->
     return g
 
 
+def _empty(v, B, H, K, V, initial_state, output_final_state):
+    """What the chunked forms return for T = 0: an empty output and the initial state (zeros without one)."""
+    state = v.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    return v.new_zeros(B, 0, H, V), (state if output_final_state else None)
+
+
 def _check(q, k, v, initial_state) -> tuple[int, int, int, int, int]:
     """Validate the shapes; return (B, T, H, K, V)."""
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
@@ -125,6 +131,8 @@ def chunk_linear_attention(
         return _per_sequence(chunk_linear_attention, cu_seqlens, (q, k, v), {"g": g},
                              initial_state, output_final_state, scale=scale, chunk_size=chunk_size)
     B, T, H, K, V = _check(q, k, v, initial_state)
+    if T == 0:  # an empty (packed) sequence: no output, the state passes through
+        return _empty(v, B, H, K, V, initial_state, output_final_state)
     scale = K**-0.5 if scale is None else scale
     dtype = v.dtype
     C = chunk_size
@@ -301,6 +309,8 @@ def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, outp
         return _per_sequence(chunk_delta_rule, cu_seqlens, (q, k, v), {"beta": beta, "g": g},
                              initial_state, output_final_state, scale=scale, chunk_size=chunk_size)
     B, T, H, K, V = _check(q, k, v, initial_state)
+    if T == 0:  # an empty (packed) sequence: no output, the state passes through
+        return _empty(v, B, H, K, V, initial_state, output_final_state)
     scale = K**-0.5 if scale is None else scale
     dtype = v.dtype
     C = chunk_size

@@ -1,16 +1,19 @@
-"""RnnifyForCausalLM: a source causal LM whose token mixers are swapped per layer.
+"""RnnifyForCausalLM: a source causal LM run by a layer program (``layer_program.py``).
 
 The source family's own model (embeddings, decoder layers, MLPs, norms, rotary embedding) is built from
-``config.base_config`` and kept under ``self.model`` with the source's parameter names; only
-``model.layers[i].self_attn`` is replaced for converted layers. Our forward walks the layers itself so that
-the cache follows ``config.layer_types`` (transformers' DynamicCache builds the right layer per type) and
-masks are made only for the attention layers that remain.
+``config.base_config`` and kept under ``self.model`` with the source's parameter names. A step's token mixer
+replaces ``model.layers[i].self_attn`` (``attention`` steps keep the source layer untouched); layers the program
+does not run are replaced by an empty placeholder (their weights are not part of the model); a block's adapters
+live in ``self.blocks``. The forward interprets the program: the cache follows ``config.layer_types``
+(transformers' DynamicCache builds the right layer per type), a looped step's further executions get cache slots
+of their own, and masks are made only for the attention layers that remain.
 
 Only torch/transformers and sibling files are imported: this file ships with converted models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import shutil
@@ -19,12 +22,16 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_rnnify import RnnifyConfig
-from .mixers import MIXERS, get_mixer
+from .layer_program import ATTENTION, DROPPED, Block, CacheSlots, blocks, every_step
+from .mixer_base import Mixer
+from .mixers import get_mixer
+from .recurrent_block import LoopBlock, catch_up_slot
+from .remote_code import remote_code_sources
 
 # transformers renamed `past_key_values` to `cache` (5.2x); support both spellings of the output field.
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -35,16 +42,11 @@ _MASK_FUNCTIONS = {
 }
 
 
-REMOTE_CODE_FILES = ("configuration_rnnify.py", "modeling_rnnify.py", "mixers.py", "sink_window_cache.py")
+class DroppedLayer(nn.Module):
+    """Stands in for a source layer the program does not run (keeps the other layers' indices and names)."""
 
-
-def remote_code_sources() -> dict[str, Path]:
-    """Files to copy next to a saved model (this file's siblings; the kernel reference is shipped beside them)."""
-    here = Path(__file__).resolve().parent
-    files = {name: here / name for name in REMOTE_CODE_FILES}
-    shipped = here / "kernels_reference.py"
-    files["kernels_reference.py"] = shipped if shipped.exists() else here.parent / "kernels" / "reference.py"
-    return files
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this source layer was dropped by the conversion; the layer program never runs it")
 
 
 class RnnifyPreTrainedModel(PreTrainedModel):
@@ -65,7 +67,7 @@ class RnnifyPreTrainedModel(PreTrainedModel):
             shutil.copyfile(src, Path(save_directory) / name)
 
     def _init_weights(self, module):
-        if hasattr(module, "init_new_parameters"):
+        if isinstance(module, (Mixer, LoopBlock)):
             module.init_new_parameters()
         elif getattr(self, "model", None) is not None and hasattr(self.model, "_init_weights"):
             self.model._init_weights(module)
@@ -82,13 +84,18 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
             base._attn_implementation = attn_impl
         self.model = AutoModel.from_config(base)
         self._no_split_modules = [type(self.model.layers[0]).__name__]
+        self.program = config.parsed_program()
+        for step in every_step(self.program):
+            if step.mixer != ATTENTION:
+                layer = self.model.layers[step.layer]
+                layer.self_attn = get_mixer(step.mixer)(config, step.layer, layer.self_attn, config.step_settings(step))
         for i, mixer in enumerate(config.layer_mixers):
-            if mixer == "attention":
-                continue
-            layer = self.model.layers[i]
-            layer.self_attn = get_mixer(mixer)(config, i, layer.self_attn)
+            if mixer == DROPPED:
+                self.model.layers[i] = DroppedLayer()
+        self.blocks = nn.ModuleList([LoopBlock(b, base.hidden_size) for b in blocks(self.program)])
         self.lm_head = nn.Linear(base.hidden_size, base.vocab_size, bias=False)
-        params = inspect.signature(type(self.model.layers[0]).forward).parameters
+        layer_cls = next(type(layer) for layer in self.model.layers if not isinstance(layer, DroppedLayer))
+        params = inspect.signature(layer_cls.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         rotary = getattr(self.model, "rotary_emb", None)
         self._rotary_takes_type = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
@@ -107,17 +114,23 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def mixers(self):
-        """(layer index, mixer) for every converted layer."""
-        return [(i, l.self_attn) for i, l in enumerate(self.model.layers) if type(l.self_attn).__name__ in
-                {c.__name__ for c in MIXERS.values()}]
+    def mixers(self) -> list[tuple[int, Mixer]]:
+        """(source layer index, mixer) for every converted layer, in layer order."""
+        return [(i, layer.self_attn) for i, layer in enumerate(self.model.layers)
+                if isinstance(getattr(layer, "self_attn", None), Mixer)]
 
     def new_parameter_names(self) -> list[str]:
         """Full names of the parameters the conversion created (the ones distillation trains first)."""
         names = []
         for i, m in self.mixers():
             names += [f"model.layers.{i}.self_attn.{n}" for n in m.new_parameter_names()]
+        for b, block in enumerate(self.blocks):
+            names += [f"blocks.{b}.{n}" for n, _ in block.named_parameters()]
         return names
+
+    def default_recurrence(self) -> int | None:
+        """The loop count of the first block (None when the program has no block)."""
+        return self.blocks[0].spec.loops if len(self.blocks) else None
 
     def _past_length(self, cache) -> int:
         if cache is None:
@@ -140,12 +153,18 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         output_hidden_states=None,
         past_key_values=None,
+        recurrence: int | None = None,
+        backprop_loops: int | None = None,
         **kwargs,
     ):
+        """``recurrence``: loops of each block for this call (default: the block's ``loops``); ``backprop_loops``:
+        only the last k loops keep gradients (truncated backpropagation through the loops; default all)."""
         if cache is None:
             cache = past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if recurrence is not None and (not isinstance(recurrence, int) or recurrence < 1):
+            raise ValueError(f"recurrence must be an integer >= 1 (loops of the recurrent block), got {recurrence!r}")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.training and cache is None:
             use_cache = False
@@ -173,28 +192,28 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         else:  # masks prepared by the caller
             masks, mixer_mask = attention_mask, attention_mask.get("padding")
 
-        hidden = inputs_embeds
         rope = {}
         for kind in set(base_types):
             if self._rotary_takes_type:
-                rope[kind] = inner.rotary_emb(hidden, position_ids, kind)
+                rope[kind] = inner.rotary_emb(inputs_embeds, position_ids, kind)
             else:
-                rope[kind] = inner.rotary_emb(hidden, position_ids)
+                rope[kind] = inner.rotary_emb(inputs_embeds, position_ids)
                 break
+        if cache is not None and not hasattr(cache, "rnnify_slots"):
+            cache.rnnify_slots = CacheSlots(len(layer_types))
+        run = _StepRunner(self, cache, masks, mixer_mask, rope, position_ids, use_cache, past + T, kwargs)
+
+        hidden = inputs_embeds
         all_hidden = [] if output_hidden_states else None
-        for i, layer in enumerate(inner.layers[: self.config.num_hidden_layers]):
+        n_block = 0
+        for item in self.program:
+            if isinstance(item, Block):
+                hidden = self._run_block(self.blocks[n_block], hidden, run, recurrence, backprop_loops, past)
+                n_block += 1
+                continue
             if all_hidden is not None:
                 all_hidden.append(hidden)
-            out = layer(
-                hidden,
-                attention_mask=masks.get(layer_types[i], mixer_mask),
-                position_embeddings=rope.get(base_types[i], next(iter(rope.values()))),
-                position_ids=position_ids,
-                use_cache=use_cache,
-                **{self._cache_kw: cache},
-                **kwargs,
-            )
-            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = run(item, hidden, loop=0)
         hidden = inner.norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
@@ -215,6 +234,72 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
             **{_CACHE_FIELD: cache if use_cache else None},
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
+
+    def _run_block(self, block: LoopBlock, inputs, run, recurrence, backprop_loops, past):
+        """Run a block ``loops`` times: s <- adapter(s, inputs); s <- block(s). Loops before the last
+        ``backprop_loops`` run without gradients (truncated backpropagation, McLeish et al. 2025 sec. 3)."""
+        loops = recurrence if recurrence is not None else block.spec.loops
+        keep_grad = loops if backprop_loops is None else min(loops, max(0, int(backprop_loops)))
+        if run.cache is not None:  # before any loop runs: slots of loops that missed earlier tokens catch up
+            for j in range(1, loops):
+                for step in block.spec.steps:
+                    catch_up_slot(run.cache, run.slot(step, j), [run.slot(step, i) for i in range(j)], past)
+        state = block.initial_state(inputs)
+        for j in range(loops):
+            ctx = contextlib.nullcontext() if j >= loops - keep_grad else torch.no_grad()
+            with ctx:
+                state = block.combine(state, inputs)
+                for step in block.spec.steps:
+                    state = run(step, state, loop=j)
+        return state
+
+
+class _StepRunner:
+    """Runs one program step on the hidden states, in the cache slot of its (layer, loop)."""
+
+    def __init__(self, model, cache, masks, mixer_mask, rope, position_ids, use_cache, end, kwargs):
+        self.model, self.cache, self.masks, self.mixer_mask = model, cache, masks, mixer_mask
+        self.rope, self.position_ids, self.use_cache, self.kwargs = rope, position_ids, use_cache, kwargs
+        self.end = end  # tokens every slot run by this call will have processed
+        self.layer_types = model.config.layer_types
+        self.base_types = model.config.base_layer_types
+
+    def slot(self, step, loop: int) -> int:
+        if self.cache is None:
+            return step.layer
+        slot = self.cache.rnnify_slots.slot(step.layer, loop)
+        while len(self.cache.layers) <= slot:  # a further loop's slot: a fresh layer of the step's type
+            self.cache.layers.append(_new_cache_layer(self.model.config, self.layer_types[step.layer]))
+        return slot
+
+    def __call__(self, step, hidden, loop: int):
+        layer = self.model.model.layers[step.layer]
+        attn = layer.self_attn
+        slot = self.slot(step, loop)
+        own = getattr(attn, "layer_idx", slot)
+        if own != slot:  # transformers' attention and our mixers address the cache by layer_idx
+            attn.layer_idx = slot
+        try:
+            out = layer(
+                hidden,
+                attention_mask=self.masks.get(self.layer_types[step.layer], self.mixer_mask),
+                position_embeddings=self.rope.get(self.base_types[step.layer], next(iter(self.rope.values()))),
+                position_ids=self.position_ids,
+                use_cache=self.use_cache,
+                **{self.model._cache_kw: self.cache},
+                **self.kwargs,
+            )
+        finally:
+            if own != slot:
+                attn.layer_idx = own
+        if self.cache is not None:
+            self.cache.rnnify_slots.seen[slot] = self.end
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _new_cache_layer(config, layer_type: str):
+    kwargs = {"sliding_window": config.sliding_window} if layer_type == "sliding_attention" else {}
+    return DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs)
 
 
 __all__ = ["RnnifyForCausalLM", "RnnifyPreTrainedModel"]

@@ -1,14 +1,22 @@
-"""Cache layer for a softmax window with sink tokens next to a linear-attention state (LoLCATs-style).
+"""Cache layer for a softmax window with sink tokens, optionally next to a recurrent memory of the tokens that
+left the window (``mixer_window.py`` and the mixers built on it: LoLCATs, AHN).
 
 transformers' own ``hybrid_sliding`` layer keeps a window and a state but no sink tokens, and it trims the
-window itself; here the mixer decides what leaves the window (it must fold the leaving keys into the
-state), so the layer is a plain container with fixed-size parts:
+window itself; here the mixer decides what leaves the window (it must fold the leaving tokens into its
+memory), so the layer is a plain container with fixed-size parts:
 
-* ``sink_k/v``   the first ``sinks`` tokens ever seen, ``[B, H, <=S, D]``;
-* ``recent_k/v`` the last ``window`` non-sink tokens, ``[B, H, <=W, D]``;
-* ``recurrent_states[0]`` the linear-attention state over everything older, ``[B, H, F, D+1]`` fp32
-  (the last column is the normaliser);
-* ``*_valid`` padding flags for the kept tokens, ``seen_tokens`` the number of positions consumed.
+* ``sink_k/v``     the first ``sinks`` real tokens of each row, by rank (left padding moves them right),
+  ``[B, <=S, Hkv, D]``;
+* ``recent_k/v``   the last ``window`` positions after the first ``sinks``, ``[B, <=W, Hkv, D]``
+  (``recent_sink`` flags those that are a padded row's sinks);
+* ``recent_carry`` what each window token needs for its memory write when it leaves (e.g. its write gates),
+  ``[B, <=W, X]``, or None;
+* ``recurrent_states[0]`` the memory state over everything older (fp32), unused by the window-only mixer;
+* ``*_valid`` padding flags for the kept tokens, ``valid_count`` the real tokens seen per row, ``seen_tokens``
+  the number of positions consumed.
+
+Two layer types map to it: ``sliding_sink_attention`` (window + sinks only) and ``hybrid_sliding_sink`` (with a
+memory state).
 """
 
 from __future__ import annotations
@@ -17,15 +25,17 @@ import torch
 from transformers import cache_utils
 from transformers.cache_utils import LinearAttentionLayer
 
-LAYER_TYPE = "hybrid_sliding_sink"
+LAYER_TYPES = ("sliding_sink_attention", "hybrid_sliding_sink")
+_TENSORS = ("sink_k", "sink_v", "sink_valid", "recent_k", "recent_v", "recent_valid", "recent_sink", "recent_carry",
+            "valid_count")
 
 
-class SinkWindowLinearLayer(LinearAttentionLayer):
+class SinkWindowLayer(LinearAttentionLayer):
     def __init__(self, **kwargs):
         kwargs.pop("sliding_window", None)
         super().__init__(**kwargs)
-        self.sink_k = self.sink_v = self.sink_valid = None
-        self.recent_k = self.recent_v = self.recent_valid = None
+        for name in _TENSORS:
+            setattr(self, name, None)
         self.seen_tokens = 0
 
     def get_seq_length(self) -> int:
@@ -33,19 +43,19 @@ class SinkWindowLinearLayer(LinearAttentionLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.sink_k = self.sink_v = self.sink_valid = None
-        self.recent_k = self.recent_v = self.recent_valid = None
+        for name in _TENSORS:
+            setattr(self, name, None)
         self.seen_tokens = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
-        for name in ("sink_k", "sink_v", "sink_valid", "recent_k", "recent_v", "recent_valid"):
+        for name in _TENSORS:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        for name in ("sink_k", "sink_v", "sink_valid", "recent_k", "recent_v", "recent_valid"):
+        for name in _TENSORS:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.repeat_interleave(repeats, dim=0))
@@ -68,6 +78,7 @@ class SinkWindowLinearLayer(LinearAttentionLayer):
         self.update_recurrent_state(state, 0)
 
 
-# Register the layer type so DynamicCache(config=...) builds it for our layers.
-cache_utils.DYNAMIC_LAYER_TYPE_MAPPING.setdefault(LAYER_TYPE, SinkWindowLinearLayer)
-cache_utils.STATIC_LAYER_TYPE_MAPPING.setdefault(LAYER_TYPE, SinkWindowLinearLayer)
+# Register the layer types so DynamicCache(config=...) builds this layer for them.
+for _name in LAYER_TYPES:
+    cache_utils.DYNAMIC_LAYER_TYPE_MAPPING.setdefault(_name, SinkWindowLayer)
+    cache_utils.STATIC_LAYER_TYPE_MAPPING.setdefault(_name, SinkWindowLayer)

@@ -20,9 +20,26 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .common import (check_chunk_size, chunk_gates, chunk_rows, common_dtype, dot, dot_fp32, exact_dots, flat,
-                     flat_log_decay, initial_tile, launch, load_rows, prepare_varlen, seq_bounds,
-                     seq_chunk, state_tile, store_rows, store_tile)
+from .common import (
+    check_chunk_size,
+    chunk_gates,
+    chunk_rows,
+    common_dtype,
+    dot,
+    dot_fp32,
+    exact_dots,
+    flat,
+    flat_log_decay,
+    initial_tile,
+    launch,
+    load_rows,
+    prepare_varlen,
+    seq_bounds,
+    seq_chunk,
+    state_tile,
+    store_rows,
+    store_tile,
+)
 from .linear_attention import _bwd_dqk, _bwd_dv, _fwd_o
 
 MAX_K = 256  # the state pass keeps a whole [K, BV] slab of the state in registers

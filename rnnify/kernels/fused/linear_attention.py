@@ -18,9 +18,25 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .common import (check_chunk_size, chunk_gates, chunk_rows, common_dtype, dot, exact_dots, flat,
-                     flat_log_decay, initial_tile, launch, load_rows, prepare_varlen, seq_bounds,
-                     seq_chunk, state_tile, store_rows, store_tile)
+from .common import (
+    check_chunk_size,
+    chunk_gates,
+    chunk_rows,
+    common_dtype,
+    dot,
+    exact_dots,
+    flat,
+    flat_log_decay,
+    initial_tile,
+    launch,
+    load_rows,
+    prepare_varlen,
+    seq_bounds,
+    seq_chunk,
+    state_tile,
+    store_rows,
+    store_tile,
+)
 
 
 @triton.jit

@@ -1,0 +1,135 @@
+"""The method descriptor: everything rnnify knows about a conversion method, in one place.
+
+A method module ``rnnify/convert/<name>.py`` defines ``METHOD``, an instance of a ``Method`` subclass with:
+
+* ``name`` and ``summary`` (one line, for ``rnnify ls`` and ``--help``), ``paper`` (title and link, for the model
+  card);
+* ``Options``: a pydantic model of its settings (types, bounds and a ``description`` each). The CLI flags of
+  ``rnnify convert`` / ``inspect``, recipe ``conversion.options`` validation and ``rnnify ls`` are derived from it;
+* ``mixers``: the mixer classes it installs (their cache layer types and the files shipped with saved models
+  follow from them);
+* ``test_options``: small settings for the test matrix (``tests/test_methods.py`` runs every registered method);
+* ``plan()`` for a conversion (source config -> layer program), or ``transform = True`` and ``apply()`` for a
+  method that rewrites an rnnify model.
+
+``convert/__init__.py`` registers the method with one line.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import RnnifyError
+from ..modeling.layer_program import ATTENTION
+
+
+@dataclass(frozen=True)
+class Paper:
+    title: str
+    url: str
+
+
+class MethodOptions(BaseModel):
+    """Base of every method's options: unknown settings are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Plan:
+    """What a conversion builds: the layer program and the settings shared by its mixers."""
+
+    program: list[dict]
+    mixer_config: dict = field(default_factory=dict)
+
+
+class Method:
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[Paper | None] = None
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    mixers: ClassVar[tuple] = ()
+    test_options: ClassVar[dict] = {}
+    test_source: ClassVar[str | None] = None  # transforms: the conversion their tests start from
+    transform: ClassVar[bool] = False  # rewrites an rnnify model (``apply``) instead of converting a source
+    keeps_attention: ClassVar[bool] = True  # takes --keep-attention / --attention-fraction / --attention-every
+
+    # ---- options ---------------------------------------------------------------------------------------------
+    def resolve_options(self, options: dict | None) -> dict:
+        """Defaults filled in, types checked; an error names the bad setting and what is accepted."""
+        options = {k: v for k, v in (options or {}).items() if v is not None}
+        known = self.Options.model_fields
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            accepted = ", ".join(sorted(known)) or "none"
+            raise RnnifyError(f"method {self.name!r} has no setting {', '.join(unknown)}; its settings: {accepted}")
+        try:
+            return self.Options(**options).model_dump()
+        except ValidationError as e:
+            err = e.errors()[0]
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            value = options.get(name, err.get("input"))
+            raise RnnifyError(f"method {self.name!r}: {name}={value!r} is not accepted; "
+                              f"{accepted_values(known[name]) if name in known else err['msg']}") from None
+
+    @property
+    def layer_types(self) -> list[str]:
+        return sorted({m.layer_type for m in self.mixers})
+
+    # ---- conversion --------------------------------------------------------------------------------------------
+    def plan(self, source_config, keep_attention: list[int], options: dict) -> Plan:
+        """Default plan: every layer not kept as attention gets the method's (first) mixer with its options."""
+        n = _num_layers(source_config)
+        mixer = self.mixers[0].name
+        program = [{"layer": i, "mixer": ATTENTION if i in keep_attention else mixer} for i in range(n)]
+        return Plan(program, dict(options))
+
+    def check_source(self, source_config) -> None:
+        """Refuse a source this method cannot convert (beyond the families rnnify supports); default: accept."""
+
+    # ---- transforms --------------------------------------------------------------------------------------------
+    def apply(self, model, options: dict):
+        raise NotImplementedError(f"method {self.name!r} is a conversion, not a transform")
+
+
+def _num_layers(config) -> int:
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return cfg.num_hidden_layers
+
+
+def accepted_values(info) -> str:
+    """'accepted: ...' for a pydantic field, from its type and bounds."""
+    ann = info.annotation
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is typing.Literal:
+        return "accepted: " + ", ".join(str(a) for a in args)
+    bounds = []
+    for m in info.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                bounds.append(f"{sym} {getattr(m, attr)}")
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(ann, str(ann))
+    return "accepted: " + kind + (" " + " and ".join(bounds) if bounds else "")
+
+
+def option_type(info) -> tuple[type, list | None]:
+    """(python type, choices) of an option field, for building CLI flags."""
+    ann = info.annotation
+    if typing.get_origin(ann) is typing.Union or type(ann).__name__ == "UnionType":
+        ann = next(a for a in typing.get_args(ann) if a is not type(None))
+    if typing.get_origin(ann) is typing.Literal:
+        choices = list(typing.get_args(ann))
+        return type(choices[0]), choices
+    return ann, None
+
+
+def describe_options(method: Method) -> list[tuple[str, str, Any]]:
+    """(name, help, default) of each option, for ``rnnify ls``."""
+    return [(name, info.description or "", info.default) for name, info in method.Options.model_fields.items()]
+
+
+__all__ = ["Method", "MethodOptions", "Paper", "Plan", "accepted_values", "describe_options", "option_type"]

@@ -1,0 +1,25 @@
+"""Sliding window + sink tokens softmax in every converted layer, no memory of older tokens
+(``modeling/mixer_window.py``): the baseline every window + memory method is measured against."""
+
+from pydantic import Field
+
+from ..modeling.mixer_window import WindowMixer
+from .method import Method, MethodOptions, Paper
+
+
+class WindowOptions(MethodOptions):
+    window: int = Field(64, ge=1, description="softmax window in tokens")
+    sinks: int = Field(4, ge=0, description="first tokens kept in the softmax part (attention sinks)")
+
+
+class Window(Method):
+    name = "window"
+    summary = "sliding window + sink tokens softmax, older tokens forgotten (the window-only baseline)"
+    paper = Paper("Efficient Streaming Language Models with Attention Sinks (Xiao et al., 2024)",
+                  "https://arxiv.org/abs/2309.17453")
+    Options = WindowOptions
+    mixers = (WindowMixer,)
+    test_options = {"window": 4, "sinks": 2}
+
+
+METHOD = Window()

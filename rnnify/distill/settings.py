@@ -1,0 +1,75 @@
+"""Settings of the training stages, one pydantic model per stage type (unknown keys are errors).
+
+``StageSettings`` holds what every stage has (data, optimiser, schedule, budget, batch shape, checkpoints); each
+stage type adds its own (``DistillSettings``: temperature, KL direction, stepwise layers; ``FinetuneSettings``:
+LoRA). A recipe's ``train:`` block gives defaults: each stage takes the ones its type accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSpec(Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    merge: bool = True
+
+
+class StageSettings(Strict):
+    """What every stage type accepts."""
+
+    data: str | None = None  # key in ``datasets``; default: the first
+    trainable: list[str] | None = None  # glob patterns over parameter names; "@new" = the conversion's new parameters
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    seq_len: int = Field(512, ge=2)
+    batch_size: int = Field(4, ge=1)  # sequences per optimizer micro-step, over all processes
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _betas(self):
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas {list(self.betas)}: each must be in [0, 1)")
+        return self
+
+
+class AttentionTransferSettings(StageSettings):
+    pass
+
+
+class DistillSettings(StageSettings):
+    temperature: float = Field(1.0, gt=0)
+    kl: Literal["forward", "reverse"] = "forward"
+    ce_weight: float = Field(0.0, ge=0)
+    # stepwise distillation (Mamba-in-Llama): only these converted layers use their new mixer in this stage;
+    # the other converted layers run the teacher's attention. Give a list, or the attention fraction whose
+    # converted layers are active (0.5 then 0.25 ... replaces layers progressively). "@new" then means the
+    # active layers' new parameters.
+    active_layers: list[int] | None = None
+    active_attention_fraction: float | None = Field(None, ge=0, le=1)
+
+
+class FinetuneSettings(StageSettings):
+    lora: LoraSpec | None = None
+
+
+__all__ = ["AttentionTransferSettings", "DistillSettings", "FinetuneSettings", "LoraSpec", "StageSettings", "Strict"]

@@ -1,0 +1,134 @@
+"""The interface every token mixer implements, and the helpers mixers share.
+
+A mixer replaces one source attention layer. What it takes from that attention is declared, not guessed:
+
+* ``adopts``: attention modules kept under the same names (``q_proj`` ...), so a converted checkpoint shares its
+  parameter names with the source and those weights are the source's;
+* ``absorbs``: attention modules whose weights initialise new parameters in ``init_from_attention`` and are then
+  not kept (Mamba2 folds q/k/v/o into ``in_proj``/``out_proj``);
+* ``new_parameter_names()``: everything else, the parameters the conversion creates (distillation trains these);
+* ``init_new_parameters()``: their fresh initialisation; ``init_from_attention(attn)``: what is copied from the
+  source attention after that;
+* ``cache_bytes(seq_len, batch, kv_bytes)``: what the layer keeps in the cache after ``seq_len`` tokens, with
+  keys/values at ``kv_bytes`` each and recurrent states in fp32 (``STATE_BYTES``) whatever the model's dtype.
+
+Each mixer has a parallel (chunked) form for prompts and training and a recurrent form for decoding; both read and
+write the layer's cache slot ``self.layer_idx`` (transformers' convention; the model moves it for looped steps).
+
+Only torch is imported: this file ships with converted models.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+try:  # fused kernels when rnnify is installed
+    from rnnify.kernels import (
+        causal_conv1d,
+        causal_conv1d_step,
+        chunk_delta_rule,
+        chunk_linear_attention,
+        delta_rule_step,
+        linear_attention_step,
+    )
+except ImportError:  # a converted model loaded with trust_remote_code where rnnify is not installed
+    from .kernels_reference import (
+        causal_conv1d,
+        causal_conv1d_step,
+        chunk_delta_rule,
+        chunk_linear_attention,
+        delta_rule_step,
+        linear_attention_step,
+    )
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+STATE_BYTES = 4  # recurrent states are kept in fp32
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """RoPE on ``[B, T, H, D]`` with ``cos``/``sin`` as ``[B, T, D]`` (the families' rotate-half convention)."""
+    return x * cos.unsqueeze(2) + rotate_half(x) * sin.unsqueeze(2)
+
+
+def padding_mask_for(attention_mask, T: int):
+    """The ``[B, T]`` bool validity of the current tokens from a 2D mask, or None when there is no padding."""
+    if attention_mask is None or not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
+        return None
+    m = attention_mask[:, -T:].bool()
+    return None if bool(m.all()) else m
+
+
+def l2_normalize(x, eps: float = 1e-6):
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+class Mixer(nn.Module):
+    """Base class of every token mixer (see the module docstring for the interface)."""
+
+    name: ClassVar[str] = ""  # registry key; the layer program names mixers by it
+    layer_type: ClassVar[str] = "linear_attention"  # the cache layer type of its slot
+    adopts: ClassVar[tuple[str, ...]] = ATTENTION_MODULES
+    absorbs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config, layer_idx: int, attn: nn.Module, settings: dict):
+        super().__init__()
+        base = config.base_config
+        self.layer_idx = layer_idx  # cache slot
+        self.source_layer = layer_idx
+        self.num_heads = base.num_attention_heads
+        self.num_kv_heads = getattr(base, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(base, "head_dim", None) or base.hidden_size // self.num_heads
+        self.hidden_size = base.hidden_size
+        self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
+        self.settings = dict(settings)
+        for name in self.adopts:
+            if getattr(attn, name, None) is not None:
+                self.add_module(name, getattr(attn, name))
+
+    # ---- the interface ----------------------------------------------------------------------------------
+    def new_parameter_names(self) -> list[str]:
+        """Names (relative to this module) of the parameters the conversion created."""
+        return [n for n, _ in self.named_parameters() if n.split(".")[0] not in self.adopts]
+
+    def init_new_parameters(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must initialise its new parameters")
+
+    def init_from_attention(self, attn: nn.Module) -> None:
+        """Copy what the method takes from the source attention beyond the adopted modules (nothing by default)."""
+
+    def cache_bytes(self, seq_len: int, batch: int = 1, kv_bytes: int = 2) -> int:
+        raise NotImplementedError(f"{type(self).__name__} must say how many bytes its cache holds")
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+    def project(self, x):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        if getattr(self, "q_norm", None) is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def repeat_kv(self, x):
+        rep = self.num_heads // self.num_kv_heads
+        return x if rep == 1 else x.repeat_interleave(rep, dim=2)
+
+    def cache_layer(self, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        return None if cache is None else cache.layers[self.layer_idx]
+
+    def setting(self, name: str, default):
+        return self.settings.get(name, default)
+
+
+__all__ = ["ATTENTION_MODULES", "Mixer", "causal_conv1d", "causal_conv1d_step", "chunk_delta_rule",
+           "chunk_linear_attention", "delta_rule_step", "linear_attention_step", "STATE_BYTES", "apply_rope",
+           "l2_normalize", "padding_mask_for", "rotate_half"]

@@ -1,0 +1,92 @@
+"""LoLCATs-style attention: the sliding window + sinks softmax with Hedgehog linear attention as its memory.
+
+Only torch and sibling files are imported: this file ships with converted models.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .mixer_base import STATE_BYTES, chunk_linear_attention, linear_attention_step
+from .mixer_window import Evicted, WindowMixer
+
+
+class HedgehogFeatureMap(nn.Module):
+    """Hedgehog feature map (Zhang et al. 2024, "The Hedgehog & the Porcupine", eq. 6; LoLCATs sec. 3.1):
+    phi(x) = [softmax(x W_h + b_h), softmax(-(x W_h + b_h))], one W_h per head, initialised to the identity."""
+
+    def __init__(self, num_heads: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_heads, head_dim, head_dim))
+        self.bias = nn.Parameter(torch.empty(num_heads, head_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(self.weight.shape[-1]).expand_as(self.weight))
+            self.bias.zero_()
+
+    def forward(self, x):  # [B, T, H, D] -> [B, T, H, 2D]
+        # computed in fp32 whatever the weights' dtype (queries arrive in fp32, keys in the model's dtype)
+        z = torch.einsum("bthd,hde->bthe", x.float(), self.weight.float()) + self.bias.float()
+        return torch.cat([z.softmax(-1), (-z).softmax(-1)], dim=-1)
+
+
+class LolcatsMixer(WindowMixer):
+    """LoLCATs-style attention (Zhang et al. 2024, "LoLCATs", eq. 6): a softmax over the last ``window``
+    tokens plus ``sinks`` first tokens, and Hedgehog linear attention over every older token:
+
+        y_t = (a_sm sum_{s in win(t)} e^{q.k_s/sqrt(d) - m_t} v_s + a_ln phi(q_t)^T S_t)
+              / (a_sm sum_{s in win(t)} e^{q.k_s/sqrt(d) - m_t}     + a_ln phi(q_t)^T z_t)
+
+    with a_ln = sigmoid(linear_mix_logit_h) and a_sm = 1 - a_ln per head; S_t, z_t sum phi(k_s) v_s^T and
+    phi(k_s) over s in [sinks, t - window]: the tokens that left the window. The mixing logit starts at -6
+    (a_ln = 0.0025), so the untrained conversion is close to the window-only model (see DESIGN.md's calibration run).
+    """
+
+    name = "lolcats"
+    layer_type = "hybrid_sliding_sink"
+
+    def __init__(self, config, layer_idx, attn, settings):
+        super().__init__(config, layer_idx, attn, settings)
+        self.chunk_size = int(self.setting("chunk_size", 64))
+        self.init_mix_logit = float(self.setting("init_linear_mix_logit", -6.0))
+        self.feature_map_q = HedgehogFeatureMap(self.num_heads, self.head_dim)
+        self.feature_map_k = HedgehogFeatureMap(self.num_heads, self.head_dim)
+        self.linear_mix_logit = nn.Parameter(torch.full((self.num_heads,), self.init_mix_logit))
+
+    def init_new_parameters(self):
+        self.feature_map_q.reset_parameters()
+        self.feature_map_k.reset_parameters()
+        with torch.no_grad():
+            self.linear_mix_logit.fill_(self.init_mix_logit)
+
+    def memory_state_bytes(self):
+        D = self.head_dim
+        return self.num_heads * 2 * D * (D + 1) * STATE_BYTES  # Hedgehog features (2D) x (values + normaliser)
+
+    def memory(self, hidden_states, q, evicted: Evicted, state):
+        """Linear attention over the evicted tokens; returns phi(q)^T [S | z] per head ([B, T, H, D + 1])."""
+        B, T, H, D = q.shape
+        fk = self.feature_map_k(self.repeat_kv(evicted.k))
+        ok = evicted.ok.to(fk.dtype)[..., None, None]
+        fk = fk * ok
+        v_lin = self.repeat_kv(evicted.v)
+        v1 = torch.cat([v_lin, torch.ones_like(v_lin[..., :1])], -1) * ok  # last column: normaliser z
+        fk, v1 = evicted.align(fk), evicted.align(v1)
+        fq = self.feature_map_q(q)
+        if T == 1 and state is not None:
+            o, new_state = linear_attention_step(fq[:, 0], fk[:, 0], v1[:, 0], None, state, scale=1.0)
+            return o.unsqueeze(1), new_state
+        return chunk_linear_attention(fq, fk, v1, scale=1.0, initial_state=state, output_final_state=True,
+                                      chunk_size=self.chunk_size)
+
+    def combine(self, num, den, memory_out):
+        D = self.head_dim
+        a_ln = torch.sigmoid(self.linear_mix_logit.float())[None, None, :, None]
+        a_sm = 1.0 - a_ln
+        return (a_sm * num + a_ln * memory_out[..., :D]) / (a_sm * den + a_ln * memory_out[..., D:]).clamp_min(1e-12)
+
+
+__all__ = ["HedgehogFeatureMap", "LolcatsMixer"]

@@ -1,0 +1,94 @@
+"""A block of layers run several times (depth recurrence), and the cache rule for loops run at different counts.
+
+Per loop, the block's input e (the output of the layers before it) is injected into the loop state s by the
+adapter, then the block runs (Geiping et al. 2025, "Scaling up Test-Time Compute with Latent Reasoning", sec. 3;
+McLeish et al. 2025, "Teaching Pretrained Language Models to Think Deeper with Retrofitted Recurrence", sec. 3):
+
+    s_0 = init(e);    s_j = block(A [s_{j-1}; e])    for j = 1..r;    the block's output is s_r
+
+with A a ``Linear(2d -> d)``. ``adapter_init: passthrough`` sets A = [0 | I], so A [s; e] = e and one loop is the
+block applied to e: exactly the source model without the dropped layers. ``state_init`` picks s_0: a truncated
+normal (the papers'; drawn from torch's generator, so seed it for reproducible outputs), zeros, or e itself.
+
+Cache: each (loop, layer) execution has its own cache slot. When a call runs more loops than earlier calls did,
+a slot that missed tokens takes them from the deepest loop that has them ("latest" strategy of Geiping et al.'s
+implementation): missing keys/values are appended from that loop's entry (full attention); a recurrent state or a
+sliding window, which summarise all earlier tokens, is replaced by a copy of that loop's entry.
+
+Only torch and sibling files are imported: this file ships with converted models.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .layer_program import Block
+
+
+class LoopBlock(nn.Module):
+    def __init__(self, spec: Block, hidden_size: int):
+        super().__init__()
+        self.spec = spec
+        self.hidden_size = hidden_size
+        self.adapter = nn.Linear(2 * hidden_size, hidden_size, bias=False) if spec.adapter == "concat_linear" else None
+
+    def init_new_parameters(self) -> None:
+        if self.adapter is None:
+            return
+        d = self.hidden_size
+        with torch.no_grad():
+            if self.spec.adapter_init == "passthrough":
+                self.adapter.weight.zero_()
+                self.adapter.weight[:, d:].copy_(torch.eye(d))
+            else:  # random, as the paper leaves it: small normal, seeded so conversions are reproducible
+                g = torch.Generator().manual_seed(2000 + self.spec.steps[0].layer)
+                self.adapter.weight.copy_(torch.randn(d, 2 * d, generator=g) * (2 * d) ** -0.5)
+
+    def initial_state(self, inputs: torch.Tensor) -> torch.Tensor:
+        kind = self.spec.state_init
+        if kind == "prelude":
+            return inputs
+        if kind == "zeros":
+            return torch.zeros_like(inputs)
+        std = self.spec.state_std
+        state = torch.empty_like(inputs, dtype=torch.float32)
+        nn.init.trunc_normal_(state, std=std, a=-3 * std, b=3 * std)
+        return state.to(inputs.dtype)
+
+    def combine(self, state: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        if self.adapter is None:
+            return state
+        return self.adapter(torch.cat([state, inputs], dim=-1))
+
+
+def _tokens(layer) -> int | None:
+    """Tokens a full-attention cache layer holds (None for other kinds of layers)."""
+    if type(layer).__name__ == "DynamicLayer":
+        return 0 if not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.numel() == 0 \
+            else layer.keys.shape[-2]
+    return None
+
+
+def catch_up_slot(cache, slot: int, donors: list[int], past: int) -> None:
+    """Bring cache slot ``slot`` to the ``past`` tokens before this call from the deepest donor slot that has them
+    (see the module doc). Called before any loop of the call runs, so donors hold exactly ``past`` tokens."""
+    seen = cache.rnnify_slots.seen
+    if seen.get(slot, 0) >= past or past == 0:
+        return
+    donor = next((d for d in reversed(donors) if seen.get(d, 0) == past), None)
+    if donor is None:
+        raise RuntimeError(f"cache slot {slot} is behind and no earlier loop holds the {past} tokens before this call")
+    mine, theirs = cache.layers[slot], cache.layers[donor]
+    have = _tokens(mine)
+    if have is not None and have > 0 and _tokens(theirs) == past:
+        mine.keys = torch.cat([mine.keys, theirs.keys[..., have:past, :]], dim=-2)
+        mine.values = torch.cat([mine.values, theirs.values[..., have:past, :]], dim=-2)
+    else:
+        cache.layers[slot] = copy.deepcopy(theirs)
+    seen[slot] = past
+
+
+__all__ = ["LoopBlock", "catch_up_slot"]
