@@ -1,7 +1,8 @@
 """Whole-model decoding: a converted SmolLM2-135M-shaped model against the same-shaped Llama, in one run.
 
-For every model, batch and prompt length, prints `generate()` decode tokens/s (new tokens after the prefill,
-greedy), the prefill time and the peak memory. Weights are random: speed and memory depend on the shape only,
+For every model, batch and prompt length, prints decode tokens/s (one prefill, 2 untimed warm-up steps, then each
+greedy step with the cache timed on its own: the median step), the prefill time and the peak memory. A figure that
+cannot be measured is said to be so, never printed. Weights are random: speed and memory depend on the shape only,
 so the real checkpoint is not needed (`--shape tiny` gives a CPU smoke run).
 
 With --cuda-graph, the fully recurrent students (every layer converted: their per-sequence state has a fixed
@@ -26,6 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import rnnify  # noqa: F401
 from rnnify.convert import convert
+from rnnify.eval.speed import timed_decode, tokens_per_s
 
 SHAPES = {  # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json)
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -69,22 +71,14 @@ def build_models(args, device, dtype):
 
 
 @torch.no_grad()
-def time_generate(model, ids, new_tokens, device):
-    """(prefill seconds, decode tokens/s, peak bytes) of greedy generate()."""
-    kw = dict(do_sample=False, pad_token_id=0)
-    model.generate(ids[:, :8], max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up (kernel compilation)
+def time_decode(model, ids, new_tokens, device):
+    """(prefill seconds, decode tokens/s or None, peak bytes): one prefill, 2 untimed warm-up steps, then each decode
+    step timed on its own; tokens/s from the median step (``rnnify.eval.speed``)."""
+    model.generate(ids[:, :8], max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)  # compile/warm
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
-    t = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
-    sync(device)
-    prefill = time.perf_counter() - t
-    t = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **kw)
-    sync(device)
-    total = time.perf_counter() - t
-    return prefill, ids.shape[0] * new_tokens / max(total - prefill, 1e-9), peak_bytes(device)
+    r = timed_decode(model, ids, new_tokens, warmup=2)
+    return r["prefill_s"], tokens_per_s(ids.shape[0], r["step_s"]), peak_bytes(device)
 
 
 def _states(cache):
@@ -95,7 +89,7 @@ def _states(cache):
 @torch.no_grad()
 def manual_decode(model, ids, new_tokens, device, graph: bool):
     """Greedy decode after one prefill, eagerly or by replaying one captured CUDA graph per token.
-    Returns (tokens [B, new_tokens], decode tokens/s)."""
+    Returns (tokens [B, new_tokens], decode tokens/s from the median step, or None)."""
     out = model(input_ids=ids, use_cache=True)
     cache = getattr(out, "cache", None) or out.past_key_values
     nxt = out.logits[:, -1:].argmax(-1)
@@ -121,16 +115,17 @@ def manual_decode(model, ids, new_tokens, device, graph: bool):
         run = lambda: (g.replay(), static_logits)[1]  # noqa: E731
     else:
         run = step
-    tokens = [nxt]  # the prefill's token, then one per step
-    sync(device)
-    t = time.perf_counter()
+    tokens, times = [nxt], []  # the prefill's token, then one per step
     for i in range(new_tokens - 1):
         static_ids.copy_(nxt)
         pos.fill_(ids.shape[1] + i)
+        sync(device)
+        t = time.perf_counter()
         nxt = run()[:, -1:].argmax(-1)
+        sync(device)
+        times.append(time.perf_counter() - t)
         tokens.append(nxt)
-    sync(device)
-    return torch.cat(tokens, 1), ids.shape[0] * (new_tokens - 1) / (time.perf_counter() - t)
+    return torch.cat(tokens, 1), tokens_per_s(ids.shape[0], times[2:] or times)
 
 
 def main():
@@ -158,11 +153,14 @@ def main():
             base = None
             for name, model in models.items():
                 try:
-                    prefill, tps, peak = time_generate(model, ids, args.new_tokens, device)
+                    prefill, tps, peak = time_decode(model, ids, args.new_tokens, device)
                 except torch.OutOfMemoryError:
                     print(f"| {name} | {B} | {P} | out of memory | | | |")
                     gc.collect()
                     torch.cuda.empty_cache()
+                    continue
+                if tps is None:
+                    print(f"| {name} | {B} | {P} | {prefill:.2f} | could not be measured | | {peak / 2**30:.2f} |")
                     continue
                 base = tps if base is None else base
                 print(f"| {name} | {B} | {P} | {prefill:.2f} | {tps:,.0f} | {tps / base:.2f}x | {peak / 2**30:.2f} |")
@@ -184,14 +182,19 @@ def report_graph(name, model, ids, new_tokens, device, base):
         print(f"| {name} + CUDA graph | {ids.shape[0]} | {ids.shape[1]} | failed: {type(e).__name__}: {e} | | | |")
         return
     agree = "tokens match generate()" if torch.equal(eager_tokens, want) else "tokens DIFFER from generate()"
-    print(f"| {name} eager step loop | {ids.shape[0]} | {ids.shape[1]} | {agree} | {eager_tps:,.0f} | "
-          f"{eager_tps / base:.2f}x | |")
+    print(f"| {name} eager step loop | {ids.shape[0]} | {ids.shape[1]} | {agree} | {_rate(eager_tps, base)} |")
     if graph is None:
         print(f"| {name} + CUDA graph | {ids.shape[0]} | {ids.shape[1]} | needs CUDA | | | |")
         return
     agree = "tokens match generate()" if torch.equal(graph[0], want) else "tokens DIFFER from generate()"
-    print(f"| {name} + CUDA graph | {ids.shape[0]} | {ids.shape[1]} | {agree} | {graph[1]:,.0f} | "
-          f"{graph[1] / base:.2f}x | |")
+    print(f"| {name} + CUDA graph | {ids.shape[0]} | {ids.shape[1]} | {agree} | {_rate(graph[1], base)} |")
+
+
+def _rate(tps, base) -> str:
+    """'tok/s | ratio |' cells, or a plain statement when the figure could not be measured."""
+    if tps is None:
+        return "could not be measured | | "
+    return f"{tps:,.0f} | {tps / base:.2f}x | " if base else f"{tps:,.0f} | | "
 
 
 if __name__ == "__main__":

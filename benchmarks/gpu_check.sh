@@ -18,5 +18,5 @@ step() {  # step NAME SECONDS CMD...
 step versions 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $py -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())'"
 # correctness, compiled (not interpreted): the same tests CI runs in the interpreter
 step tests 120 $py -m pytest -q -x -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_reference.py
-step kernels 180 $py benchmarks/kernels.py
+step kernels 180 $py benchmarks/kernel_speed.py
 step decode 240 $py benchmarks/decode.py --cuda-graph --new-tokens 32

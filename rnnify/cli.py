@@ -250,6 +250,12 @@ def cmd_generate(args) -> None:
 
     from . import models
 
+    if not args.prompt.strip():
+        raise RnnifyError("the prompt is empty; give some text to continue, e.g. \"The capital of France is\"")
+    if args.max_new_tokens < 1:
+        raise RnnifyError(f"--max-new-tokens {args.max_new_tokens}: accepted: an integer >= 1")
+    if args.temperature < 0:
+        raise RnnifyError(f"--temperature {args.temperature}: accepted: 0 (greedy) or a positive number")
     torch.manual_seed(args.seed)
     model, tok = models.load_source(args.model, dtype=args.dtype)
     if tok is None:
@@ -301,17 +307,23 @@ def cmd_cp(args) -> None:
     if src.parent != RECIPES_DIR:
         raise RnnifyError(f"{args.name!r} is not a shipped recipe; see `rnnify ls`")
     dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / src.name
     if dest.exists() and not args.overwrite:
         raise RnnifyError(f"{dest} exists; pass --overwrite to replace it")
+    if not dest.parent.is_dir():
+        raise RnnifyError(f"cannot write {dest}: the folder {dest.parent} does not exist")
     dest.write_text(src.read_text())
     print(f"copied {src.stem} -> {dest}")
 
 
 def cmd_validate(args) -> None:
+    from .distill.data import check_data_files
     from .distill.trainer import total_steps
     from .recipe import dump_recipe, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_data_files(recipe.datasets)
     print(f"# {args.recipe}: valid. Resolved recipe:")
     print(dump_recipe(recipe), end="")
     print("# plan:")
@@ -333,7 +345,8 @@ def cmd_run(args) -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     t0 = time.time()
-    summary = run_recipe(recipe, only_stage=args.stage, resume=args.resume, progress=not args.no_progress)
+    summary = run_recipe(recipe, only_stage=args.stage, resume=args.resume, fresh=args.fresh,
+                         progress=not args.no_progress)
     if summary.get("finished") and "eval" in summary:
         from .eval.report import results_table
 
@@ -344,12 +357,25 @@ def cmd_run(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from pydantic import ValidationError
+
     from . import models
     from .eval.report import evaluate, results_table, write_eval
-    from .recipe import EvalSpec
+    from .eval.spec import EvalSpec
 
-    spec = EvalSpec(text=args.text, context_length=args.context_length, num_windows=args.num_windows,
-                    passkey_lengths=args.passkey, speed_lengths=args.speed, baseline=args.teacher is not None)
+    flags = {"context_length": "--context-length", "num_windows": "--num-windows", "passkey_lengths": "--passkey",
+             "speed_lengths": "--speed", "text": "--text"}
+    try:
+        spec = EvalSpec(text=args.text, context_length=args.context_length, num_windows=args.num_windows,
+                        passkey_lengths=args.passkey, speed_lengths=args.speed, baseline=args.teacher is not None)
+    except ValidationError as e:
+        err = e.errors()[0]
+        flag = flags.get(str(err["loc"][0]), str(err["loc"][0]))
+        raise RnnifyError(f"{flag} {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}") from None
+    from .recipe import resolve_path
+
+    if not Path(resolve_path(spec.text)).is_file():
+        raise RnnifyError(f"--text {spec.text}: no such file; accepted: a text file or builtin:wikitext-2/test.txt")
     student, tok = models.load_source(args.model, dtype="float32", progress=_log)
     if tok is None:
         raise RnnifyError(f"{args.model} has no tokenizer files")
@@ -372,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .convert.flags import add_method_flags
     from .models import ALIASES, DEFAULT_MODEL
 
-    p = argparse.ArgumentParser(prog="rnnify", description="Convert pretrained transformers into recurrent and hybrid models.")
+    p = _Parser(prog="rnnify", description="Convert pretrained transformers into recurrent and hybrid models.")
     p.add_argument("--version", action="version", version=f"rnnify {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also RNNIFY_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
     model_help = f"Hub repo id, local folder, .gguf file or alias ({', '.join(ALIASES)}); default {DEFAULT_MODEL}"
 
@@ -439,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=200 stages.distill.lr=1e-4")
     s.add_argument("--stage", default=None, help="run only this stage (starting from the last finished earlier stage)")
     s.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
+    s.add_argument("--fresh", action="store_true",
+                   help="start from the beginning although the run folder holds an earlier run (kept under a new name)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_run)
 
@@ -464,17 +493,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (a usage dump is not what a user needs to fix a typo)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None) -> int:
+    """The error boundary: a user's mistake (RnnifyError) or an environment failure (OSError: disk full, no
+    permission) ends in one line naming it; anything else is a bug and says so (--debug or RNNIFY_DEBUG=1 shows
+    every traceback)."""
+    import os
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # key=value overrides may follow options: rnnify run x.yaml --no-progress train.max_steps=1
+            if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+                args.overrides = [*args.overrides, *extra]
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help, --version, or a one-line usage error
+        return e.code if isinstance(e.code, int) else 2
+    debug = args.debug or os.environ.get("RNNIFY_DEBUG") == "1"
+    where = f"rnnify {args.command}"
     try:
         args.func(args)
     except RnnifyError as e:
-        print(f"rnnify {args.command}: error: {e}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"{where}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"rnnify {args.command}: interrupted", file=sys.stderr)
+        print(f"{where}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if debug:
+            raise
+        what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e) or type(e).__name__
+        print(f"{where}: error: {what}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the boundary: a bug, said as one
+        if debug:
+            raise
+        print(f"{where}: internal error: {type(e).__name__}: {e}\n(a bug in rnnify: rerun with --debug for the "
+              "traceback and report it)", file=sys.stderr)
+        return 1
     return 0
 
 

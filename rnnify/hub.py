@@ -30,7 +30,12 @@ def check_model_folder(folder) -> list[str]:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise RnnifyError(f"{folder} has no config.json: not a saved model")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RnnifyError(f"{cfg_path} is not valid JSON ({e}); re-save the model before pushing it") from None
+    if not isinstance(cfg, dict):
+        raise RnnifyError(f"{cfg_path} is not a JSON object; re-save the model before pushing it")
     if cfg.get("model_type") != "rnnify":
         raise RnnifyError(f"{folder} holds a {cfg.get('model_type')!r} model, not an rnnify conversion")
     if "modeling_rnnify.RnnifyForCausalLM" not in json.dumps(cfg.get("auto_map", {})):
@@ -56,6 +61,18 @@ def check_model_folder(folder) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
+def check_revision(revision: str) -> str:
+    """A branch name git (and the Hub) accepts (git check-ref-format rules), refused locally before any network."""
+    bad = (not revision or revision.startswith(("-", "/", ".")) or revision.endswith(("/", ".", ".lock"))
+           or ".." in revision or "//" in revision or "@{" in revision or revision == "@"
+           or any(c in revision for c in " ~^:?*[\\") or any(ord(c) < 32 or ord(c) == 127 for c in revision)
+           or any(part.startswith(".") or part.endswith(".lock") for part in revision.split("/")))
+    if bad:
+        raise RnnifyError(f"--revision {revision!r} is not a valid branch name; accepted: letters, digits, '-', '_', "
+                          "'.', '/' (no spaces, '..', '~^:?*[\\', or a leading '-'), e.g. main or v1")
+    return revision
+
+
 def resolve_token(token: str | None = None) -> str:
     from huggingface_hub import get_token
 
@@ -69,6 +86,7 @@ def push(folder, repo_id: str, *, private: bool = False, revision: str = "main",
          commit_message: str | None = None, api=None) -> str:
     """Create ``repo_id`` if needed and upload ``folder`` in one commit. ``api`` defaults to ``HfApi``."""
     check_repo_id(repo_id)
+    check_revision(revision)
     files = check_model_folder(folder)
     token = resolve_token(token)
     if api is None:

@@ -1,8 +1,18 @@
-"""Writing output folders so that an interrupted run never leaves something that looks complete."""
+"""Writing output folders so that an interrupted run never leaves something that looks complete, and nothing a
+user put somewhere is ever deleted.
+
+Rules for an output folder (``check_output_dir``):
+* a new path, or an empty folder: written;
+* a folder holding a saved model: replaced only with ``--overwrite``, and only when it holds nothing but the files
+  a saved model consists of (``MODEL_FILES``); anything else in it (notes, other data) makes it a refusal;
+* any other non-empty folder, or a file: refused, whatever the flags.
+The parent must be a folder we can write in (checked before any weights load).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import shutil
 import tempfile
@@ -13,19 +23,59 @@ from .errors import RnnifyError
 # A folder holding any of these is a saved model.
 MODEL_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
+# What transformers' save_pretrained and rnnify write into a model folder (weights, configs, tokenizer files,
+# shipped code, card, recipe, metrics, plots). Hidden files (.gitattributes) are part of a model folder too.
+MODEL_FILES = (
+    "*.json", "*.safetensors", "*.bin", "*.py", "README.md", "recipe.yaml", "metrics.jsonl", "*.png",
+    "tokenizer.model", "spiece.model", "vocab.txt", "merges.txt", "*.tiktoken", "*.jinja",
+)
+
 
 def holds_model(path: Path) -> bool:
     return path.is_dir() and any((path / m).exists() for m in MODEL_MARKERS)
+
+
+def foreign_files(path: Path) -> list[str]:
+    """Entries of a model folder that are not part of a saved model (sub-folders count as foreign)."""
+    out = []
+    for p in sorted(path.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir() or not any(fnmatch.fnmatch(p.name, pat) for pat in MODEL_FILES):
+            out.append(p.name + ("/" if p.is_dir() else ""))
+    return out
+
+
+def _writable_parent(out: Path) -> None:
+    """The nearest existing ancestor of ``out`` must be a folder we may write in."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RnnifyError(f"cannot create {out}: {parent} is a file, not a folder; give --out a path under a folder")
+    try:  # a real probe: permissions, read-only mounts and special file systems all show here
+        shutil.rmtree(tempfile.mkdtemp(prefix=".rnnify-probe-", dir=parent))
+    except OSError as e:
+        raise RnnifyError(f"cannot write {out}: {parent} does not accept new folders ({e.strerror or e}); choose an "
+                          "--out you can write to") from None
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RnnifyError(f"output {out} exists and is not a folder; give a new folder path with --out")
-    if holds_model(out) and not overwrite:
-        raise RnnifyError(f"output folder {out} already holds a model; pass --overwrite or choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not holds_model(out) and not overwrite:
-        raise RnnifyError(f"output folder {out} is not empty; pass --overwrite or choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not holds_model(out):
+            raise RnnifyError(f"output folder {out} is not empty and holds no model; rnnify writes into a new or empty "
+                              "folder, or replaces a model folder with --overwrite; choose another --out")
+        if not overwrite:
+            raise RnnifyError(f"output folder {out} already holds a model; pass --overwrite or choose another --out")
+        foreign = foreign_files(out)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise RnnifyError(f"--overwrite replaces a model folder, but {out} also holds other files ({shown}); "
+                              "move them out or choose another --out")
+    _writable_parent(out)
     return out
 
 

@@ -190,6 +190,38 @@ def read_config(src: Source):
                           "re-save the model or give another source") from e
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_weights(folder: Path) -> None:
+    """A model folder has weights and its safetensors files are whole (header and data), before transformers
+    reads them: a truncated download or copy is named, not reported as a deserialisation traceback."""
+    import json
+
+    from safetensors import safe_open
+
+    if not any((folder / f).is_file() for f in WEIGHT_FILES):
+        raise RnnifyError(f"folder {folder} has no weights ({' or '.join(WEIGHT_FILES[:2])}); accepted: a folder "
+                          "saved by save_pretrained or rnnify")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise RnnifyError(f"{index} is damaged ({type(e).__name__}: {e}); re-save the model") from None
+    else:
+        shards = ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    for shard in shards:
+        path = folder / shard
+        if not path.is_file():
+            raise RnnifyError(f"weights shard {path} is missing; re-save or re-download the model")
+        try:  # opening checks the header and that the file covers every tensor's bytes
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+            raise RnnifyError(f"weights file {path} is damaged or truncated ({e}); re-save or re-download it") from None
+
+
 def load_config(name: str, progress=print):
     return read_config(local_path(name, progress))
 
@@ -201,11 +233,18 @@ def load_source(name: str, dtype: str | torch.dtype | None = "float32", progress
     src = local_path(name, progress)
     if isinstance(dtype, str) or dtype is None:
         dtype = parse_dtype(dtype)
+    read_config(src)  # a config that cannot be read is named as such, not as a weights problem
+    if src.kind == "folder":
+        check_weights(Path(src.path))
     kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-    except ValueError as e:
-        raise RnnifyError(f"{name}: transformers cannot load it as a causal LM ({e})") from e
+    except (ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RnnifyError(f"{name}: transformers cannot load it as a causal LM ({first})") from e
+    except OSError as e:  # no weights, unreadable files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RnnifyError(f"{name}: its weights cannot be loaded ({first})") from e
     try:
         tok = AutoTokenizer.from_pretrained(src.path)
     except (OSError, ValueError, TypeError):

@@ -161,6 +161,12 @@ class HubSpec(Strict):
 
         if self.push and not self.repo_id:
             raise ValueError("push is true but repo_id is not set")
+        from .hub import check_revision
+
+        try:
+            check_revision(self.revision)
+        except RnnifyError as e:
+            raise ValueError(str(e)) from None
         if self.repo_id:
             try:
                 check_repo_id(self.repo_id)

@@ -103,7 +103,10 @@ def test_failed_convert_leaves_no_output(tiny_llama_dir, tmp_path, capsys, monke
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(RnnifyForCausalLM, "save_pretrained", broken_save)
+    # an unexpected exception is a bug: the boundary says so in one line (exit 1) and --debug re-raises it
+    assert main(["convert", str(tiny_llama_dir), "--method", "supra", "--out", str(tmp_path / "o")]) == 1
+    assert not (tmp_path / "o").exists()
     with pytest.raises(RuntimeError, match="disk full"):
-        main(["convert", str(tiny_llama_dir), "--method", "supra", "--out", str(tmp_path / "o")])
+        main(["--debug", "convert", str(tiny_llama_dir), "--method", "supra", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-llama"]

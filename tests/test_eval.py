@@ -47,9 +47,20 @@ def test_passkey_prompt_hides_the_key_at_the_requested_length():
 
 def test_decode_speed_reports_the_real_cache():
     student = convert(tiny_model("llama"), "lolcats", "0", {"window": 8, "sinks": 2})
-    r = decode_speed(student, 40, new_tokens=5)
-    assert r["decode_tokens_per_s"] > 0
-    assert r["cache_bytes"] == cache_bytes(student, 45, kv_bytes=4)
+    r = decode_speed(student, 40, new_tokens=5, warmup=2)
+    assert r["decode_tokens_per_s"] > 0 and r["timed_steps"] == 5
+    assert r["cache_tokens"] == 47 and r["cache_bytes"] == cache_bytes(student, 47, kv_bytes=4)
+
+
+def test_speed_figures_that_cannot_be_measured_are_not_printed():
+    from rnnify.eval.speed import tokens_per_s
+
+    assert tokens_per_s(4, [0.5, 0.25, 0.25]) == 16.0  # the median step
+    assert tokens_per_s(4, [0.0, 0.0, 0.0]) is None and tokens_per_s(4, []) is None
+    assert tokens_per_s(4, [-1.0, -1.0, 0.1]) is None
+    row = results_table({"context_length": 8, "perplexity": {"windows": 1, "text": "t"},
+                         "speed": {"8": {"student": {"decode_tokens_per_s": None, "cache_bytes": 10}}}})
+    assert "not measurable" in row
 
 
 def test_write_eval_replaces_the_card_section(tmp_path):

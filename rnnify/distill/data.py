@@ -13,6 +13,30 @@ from ..recipe import DataSpec, resolve_path
 _FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
+def local_file(spec: DataSpec) -> Path | None:
+    """The local file a data spec names (None for a Hub dataset)."""
+    path = resolve_path(spec.path)
+    if spec.format == "hub":
+        return None
+    if spec.format != "auto" or Path(path).exists() or Path(path).suffix.lower() in _FORMATS:
+        return Path(path)
+    return None
+
+
+def check_data_files(datasets: dict[str, DataSpec]) -> None:
+    """Every local data file exists and is not empty (checked by ``rnnify validate`` and before a run loads
+    anything); Hub datasets are checked when they load."""
+    for key, spec in datasets.items():
+        path = local_file(spec)
+        if path is None:
+            continue
+        if not path.is_file():
+            raise RnnifyError(f"datasets.{key}: data file {spec.path} does not exist; accepted: a local "
+                              ".txt/.jsonl/.json/.parquet file, builtin:..., or a Hub dataset name")
+        if path.stat().st_size == 0:
+            raise RnnifyError(f"datasets.{key}: data file {spec.path} is empty")
+
+
 def load_rows(spec: DataSpec):
     """A ``datasets.Dataset`` of raw rows for ``spec``."""
     import datasets
@@ -36,11 +60,16 @@ def load_rows(spec: DataSpec):
         else:
             if not Path(path).exists():
                 raise RnnifyError(f"data file {spec.path} does not exist")
+            if Path(path).stat().st_size == 0:
+                raise RnnifyError(f"data file {spec.path} is empty")
             ds = datasets.load_dataset(fmt, data_files=path, split="train")
     except RnnifyError:
         raise
     except Exception as e:  # datasets raises many kinds (offline, missing config, bad file)
-        raise RnnifyError(f"data {spec.path}: datasets could not load it ({type(e).__name__}: {e})") from e
+        cause = e.__cause__ or e.__context__ or e  # DatasetGenerationError wraps the parser's own message
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise RnnifyError(f"data {spec.path}: datasets could not load it as {fmt} ({type(cause).__name__}: "
+                          f"{first})") from e
     if spec.template is not None:
         import string
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from ..errors import RnnifyError
 from ..io import atomic_output_dir, check_output_dir
 from ..recipe import Recipe, dump_recipe
 from .checkpoint import RunState
-from .data import pack_tokens
+from .data import check_data_files, pack_tokens
 from .stages import STAGES, active_layers, build_objective, select_trainable
 from .trainer import total_steps, train_stage
 
@@ -51,8 +52,8 @@ def _apply_lora(student, lora):
     return get_peft_model(student, cfg)
 
 
-def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = False, progress: bool = True,
-               accelerator=None) -> dict:
+def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = False, fresh: bool = False,
+               progress: bool = True, accelerator=None) -> dict:
     """Run a recipe; returns a summary dict (stages run, eval results, output folder)."""
     accelerator = accelerator or make_accelerator()
     torch.manual_seed(recipe.seed)
@@ -61,11 +62,23 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
     names = [s.name for s in recipe.stages]
     if only_stage is not None and only_stage not in names:
         raise RnnifyError(f"--stage {only_stage!r} is not in this recipe; its stages: {', '.join(names)}")
+    if fresh and (resume or only_stage is not None):
+        raise RnnifyError("--fresh starts the recipe from the beginning; it cannot go with --resume or --stage")
     if not resume and only_stage is None:
         check_output_dir(out, recipe.output.overwrite)
-        if accelerator.is_main_process and run.dir.exists():
-            run.reset()  # a fresh run: old checkpoints would be mistaken for this run's
+        earlier = run.dir.exists() and run.has_state()
+        if earlier and not fresh:  # an interrupted run's checkpoints are never destroyed by a rerun
+            raise RnnifyError(
+                f"run folder {run.dir} holds an earlier run of this recipe ({run.describe()}); continue it with "
+                "--resume, or start afresh with --fresh (the earlier run folder is kept under a new name)")
         accelerator.wait_for_everyone()
+        if accelerator.is_main_process and run.dir.exists():
+            if earlier:
+                _log(accelerator, f"--fresh: the earlier run folder is kept as {run.move_aside()}")
+            else:
+                shutil.rmtree(run.dir)  # only the recipe.yaml of a run that stopped before it trained
+        accelerator.wait_for_everyone()
+    check_data_files(recipe.datasets)
     if recipe.hub.push:  # fail before hours of training, not after
         from ..hub import resolve_token
 
@@ -80,6 +93,13 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
                                       progress=lambda m: _log(accelerator, m))
     if tok is None:
         raise RnnifyError(f"{recipe.model.source}: no tokenizer found; training needs one to tokenise data")
+    max_pos = getattr(teacher.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    for i, stage in enumerate(recipe.stages):
+        seq_len = recipe.stage_settings(i).seq_len
+        if max_pos and seq_len > max_pos:
+            _log(accelerator, f"warning: stage {stage.name} trains on seq_len {seq_len}, beyond the source's "
+                              f"max_position_embeddings {max_pos}: RoPE positions it never saw; expect worse quality "
+                              "unless the recipe extends the context on purpose")
     student = build_student(recipe, teacher)
     new_names = student.new_parameter_names()
     _log(accelerator, f"converted {recipe.model.source} with {recipe.conversion.method}: "

@@ -84,10 +84,14 @@ def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_i
     stage_seed = seed + 7919 * (stage_index + 1)
 
     start = 0
-    if resume and run.checkpoints(stage_name):
-        ckpt = run.checkpoints(stage_name)[-1]
-        meta, weights, optim = RunState.read_checkpoint(ckpt)
-        named = dict(student.named_parameters())
+    point = run.resume_point(stage_name, log=accelerator.print) if resume else None
+    if point is not None:
+        ckpt, meta, weights, optim = point
+        named = {n: p for n, p in student.named_parameters() if p.requires_grad}
+        if set(weights) != set(named):
+            odd = sorted(set(weights) ^ set(named))[:3]
+            raise RnnifyError(f"checkpoint {ckpt} holds other trainable parameters than this stage trains ({odd} ...): "
+                              "it was written by a different recipe; start afresh with --fresh")
         with torch.no_grad():
             for k, v in weights.items():
                 named[k].copy_(v)
@@ -101,7 +105,7 @@ def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_i
         if accelerator.is_main_process:
             trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
             run.save_checkpoint(stage_name, step, trainable, optimizer, scheduler,
-                                       {"stage": stage_name, "world_size": world}, settings.keep_checkpoints)
+                                {"stage": stage_name, "world_size": world}, settings.keep_checkpoints)
         accelerator.wait_for_everyone()
         return run.checkpoints(stage_name)[-1] if accelerator.is_main_process else None
 

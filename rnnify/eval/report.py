@@ -65,7 +65,9 @@ def evaluate(student, tokenizer, spec: EvalSpec, teacher=None, log=print) -> dic
                 r = decode_speed(models[name], length, spec.speed_new_tokens)
                 results["speed"].setdefault(str(length), {})[name] = {
                     "decode_tokens_per_s": r["decode_tokens_per_s"], "cache_bytes": r["cache_bytes"]}
-                log(f"decode @ {length}: {name} {r['decode_tokens_per_s']:.1f} tok/s, cache {human_bytes(r['cache_bytes'])}")
+                speed = "could not be measured" if r["decode_tokens_per_s"] is None else \
+                    f"{r['decode_tokens_per_s']:.1f} tok/s (median of {r['timed_steps']} steps)"
+                log(f"decode @ {length}: {name} {speed}, cache {human_bytes(r['cache_bytes'])}")
     results["seconds"] = round(time.time() - t0, 1)
     return results
 
@@ -87,7 +89,8 @@ def results_table(results: dict) -> str:
         rows.append(f"| passkey accuracy @ {length} | {pct(r.get('teacher'))} | {pct(r.get('student'))} | — |")
     for length, r in results.get("speed", {}).items():
         t, s = r.get("teacher", {}), r.get("student", {})
-        tok = lambda d: "—" if not d else f"{d['decode_tokens_per_s']:.1f}"  # noqa: E731
+        tok = lambda d: "—" if not d else "not measurable" if d["decode_tokens_per_s"] is None \
+            else f"{d['decode_tokens_per_s']:.1f}"  # noqa: E731
         mem = lambda d: "—" if not d else human_bytes(d["cache_bytes"])  # noqa: E731
         rows.append(f"| decode tokens/s after {length} (batch 1) | {tok(t)} | {tok(s)} | — |")
         rows.append(f"| cache after {length} tokens | {mem(t)} | {mem(s)} | — |")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class EvalSpec(BaseModel):
@@ -17,6 +17,14 @@ class EvalSpec(BaseModel):
     speed_lengths: list[int] = Field(default_factory=lambda: [512, 2048])
     speed_new_tokens: int = Field(32, ge=2)
     teacher: bool = True
+
+    @field_validator("passkey_lengths", "speed_lengths")
+    @classmethod
+    def _lengths(cls, v):
+        bad = [n for n in v if n < 16]
+        if bad:
+            raise ValueError(f"lengths {bad} are too short; accepted: token counts >= 16")
+        return v
 
 
 __all__ = ["EvalSpec"]

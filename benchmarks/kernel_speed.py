@@ -9,9 +9,9 @@ Prints, for B x H x D (default 4 x 16 x 128, bf16) and each T:
     traffic (fp32 state read + written once: 2 * B * H * K * V * 4 bytes / time), ours against fla's
     fused_recurrent kernels and the PyTorch reference step.
 
-    python benchmarks/kernels.py                                   # the issue's sizes, on CUDA
-    python benchmarks/kernels.py --T 256 512 --H 2 --D 32 --device cpu   # a smoke run (reference + SDPA only)
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --T 64 --B 1 --H 1 --D 16 --device cpu  # + our kernels, interpreted
+    python benchmarks/kernel_speed.py                                   # the issue's sizes, on CUDA
+    python benchmarks/kernel_speed.py --T 256 512 --H 2 --D 32 --device cpu   # a smoke run (reference + SDPA only)
+    TRITON_INTERPRET=1 python benchmarks/kernel_speed.py --T 64 --B 1 --H 1 --D 16 --device cpu  # + our kernels, interpreted
 
 Before timing, every backend's output is checked against the reference at a small shape (max abs error).
 """
