@@ -365,9 +365,12 @@ def cmd_eval(args) -> None:
 
     flags = {"context_length": "--context-length", "num_windows": "--num-windows", "passkey_lengths": "--passkey",
              "speed_lengths": "--speed", "text": "--text"}
+    flat = lambda groups: [n for g in groups for n in g]  # noqa: E731  (1024,2048 4096 -> [1024, 2048, 4096])
+    contexts = flat(args.context_length)
     try:
-        spec = EvalSpec(text=args.text, context_length=args.context_length, num_windows=args.num_windows,
-                        passkey_lengths=args.passkey, speed_lengths=args.speed, baseline=args.teacher is not None)
+        spec = EvalSpec(text=args.text, context_length=contexts if len(contexts) > 1 else contexts[0],
+                        num_windows=args.num_windows, passkey_lengths=flat(args.passkey),
+                        speed_lengths=flat(args.speed), baseline=args.teacher is not None)
     except ValidationError as e:
         err = e.errors()[0]
         flag = flags.get(str(err["loc"][0]), str(err["loc"][0]))
@@ -475,10 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="a converted model folder (or any model)")
     s.add_argument("--teacher", default=None, help="the source model to compare with (and to build the window baseline)")
     s.add_argument("--text", default="builtin:wikitext-2/test.txt", help="text file for perplexity")
-    s.add_argument("--context-length", type=int, default=2048)
+    s.add_argument("--context-length", "--context", type=_ints, nargs="+", default=[[2048]],
+                   help="context length(s) for perplexity, e.g. 2048 or 2048,8192")
     s.add_argument("--num-windows", type=int, default=4)
-    s.add_argument("--passkey", type=int, nargs="*", default=[1024], help="passkey lengths")
-    s.add_argument("--speed", type=int, nargs="*", default=[512, 2048], help="context lengths for decode speed")
+    s.add_argument("--passkey", type=_ints, nargs="*", default=[[1024]], help="passkey lengths, e.g. 1024,2048,4096")
+    s.add_argument("--speed", type=_ints, nargs="*", default=[[512, 2048]], help="context lengths for decode speed")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("generate", help="generate text from a model")
@@ -491,6 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_generate)
     return p
+
+
+def _ints(text: str) -> list[int]:
+    """'1024,2048' -> [1024, 2048] (argparse type: comma-separated integers)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
 class _Parser(argparse.ArgumentParser):

@@ -219,6 +219,13 @@ class Recipe(Strict):
                 raise ValueError(f"stage {s.name!r} uses data {st.data!r}, not in datasets {sorted(self.datasets)}")
             if st.max_steps is None and st.max_tokens is None:
                 raise ValueError(f"stage {s.name!r} needs max_steps or max_tokens")
+            from .convert import get_method
+
+            try:
+                method = get_method(self.conversion.method)
+                method.check_training(method.resolve_options(self.conversion.options), st.seq_len, s.name)
+            except RnnifyError as e:
+                raise ValueError(str(e)) from None
         return self
 
     def model_post_init(self, _ctx):

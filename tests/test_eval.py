@@ -87,3 +87,18 @@ def test_cli_eval(tiny_llama_dir, tmp_path, capsys):
     assert set(res["perplexity"]) >= {"teacher", "student", "window_baseline"}
     assert res["speed"]["32"]["student"]["cache_bytes"] > 0
     assert "| perplexity on" in (out / "README.md").read_text()
+
+
+def test_cli_eval_at_several_context_lengths(tiny_llama_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 60}" for i in range(700)))
+    out = tmp_path / "s"
+    assert main(["convert", str(tiny_llama_dir), "--method", "ahn", "--window", "8", "--out", str(out)]) == 0
+    assert main(["eval", str(out), "--teacher", str(tiny_llama_dir), "--text", str(text), "--context", "64,128",
+                 "--num-windows", "2", "--passkey", "--speed", "32"]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert set(res["perplexity_by_context"]) == {"64", "128"} and res["context_length"] == 64
+    # untrained AHN is the window-only model
+    assert res["perplexity_by_context"]["128"]["student"] == pytest.approx(res["perplexity_by_context"]["128"]["window_baseline"])
+    table = capsys.readouterr().out
+    assert "@ 64 tokens" in table and "@ 128 tokens" in table

@@ -391,7 +391,7 @@ def test_model_card_cache_rows_are_computed_at_their_lengths():
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--context-length", "0"], "--context-length 0: Input should be greater than or equal to 2"),
+    (["--context-length", "0"], "--context-length 0: context lengths [0]: accepted: token counts >= 2"),
     (["--passkey", "-5"], "--passkey [-5]: lengths [-5] are too short"),
     (["--text", "nope.txt"], "--text nope.txt: no such file"),
 ])

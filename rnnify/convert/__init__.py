@@ -19,6 +19,7 @@ _REGISTERED = (
     "lolcats",
     "mamba_in_llama",
     "window",
+    "ahn",
 )
 
 METHODS: dict[str, Method] = {}

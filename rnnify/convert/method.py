@@ -88,6 +88,13 @@ class Method:
         program = [{"layer": i, "mixer": ATTENTION if i in keep_attention else mixer} for i in range(n)]
         return Plan(program, dict(options))
 
+    def check_training(self, options: dict, seq_len: int, stage: str) -> None:
+        """Refuse a training stage this conversion cannot learn from; by default, sinks that fill the sequence."""
+        sinks = options.get("sinks")
+        if sinks is not None and sinks >= seq_len:
+            raise RnnifyError(f"stage {stage}: sinks {sinks} fill the whole seq_len {seq_len}; accepted: sinks < "
+                              "seq_len (lower the sinks or raise seq_len)")
+
     def check_source(self, source_config) -> None:
         """Refuse a source this method cannot convert (beyond the families rnnify supports); default: accept."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import sys
@@ -101,6 +102,12 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
                               f"max_position_embeddings {max_pos}: RoPE positions it never saw; expect worse quality "
                               "unless the recipe extends the context on purpose")
     student = build_student(recipe, teacher)
+    if not any(STAGES[s.type].needs_teacher for s in recipe.stages):
+        # no stage needs a separate teacher (self-distillation uses the student's own source view): hold the weights
+        # once while training; the evaluation loads the source again
+        del teacher
+        gc.collect()
+        teacher = None
     new_names = student.new_parameter_names()
     _log(accelerator, f"converted {recipe.model.source} with {recipe.conversion.method}: "
                       f"{len(new_names)} new parameter tensors")
@@ -174,6 +181,9 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
     if recipe.eval is not None and accelerator.is_main_process:
         from ..eval.report import evaluate
 
+        if teacher is None and recipe.eval.teacher:
+            teacher = models.load_source(recipe.model.source, dtype=recipe.model.dtype,
+                                         progress=lambda m: _log(accelerator, m))[0]
         eval_results = evaluate(student, tok, recipe.eval, teacher=teacher, log=lambda m: _log(accelerator, m))
         summary["eval"] = eval_results
     if accelerator.is_main_process:

@@ -34,6 +34,7 @@ class StageSettings(Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     schedule: Literal["constant", "cosine", "linear"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)  # share of the steps; used when warmup_steps is 0
     max_steps: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     seq_len: int = Field(512, ge=2)
@@ -72,4 +73,30 @@ class FinetuneSettings(StageSettings):
     lora: LoraSpec | None = None
 
 
-__all__ = ["AttentionTransferSettings", "DistillSettings", "FinetuneSettings", "LoraSpec", "StageSettings", "Strict"]
+class SelfDistillSettings(StageSettings):
+    """Self-distillation (AHN, Fang et al. 2025 sec. 3.3): the teacher is the same model with full attention."""
+
+    temperature: float = Field(1.0, gt=0)
+    kl: Literal["forward", "reverse"] = "forward"
+    ce_weight: float = Field(0.0, ge=0)  # + CE on the positions beyond the window
+    layer_mse_weight: float = Field(0.0, ge=0)  # + per-layer MSE between L2-normalised pre-o_proj outputs
+    # per-step sampling of the window and sinks (AHN: W with L/8 < W < L, sinks from a set, at most W/2);
+    # None keeps the conversion's own window / sinks
+    window_choices: list[int] | None = None
+    sink_choices: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _choices(self):
+        for name in ("window_choices", "sink_choices"):
+            values = getattr(self, name)
+            if values is not None and (not values or min(values) < (1 if name == "window_choices" else 0)):
+                raise ValueError(f"{name} {values}: give a non-empty list of "
+                                 f"{'windows >= 1' if name == 'window_choices' else 'sink counts >= 0'}")
+        if self.window_choices is not None and min(self.window_choices) >= self.seq_len:
+            raise ValueError(f"window_choices {self.window_choices}: none is below seq_len {self.seq_len}, so no "
+                             "token would leave the window; give windows < seq_len")
+        return self
+
+
+__all__ = ["AttentionTransferSettings", "DistillSettings", "FinetuneSettings", "LoraSpec", "SelfDistillSettings",
+           "StageSettings", "Strict"]

@@ -8,11 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RnnifyError
 from .losses import kl_distill_loss, next_token_ce
-from .settings import AttentionTransferSettings, DistillSettings, FinetuneSettings, StageSettings
+from .settings import AttentionTransferSettings, DistillSettings, FinetuneSettings, SelfDistillSettings, StageSettings
 
 
 class Objective(nn.Module):
@@ -20,9 +21,14 @@ class Objective(nn.Module):
         super().__init__()
         self.student = student
         self.teacher = teacher
+        self.seed, self.step = 0, 0
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
+
+    def set_step(self, seed: int, step: int) -> None:
+        """Called by the trainer before each optimizer step (objectives that draw per-step choices seed them here)."""
+        self.seed, self.step = seed, step
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -130,6 +136,90 @@ class FinetuneObjective(Objective):
         return ce, {"ce": ce.item()}
 
 
+class SelfDistillObjective(Objective):
+    """Self-distillation (AHN, Fang et al. 2025 sec. 3.3): the teacher is the same model with every converted layer
+    run as the source attention (full causal softmax, no memory), so the weights are held once. Forward KL (at a
+    temperature) on the positions beyond the window + sinks, where the memory has something to add; optionally CE
+    there and a per-layer MSE between L2-normalised pre-``o_proj`` outputs. The window and sinks may be drawn per step
+    (AHN: W with L/8 < W < L, sinks at most W/2 from a set; when no candidate window satisfies L/8 < W, the largest
+    candidate below L is used, so short CPU sequences still train)."""
+
+    def __init__(self, student, settings):
+        super().__init__(student, None)
+        student.set_source_view(False)  # fails now, with the reason, when a mixer cannot be its own teacher
+        self.s = settings
+        self.mixers = [m for _, m in student.mixers()]
+        self.window0 = [(m.window, m.sinks) for m in self.mixers]
+
+    def draw(self, L: int) -> tuple[int | None, int | None]:
+        import random
+
+        if self.s.window_choices is None and self.s.sink_choices is None:
+            return None, None
+        rng = random.Random(self.seed * 1_000_003 + self.step)
+        W = None
+        if self.s.window_choices is not None:
+            fits = [w for w in self.s.window_choices if L / 8 < w < L]
+            W = rng.choice(fits) if fits else max(w for w in self.s.window_choices if w < L)
+        S = None
+        if self.s.sink_choices is not None:
+            cap = (W or min(w for w, _ in self.window0)) / 2
+            S = rng.choice([c for c in self.s.sink_choices if c <= cap] or [0])
+        return W, S
+
+    def _set(self, W, S):
+        for m, (w0, s0) in zip(self.mixers, self.window0):
+            m.window = w0 if W is None else W
+            m.sinks = s0 if S is None else S
+
+    def _capture(self, store):
+        """Hooks that keep each converted layer's pre-o_proj output (L2-normalised)."""
+        hooks = []
+        for m in self.mixers:
+            hooks.append(m.o_proj.register_forward_hook(
+                lambda mod, args, out: store.append(F.normalize(args[0].float(), dim=-1))))
+        return hooks
+
+    def forward(self, input_ids, labels=None):
+        labels = input_ids if labels is None else labels
+        W, S = self.draw(input_ids.shape[1])
+        self._set(W, S)
+        mse = self.s.layer_mse_weight > 0
+        targets, preds = [], []
+        try:
+            hooks = self._capture(targets) if mse else []
+            try:
+                with torch.no_grad():
+                    self.student.set_source_view(True)
+                    t_logits = self.student(input_ids=input_ids, use_cache=False).logits
+            finally:
+                self.student.set_source_view(False)
+                for h in hooks:
+                    h.remove()
+            hooks = self._capture(preds) if mse else []
+            try:
+                s_logits = self.student(input_ids=input_ids, use_cache=False).logits
+            finally:
+                for h in hooks:
+                    h.remove()
+        finally:
+            self._set(None, None)
+        window, sinks = self.mixers[0].window if W is None else W, self.mixers[0].sinks if S is None else S
+        beyond = torch.zeros_like(labels, dtype=torch.bool)
+        beyond[:, window + sinks:] = True  # earlier positions see no evicted token: student == teacher there
+        mask = beyond & (labels != -100)
+        kl = kl_distill_loss(s_logits, t_logits, mask, self.s.temperature, self.s.kl)
+        loss, metrics = kl, {"kl": kl.item(), "window": window, "sinks": sinks}
+        if self.s.ce_weight:
+            ce = next_token_ce(s_logits, labels.masked_fill(~beyond, -100))
+            loss, metrics["ce"] = loss + self.s.ce_weight * ce, ce.item()
+        if mse:
+            cut = window + sinks
+            layer_mse = torch.stack([((p[:, cut:] - t[:, cut:]) ** 2).mean() for p, t in zip(preds, targets)])
+            loss, metrics["layer_mse"] = loss + self.s.layer_mse_weight * layer_mse.mean(), layer_mse.mean().item()
+        return loss, metrics
+
+
 @dataclass(frozen=True)
 class Stage:
     """A training stage type: its settings model, what it trains by default and how it builds its objective."""
@@ -151,6 +241,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           lambda st, te, se, ac: DistillObjective(st, te, se.temperature, se.kl, se.ce_weight, ac)),
     Stage("finetune", "next-token cross-entropy, all parameters or LoRA (peft)",
           FinetuneSettings, False, ("*",), lambda st, te, se, ac: FinetuneObjective(st)),
+    Stage("self_distill", "KL to the same weights with full attention, beyond the window (AHN); the memory trains",
+          SelfDistillSettings, False, ("@new",), lambda st, te, se, ac: SelfDistillObjective(st, se)),
 )}
 
 

@@ -52,7 +52,7 @@ def batch_indices(n_blocks: int, seed: int, step: int, micro: int, settings) -> 
 
 
 def make_scheduler(optimizer, settings, steps: int):
-    warm = settings.warmup_steps
+    warm = settings.warmup_steps or (round(settings.warmup_ratio * steps) if settings.warmup_ratio else 0)
 
     def factor(step):
         if warm and step < warm:
@@ -126,6 +126,7 @@ def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_i
             if _BEFORE_STEP is not None:
                 _BEFORE_STEP(stage_name, step)
             total, metrics_sum = 0.0, {}
+            objective.set_step(stage_seed, step)  # per-step choices (e.g. a sampled window) are the same on every rank
             for micro in range(settings.grad_accum):
                 idx = batch_indices(n_blocks, stage_seed, step, micro, settings)
                 local = idx[rank::world]

@@ -29,7 +29,8 @@ def window_baseline(student, teacher):
 def evaluate(student, tokenizer, spec: EvalSpec, teacher=None, log=print) -> dict:
     from ..distill.data import tokenize_text_file
 
-    results: dict = {"context_length": spec.context_length}
+    lengths = spec.context_lengths
+    results: dict = {"context_length": lengths[0]}
     models = {"student": student}
     if teacher is not None and spec.teacher:
         models["teacher"] = teacher
@@ -39,16 +40,23 @@ def evaluate(student, tokenizer, spec: EvalSpec, teacher=None, log=print) -> dic
         results["baseline"] = label
 
     t0 = time.time()
-    blocks = windows(tokenize_text_file(spec.text, tokenizer), spec.context_length, spec.num_windows)
-    ppl = {}
-    for name, m in models.items():
-        r = perplexity(m, blocks)
-        ppl[name] = r["ppl"]
-        log(f"perplexity @ {spec.context_length}: {name} {r['ppl']:.2f}")
-    results["perplexity"] = {**ppl, "text": spec.text, "windows": int(blocks.shape[0]), "tokens": int(blocks[:, 1:].numel())}
-    if "teacher" in ppl and "window_baseline" in ppl:
-        gap = ppl["window_baseline"] - ppl["teacher"]
-        results["perplexity"]["gap_recovered"] = (ppl["window_baseline"] - ppl["student"]) / gap if gap > 0 else None
+    tokens = tokenize_text_file(spec.text, tokenizer)
+    by_context = {}
+    for L in lengths:
+        blocks = windows(tokens, L, spec.num_windows)
+        ppl = {}
+        for name, m in models.items():
+            r = perplexity(m, blocks)
+            ppl[name] = r["ppl"]
+            log(f"perplexity @ {L}: {name} {r['ppl']:.2f}")
+        row = {**ppl, "text": spec.text, "windows": int(blocks.shape[0]), "tokens": int(blocks[:, 1:].numel())}
+        if "teacher" in ppl and "window_baseline" in ppl:
+            gap = ppl["window_baseline"] - ppl["teacher"]
+            row["gap_recovered"] = (ppl["window_baseline"] - ppl["student"]) / gap if gap > 0 else None
+        by_context[str(L)] = row
+    results["perplexity"] = by_context[str(lengths[0])]
+    if len(lengths) > 1:
+        results["perplexity_by_context"] = by_context
 
     results["passkey"] = {}
     for length in spec.passkey_lengths:
@@ -76,14 +84,13 @@ def results_table(results: dict) -> str:
     """Markdown table: one row per measurement, teacher | student | window baseline."""
     if not results:
         return "_not evaluated_\n"
-    L = results["context_length"]
     p = results["perplexity"]
     rows = ["| measurement | teacher | student | window baseline |", "|---|---|---|---|"]
     f = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
     name = str(p.get("text", "text")).replace("builtin:", "").split("/")[-2:]
-    rows.append(f"| perplexity on {'/'.join(name)} @ {L} tokens ({p['windows']} windows) | {f(p.get('teacher'))} | "
-                f"{f(p.get('student'))} | "
-                f"{f(p.get('window_baseline'))} |")
+    for L, q in results.get("perplexity_by_context", {str(results["context_length"]): p}).items():
+        rows.append(f"| perplexity on {'/'.join(name)} @ {L} tokens ({q['windows']} windows) | {f(q.get('teacher'))} | "
+                    f"{f(q.get('student'))} | {f(q.get('window_baseline'))} |")
     for length, r in results.get("passkey", {}).items():
         pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
         rows.append(f"| passkey accuracy @ {length} | {pct(r.get('teacher'))} | {pct(r.get('student'))} | — |")

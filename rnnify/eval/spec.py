@@ -9,7 +9,7 @@ class EvalSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     text: str = "builtin:wikitext-2/test.txt"
-    context_length: int = Field(2048, ge=2)
+    context_length: int | list[int] = 2048  # one length, or several (a perplexity row each)
     num_windows: int = Field(4, ge=1)
     baseline: bool = True  # the window-only model with the student's window + sinks (or 64 + 4), same kept layers
     passkey_lengths: list[int] = Field(default_factory=lambda: [1024])
@@ -17,6 +17,18 @@ class EvalSpec(BaseModel):
     speed_lengths: list[int] = Field(default_factory=lambda: [512, 2048])
     speed_new_tokens: int = Field(32, ge=2)
     teacher: bool = True
+
+    @field_validator("context_length")
+    @classmethod
+    def _contexts(cls, v):
+        values = v if isinstance(v, list) else [v]
+        if not values or min(values) < 2:
+            raise ValueError(f"context lengths {values}: accepted: token counts >= 2")
+        return v
+
+    @property
+    def context_lengths(self) -> list[int]:
+        return self.context_length if isinstance(self.context_length, list) else [self.context_length]
 
     @field_validator("passkey_lengths", "speed_lengths")
     @classmethod

@@ -77,6 +77,9 @@ class Mixer(nn.Module):
     layer_type: ClassVar[str] = "linear_attention"  # the cache layer type of its slot
     adopts: ClassVar[tuple[str, ...]] = ATTENTION_MODULES
     absorbs: ClassVar[tuple[str, ...]] = ()
+    # whether it can run as the source attention it replaced (``as_source``): its projections are the source's,
+    # unchanged, so the model can be its own self-distillation teacher
+    can_run_as_source: ClassVar[bool] = False
 
     def __init__(self, config, layer_idx: int, attn: nn.Module, settings: dict):
         super().__init__()

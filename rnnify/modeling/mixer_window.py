@@ -54,6 +54,7 @@ class WindowMixer(Mixer):
 
     name = "window"
     layer_type = "sliding_sink_attention"
+    can_run_as_source = True
     query_block = 256  # queries per block of the parallel softmax: memory O(T * (sinks + window + block))
 
     def __init__(self, config, layer_idx, attn, settings):
@@ -62,6 +63,17 @@ class WindowMixer(Mixer):
         self.sinks = int(self.setting("sinks", 4))
         if self.window < 1 or self.sinks < 0:
             raise ValueError(f"window must be >= 1 and sinks >= 0, got window={self.window}, sinks={self.sinks}")
+        # a source layer that is itself sliding-window attention never saw further back: the window stays within it
+        base = config.base_config
+        types = getattr(base, "layer_types", None) or []
+        sliding = (types[layer_idx] == "sliding_attention") if types else \
+            (getattr(base, "sliding_window", None) is not None and getattr(base, "use_sliding_window", True))
+        self.source_window = int(base.sliding_window) if sliding and getattr(base, "sliding_window", None) else None
+        if self.source_window is not None:
+            self.window = min(self.window, self.source_window)
+        # True: run as the source attention (full causal softmax, no memory): the teacher of self-distillation,
+        # held in the same weights (see ``source_view`` in modeling_rnnify.py)
+        self.as_source = False
 
     def init_new_parameters(self):
         pass  # the window reuses the source attention's projections only
@@ -91,7 +103,8 @@ class WindowMixer(Mixer):
     # ---- forward -------------------------------------------------------------------------------------------
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         B, T, _ = hidden_states.shape
-        H, D, S, W = self.num_heads, self.head_dim, self.sinks, self.window
+        H, D = self.num_heads, self.head_dim
+        S, W = (0, self.source_window or 1 << 60) if self.as_source else (self.sinks, self.window)
         q, k, v = self.project(hidden_states)
         cos, sin = position_embeddings
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -101,7 +114,7 @@ class WindowMixer(Mixer):
         valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid
         carry = self.carry(hidden_states)
 
-        layer = self.cache_layer(kwargs)
+        layer = None if self.as_source else self.cache_layer(kwargs)  # the source view is for training: no cache
         n = 0
         empty = k.new_zeros(B, 0, k.shape[2], D)
         sink_k = sink_v = recent_k = recent_v = empty
@@ -134,14 +147,18 @@ class WindowMixer(Mixer):
         need = max(0, min(run_k.shape[1], T - shift))
         evicted = Evicted(run_k[:, :need], run_v[:, :need], None if run_carry is None else run_carry[:, :need],
                           run_ok[:, :need] & ~run_sink[:, :need], shift, T)
-        memory_out, new_state = self.memory(hidden_states, q, evicted, state)
+        if not self.as_source:
+            memory_out, new_state = self.memory(hidden_states, q, evicted, state)
 
         # ---- softmax part over sinks + window, in query blocks -------------------------------------------------
         c = int(is_sink.any(0).nonzero().max()) + 1 if bool(is_sink.any()) else 0  # new tokens that may be sinks
         num, den = self._window_softmax(
             q, (sink_k.float(), sink_v.float(), sink_ok), (k[:, :c].float(), v[:, :c].float(), is_sink[:, :c]),
-            (run_k, run_v, run_ok, run_sink, run_pos), n)
-        y = self.combine(num, den, memory_out)
+            (run_k, run_v, run_ok, run_sink, run_pos), n, W)
+        if self.as_source:
+            y = num / den
+        else:
+            y = self.combine(num, den, memory_out)
 
         if layer is not None:
             self._update_cache(layer, n, T, k, v, valid, rank, is_sink, counted, (sink_k, sink_v, sink_ok),
@@ -149,7 +166,7 @@ class WindowMixer(Mixer):
         y = y.reshape(B, T, H * D).to(hidden_states.dtype)
         return self.o_proj(y), None
 
-    def _window_softmax(self, q, sinks, new_sinks, run, n):
+    def _window_softmax(self, q, sinks, new_sinks, run, n, W):
         """Un-normalised softmax over sinks + window (each row shifted by its max): the stored sinks (all earlier),
         this call's first tokens that are sinks in some row, and the run's window slice. Keys/values have the KV
         heads; each KV head serves its group of G query heads (query head h*G + g reads KV head h, as repeat_kv lays
@@ -159,7 +176,6 @@ class WindowMixer(Mixer):
             sinks, new_sinks, run
         Hkv = run_k.shape[2]
         G = H // Hkv
-        W = self.window
         p0 = int(run_pos[0]) if run_pos.numel() else n
         cand_pos = torch.arange(n, n + cand_k.shape[1], device=q.device)
         # leading run tokens that are sinks in every row are served by the sink part: the window slice skips them

@@ -6,6 +6,7 @@ model can build any mixer its layer program names with ``trust_remote_code=True`
 
 from __future__ import annotations
 
+from .mixer_ahn import AhnMixer
 from .mixer_base import Mixer
 from .mixer_lolcats import LolcatsMixer
 from .mixer_mamba2 import Mamba2Mixer
@@ -17,6 +18,7 @@ MIXERS: dict[str, type[Mixer]] = {m.name: m for m in (
     LolcatsMixer,
     Mamba2Mixer,
     WindowMixer,
+    AhnMixer,
 )}
 
 

@@ -128,6 +128,17 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
             names += [f"blocks.{b}.{n}" for n, _ in block.named_parameters()]
         return names
 
+    def set_source_view(self, on: bool = True) -> None:
+        """Run every converted layer as the source attention it replaced (full causal softmax, no memory): the
+        teacher of self-distillation, held in the same weights. Only mixers that keep the source's projections can."""
+        mixers = self.mixers()
+        cannot = sorted({m.name for _, m in mixers if not m.can_run_as_source})
+        if cannot:
+            raise ValueError(f"mixers {cannot} cannot run as the source attention (their projections are not the "
+                             "source's); self-distillation needs window-family mixers (window, lolcats, ahn)")
+        for _, m in mixers:
+            m.as_source = on
+
     def default_recurrence(self) -> int | None:
         """The loop count of the first block (None when the program has no block)."""
         return self.blocks[0].spec.loops if len(self.blocks) else None

@@ -1,0 +1,34 @@
+"""AHN (Fang et al. 2025): every converted layer keeps a sliding window + sinks of exact softmax attention and
+compresses the tokens that leave the window into an RNN memory (Gated DeltaNet, DeltaNet or Mamba2) read by every
+later query; the memory's output projection starts at zero, so the conversion starts as the window-only model
+(``modeling/mixer_ahn.py``). Trained by self-distillation from the same weights with full attention
+(the ``self_distill`` stage).
+"""
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..modeling.mixer_ahn import AhnMixer
+from .method import Method, MethodOptions, Paper
+
+
+class AhnOptions(MethodOptions):
+    window: int = Field(256, ge=1, description="softmax window in tokens (the paper trains with windows around 256)")
+    sinks: int = Field(4, ge=0, description="first tokens kept in the softmax part (attention sinks)")
+    memory: Literal["gated_deltanet", "deltanet", "mamba2"] = Field(
+        "gated_deltanet", description="the RNN that compresses tokens leaving the window")
+    chunk_size: int = Field(64, ge=1, description="chunk length of the memory's parallel (chunked) form")
+
+
+class Ahn(Method):
+    name = "ahn"
+    summary = "AHN: window + sinks softmax, tokens leaving the window compressed into an RNN memory (zero-init read)"
+    paper = Paper("Artificial Hippocampus Networks for Efficient Long-Context Modeling (Fang et al., 2025)",
+                  "https://arxiv.org/abs/2510.07318")
+    Options = AhnOptions
+    mixers = (AhnMixer,)
+    test_options = {"window": 4, "sinks": 2, "chunk_size": 8}
+
+
+METHOD = Ahn()

@@ -1,0 +1,134 @@
+"""AHN: the sliding window + sinks softmax with an RNN memory of the tokens that leave the window.
+
+Artificial Hippocampus Networks (Fang et al. 2025, arXiv 2510.07318, sec. 3): each converted layer keeps its own
+exact softmax attention over the sinks and the last ``window`` tokens (``WindowMixer``); a token that leaves the
+window is written into a fixed-size recurrent memory, which every later query reads. Per head h (one memory head per
+query head, an H x D x D state per layer):
+
+    write (token s leaving the window, never a sink):  k_s, v_s as the layer computed them (RoPE on k, KV heads
+        repeated to query heads); gates from that token's normalised hidden state x_s (the decoder layer's input norm)
+    read (query t):  q_t after RoPE
+    gated_deltanet:  S <- a_s S + b_s k_s (v_s - a_s S^T k_s)^T,   a_s = exp(-exp(A_log) softplus(w_a.x_s + dt_bias)),
+                     b_s = sigmoid(w_b.x_s); q, k L2-normalised (Yang et al. 2025, "Gated Delta Networks", eq. 10)
+    deltanet:        the same without decay (a_s = 1)
+    mamba2:          S <- exp(dt_s A) S + k_s (dt_s v_s)^T, dt_s = softplus(w_dt.x_s + dt_bias), A = -exp(A_log),
+                     A_log = log(1..H), no D skip: x = v, B = k, C = q (Dao & Gu 2024, eq. 1)
+    output:          m_t = O_h ( sigmoid(w_g.x_t) * RMSNorm(S^T q_t) ),   O_h (D x D per head) starts at zero
+
+and ``m_t`` is added to the window attention's output per head before ``o_proj``: the untrained model IS the
+window-only model. The write gates' logits are computed when a token enters the window and kept in the cache with its
+key and value (``carry``), so decoding needs nothing that grows with the context.
+
+Only torch and sibling files are imported: this file ships with converted models.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mixer_base import (
+    STATE_BYTES,
+    chunk_delta_rule,
+    chunk_linear_attention,
+    delta_rule_step,
+    l2_normalize,
+    linear_attention_step,
+)
+from .mixer_window import Evicted, WindowMixer
+
+MEMORIES = ("gated_deltanet", "deltanet", "mamba2")
+_WRITE_GATES = {"gated_deltanet": 2, "deltanet": 1, "mamba2": 1}  # per head: (beta, decay) / beta / dt
+
+
+class AhnMixer(WindowMixer):
+    name = "ahn"
+    layer_type = "hybrid_sliding_sink"
+
+    def __init__(self, config, layer_idx, attn, settings):
+        super().__init__(config, layer_idx, attn, settings)
+        self.memory_kind = str(self.setting("memory", "gated_deltanet"))
+        if self.memory_kind not in MEMORIES:
+            raise ValueError(f"AHN memory {self.memory_kind!r}; accepted: {', '.join(MEMORIES)}")
+        self.chunk_size = int(self.setting("chunk_size", 64))
+        self.norm_eps = float(self.setting("norm_eps", 1e-6))
+        H, D, d = self.num_heads, self.head_dim, self.hidden_size
+        self.carry_width = _WRITE_GATES[self.memory_kind] * H
+        self.write_gates = nn.Linear(d, self.carry_width)  # from the leaving token's normalised hidden state
+        self.read_gate = nn.Linear(d, H)  # per-head scalar gate from the current token
+        if self.memory_kind != "deltanet":
+            self.A_log = nn.Parameter(torch.zeros(H))
+            self.dt_bias = nn.Parameter(torch.zeros(H))
+        self.norm_weight = nn.Parameter(torch.ones(D))
+        self.out_heads = nn.Parameter(torch.zeros(H, D, D))  # per-head output projection, zero at conversion
+
+    def init_new_parameters(self):
+        """Fresh gates (small normal weights; deterministic per layer), the decays as in the memories' own papers,
+        and the zero output projection that makes the untrained model the window-only model."""
+        g = torch.Generator().manual_seed(3000 + self.source_layer)
+        H = self.num_heads
+        with torch.no_grad():
+            for lin in (self.write_gates, self.read_gate):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.02)
+                lin.bias.zero_()
+            if self.memory_kind == "gated_deltanet":  # A ~ U[1, 16], dt ~ log-uniform [1e-3, 1e-1] (GDN / Mamba2)
+                self.A_log.copy_(torch.log(torch.empty(H).uniform_(1, 16, generator=g)))
+            elif self.memory_kind == "mamba2":  # A_h = -h (the issue's AHN setting: A_log = log(1..H))
+                self.A_log.copy_(torch.log(torch.arange(1, H + 1, dtype=torch.float32)))
+            if self.memory_kind != "deltanet":
+                lo, hi = math.log(1e-3), math.log(1e-1)
+                dt = torch.exp(torch.rand(H, generator=g) * (hi - lo) + lo).clamp_min(1e-4)
+                self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            self.norm_weight.fill_(1.0)
+            self.out_heads.zero_()
+
+    def memory_state_bytes(self):
+        return self.num_heads * self.head_dim * self.head_dim * STATE_BYTES
+
+    def carry(self, hidden_states):
+        return self.write_gates(hidden_states)  # gate logits, kept with the token while it sits in the window
+
+    def memory(self, hidden_states, q, evicted: Evicted, state):
+        B, T, H, D = q.shape
+        ok = evicted.ok.float()[..., None]  # [B, n, 1]: a real token leaves (not a sink, not padding)
+        k = self.repeat_kv(evicted.k) * ok[..., None]
+        v = self.repeat_kv(evicted.v)
+        gates = evicted.carry.float()
+        A = None if self.memory_kind == "deltanet" else -torch.exp(self.A_log.float())
+        if self.memory_kind == "mamba2":
+            dt = F.softplus(gates + self.dt_bias.float()) * ok  # [B, n, H]
+            g, v = dt * A, v * dt[..., None]
+            g, k, v = evicted.align(g), evicted.align(k), evicted.align(v)
+            if T == 1 and state is not None:
+                o, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], state, scale=1.0)
+                o = o.unsqueeze(1)
+            else:
+                o, state = chunk_linear_attention(q, k, v, g=g, scale=1.0, initial_state=state, output_final_state=True,
+                                                  chunk_size=self.chunk_size)
+        else:
+            k, qn = l2_normalize(k), l2_normalize(q)
+            beta = torch.sigmoid(gates[..., :H]) * ok
+            g = None
+            if self.memory_kind == "gated_deltanet":
+                g = evicted.align(A * F.softplus(gates[..., H:] + self.dt_bias.float()) * ok)
+            beta, k, v = evicted.align(beta), evicted.align(k), evicted.align(v)
+            if T == 1 and state is not None:
+                o, state = delta_rule_step(qn[:, 0], k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0],
+                                           state)
+                o = o.unsqueeze(1)
+            else:
+                o, state = chunk_delta_rule(qn, k, v, beta, g=g, initial_state=state, output_final_state=True,
+                                            chunk_size=self.chunk_size)
+        o = o.float()
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight.float()
+        o = o * torch.sigmoid(self.read_gate(hidden_states).float())[..., None]
+        return torch.einsum("bthd,hde->bthe", o, self.out_heads.float()), state
+
+    def combine(self, num, den, memory_out):
+        return num / den + memory_out
+
+
+__all__ = ["MEMORIES", "AhnMixer"]
