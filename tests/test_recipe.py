@@ -41,7 +41,7 @@ def test_a_good_recipe_resolves_stage_settings():
         ({"stages": [{"type": "distill"}]}, "needs max_steps or max_tokens"),
         ({"stages": [{"type": "distill", "max_steps": 1, "data": "other"}]}, "uses data 'other', not in datasets"),
         ({"conversion": {"method": "mamba"}},
-         "conversion: unknown method 'mamba'; accepted: lolcats, mamba_in_llama, supra, window"),
+         "conversion: unknown method 'mamba'; accepted: ahn, lolcats, mamba_in_llama, supra, window"),
         ({"conversion": {"method": "supra", "options": {"window": 3}}}, "method 'supra' has no setting window"),
     ],
 )
