@@ -67,6 +67,13 @@ def cmd_inspect(args) -> None:
         info["transforms"] = config.transforms
         info["program"] = config.program
         info["layer_mixers"] = _ranges_by_value(config.layer_mixers)
+    from .eval.flops import flops_per_token
+
+    if is_student and len(getattr(model, "blocks", [])):
+        loops = sorted({1, 2, 4, 8, model.default_recurrence()})
+        info["flops_per_token"] = {f"{r} loops": flops_per_token(model, 2048, recurrence=r) for r in loops}
+    else:
+        info["flops_per_token"] = {"forward": flops_per_token(model, 2048)}
     kv_bytes = 2  # bf16 serving
     info["cache_bytes_per_sequence_bf16"] = {
         f"{n // 1024}k": cache_bytes(model, n, kv_bytes=kv_bytes) for n in (4096, 32768)
@@ -94,6 +101,9 @@ def cmd_inspect(args) -> None:
             print(f"    {line}")
     for k, v in info["cache_bytes_per_sequence_bf16"].items():
         print(f"  cache @ {k:>3} tok  {human_bytes(v)} per sequence (bf16 K/V, fp32 states)")
+    if "flops_per_token" in info:
+        print("  FLOPs per token  " + "; ".join(f"{k}: {v / 1e6:,.0f} M" for k, v in info["flops_per_token"].items())
+              + " (forward, at a 2048-token context)")
     if not is_student:
         verdict = "yes" if info["convertible"] else f"no (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         print(f"  convertible      {verdict}")
@@ -256,6 +266,8 @@ def cmd_generate(args) -> None:
         raise RnnifyError(f"--max-new-tokens {args.max_new_tokens}: accepted: an integer >= 1")
     if args.temperature < 0:
         raise RnnifyError(f"--temperature {args.temperature}: accepted: 0 (greedy) or a positive number")
+    if args.recurrence is not None and args.recurrence < 1:
+        raise RnnifyError(f"--recurrence {args.recurrence}: accepted: an integer >= 1 (loops of the recurrent block)")
     torch.manual_seed(args.seed)
     model, tok = models.load_source(args.model, dtype=args.dtype)
     if tok is None:
@@ -264,6 +276,11 @@ def cmd_generate(args) -> None:
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     enc = tok(text, return_tensors="pt")
+    extra = {}
+    if args.recurrence is not None:
+        if not len(getattr(model, "blocks", [])):
+            raise RnnifyError(f"--recurrence: {args.model} has no recurrent block (convert with --method retrofit)")
+        extra["recurrence"] = args.recurrence
     streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
     t0 = time.time()
     with torch.no_grad():
@@ -271,6 +288,7 @@ def cmd_generate(args) -> None:
             **enc, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
             temperature=args.temperature if args.temperature > 0 else None, top_p=None, top_k=None,
             streamer=streamer, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            **extra,
         )
     n = outp.shape[1] - enc["input_ids"].shape[1]
     _log(f"{n} tokens in {time.time() - t0:.2f}s ({n / max(time.time() - t0, 1e-9):.1f} tokens/s)")
@@ -364,13 +382,14 @@ def cmd_eval(args) -> None:
     from .eval.spec import EvalSpec
 
     flags = {"context_length": "--context-length", "num_windows": "--num-windows", "passkey_lengths": "--passkey",
-             "speed_lengths": "--speed", "text": "--text"}
+             "speed_lengths": "--speed", "text": "--text", "recurrence": "--recurrence"}
     flat = lambda groups: [n for g in groups for n in g]  # noqa: E731  (1024,2048 4096 -> [1024, 2048, 4096])
     contexts = flat(args.context_length)
     try:
         spec = EvalSpec(text=args.text, context_length=contexts if len(contexts) > 1 else contexts[0],
                         num_windows=args.num_windows, passkey_lengths=flat(args.passkey),
-                        speed_lengths=flat(args.speed), baseline=args.teacher is not None)
+                        speed_lengths=flat(args.speed), baseline=args.teacher is not None,
+                        recurrence=flat(args.recurrence) if args.recurrence else None)
     except ValidationError as e:
         err = e.errors()[0]
         flag = flags.get(str(err["loc"][0]), str(err["loc"][0]))
@@ -483,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-windows", type=int, default=4)
     s.add_argument("--passkey", type=_ints, nargs="*", default=[[1024]], help="passkey lengths, e.g. 1024,2048,4096")
     s.add_argument("--speed", type=_ints, nargs="*", default=[[512, 2048]], help="context lengths for decode speed")
+    s.add_argument("--recurrence", type=_ints, nargs="*", default=None,
+                   help="looped models: perplexity and FLOPs per token at these loop counts, e.g. 1,2,4,8")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("generate", help="generate text from a model")
@@ -493,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     s.add_argument("--dtype", default="auto")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--recurrence", type=int, default=None, help="looped models: loops of the recurrent block")
     s.set_defaults(func=cmd_generate)
     return p
 

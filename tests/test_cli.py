@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from rnnify.cli import main
+from rnnify.convert import METHODS
 
 
 def run(capsys, *argv):
@@ -53,7 +54,7 @@ def test_bf16_convert(tiny_llama_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra,needle",
     [
-        (["--method", "mamba9"], "unknown method 'mamba9'; accepted: ahn, lolcats, mamba_in_llama, supra, window"),
+        (["--method", "mamba9"], f"unknown method 'mamba9'; accepted: {', '.join(sorted(METHODS))}"),
         (["--method", "supra", "--keep-attention", "4"], "layer 4 is out of range; this model has layers 0..3"),
         (["--method", "supra", "--keep-attention", "x"], "'x' is not a layer index"),
         (["--method", "supra", "--window", "8"], "method 'supra' has no setting window; its settings: chunk_size"),

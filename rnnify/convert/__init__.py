@@ -20,6 +20,7 @@ _REGISTERED = (
     "mamba_in_llama",
     "window",
     "ahn",
+    "retrofit",
 )
 
 METHODS: dict[str, Method] = {}
@@ -89,6 +90,7 @@ def validate(source_config, method: str, keep_attention=None, options: dict | No
                           "--attention-fraction / --attention-every")
     n = text_config(source_config).num_hidden_layers
     keep = attention_layers(n, keep_attention, attention_fraction, attention_every)
+    m.plan(source_config, keep, opts)  # the plan's own checks (e.g. a layer split) fail before any weights load
     return keep, opts
 
 
@@ -102,7 +104,9 @@ def convert(teacher, method: str, keep_attention=None, options: dict | None = No
     if m.transform:
         return transform(teacher, method, opts)
     plan = m.plan(teacher.config, keep, opts)
-    return build_student(teacher, plan, method)
+    student = build_student(teacher, plan, method)
+    m.finish(student, opts)
+    return student
 
 
 def transform(model, method: str, options: dict | None = None):

@@ -95,6 +95,9 @@ class Method:
             raise RnnifyError(f"stage {stage}: sinks {sinks} fill the whole seq_len {seq_len}; accepted: sinks < "
                               "seq_len (lower the sinks or raise seq_len)")
 
+    def finish(self, student, options: dict) -> None:
+        """Last touches on the built student (e.g. untie embeddings); default: none."""
+
     def check_source(self, source_config) -> None:
         """Refuse a source this method cannot convert (beyond the families rnnify supports); default: accept."""
 

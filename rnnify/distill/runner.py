@@ -154,7 +154,8 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
                           f"training {n_train:,} parameters in {len(trainable)} tensors; {accelerator.num_processes} process(es)")
         if active is not None:
             _log(accelerator, f"stage {stage.name}: active converted layers {active} (the others run the teacher's attention)")
-        objective = build_objective(stage.type, model, teacher if spec.needs_teacher else None, settings, active)
+        objective = build_objective(stage.type, model, teacher if spec.needs_teacher else None, settings, active,
+                                    total_steps=steps)
         result = train_stage(
             accelerator=accelerator, objective=objective, blocks=blocks,
             settings=settings, stage_name=stage.name, stage_index=i, seed=recipe.seed, run=run,

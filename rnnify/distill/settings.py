@@ -24,6 +24,21 @@ class LoraSpec(Strict):
     merge: bool = True
 
 
+class RecurrenceSpec(Strict):
+    """Loop counts for training a model with a recurrent block (McLeish et al. 2025 sec. 3; Geiping et al. 2025 sec.
+    3.3): per step, rate ~ LogNormal(log(mean - 1) - sigma^2 / 2, sigma) and loops = Poisson(rate) + 1 (so the mean
+    loop count is ``mean``), drawn from (seed, step) so every process draws the same; only the last ``backprop`` loops
+    keep gradients. ``ramp``: share of the steps over which the mean rises from 1 to ``mean`` (0: no curriculum),
+    ``linear`` or ``1-sqrt``."""
+
+    mean: float = Field(4.0, ge=1)
+    sigma: float = Field(0.5, ge=0)
+    max_loops: int | None = Field(None, ge=1)
+    backprop: int = Field(8, ge=1)
+    ramp: float = Field(0.0, ge=0, le=1)
+    ramp_shape: Literal["linear", "1-sqrt"] = "linear"
+
+
 class StageSettings(Strict):
     """What every stage type accepts."""
 
@@ -45,6 +60,11 @@ class StageSettings(Strict):
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
+    # a model with a recurrent block: loop counts drawn per step (None: the block's own count, all loops with grad)
+    recurrence: RecurrenceSpec | None = None
+    # the paper's optimiser choice for looped models: Muon for the hidden weight matrices, AdamW for the rest
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = Field(1e-3, gt=0)
 
     @model_validator(mode="after")
     def _betas(self):
@@ -98,5 +118,5 @@ class SelfDistillSettings(StageSettings):
         return self
 
 
-__all__ = ["AttentionTransferSettings", "DistillSettings", "FinetuneSettings", "LoraSpec", "SelfDistillSettings",
-           "StageSettings", "Strict"]
+__all__ = ["AttentionTransferSettings", "DistillSettings", "FinetuneSettings", "LoraSpec", "RecurrenceSpec",
+           "SelfDistillSettings", "StageSettings", "Strict"]

@@ -22,13 +22,19 @@ class Objective(nn.Module):
         self.student = student
         self.teacher = teacher
         self.seed, self.step = 0, 0
+        self.recurrence, self.total_steps = None, 1  # set by build_objective for models with a recurrent block
+        self.student_kwargs: dict = {}
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
 
     def set_step(self, seed: int, step: int) -> None:
-        """Called by the trainer before each optimizer step (objectives that draw per-step choices seed them here)."""
+        """Called by the trainer before each optimizer step: per-step choices (loop counts, windows) are drawn from
+        (seed, step), so every process draws the same."""
+        from .recurrence import forward_kwargs
+
         self.seed, self.step = seed, step
+        self.student_kwargs = forward_kwargs(self.recurrence, seed, step, self.total_steps)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -99,13 +105,13 @@ class DistillObjective(Objective):
 
     def _student_logits(self, input_ids):
         if not self.inactive:
-            return self.student(input_ids=input_ids, use_cache=False).logits
+            return self.student(input_ids=input_ids, use_cache=False, **self.student_kwargs).logits
         layers = self.student.model.layers
         saved = {i: layers[i].self_attn for i in self.inactive}
         try:
             for i in self.inactive:
                 layers[i].self_attn = TeacherAttention(self.teacher.model.layers[i].self_attn)
-            return self.student(input_ids=input_ids, use_cache=False).logits
+            return self.student(input_ids=input_ids, use_cache=False, **self.student_kwargs).logits
         finally:
             for i, m in saved.items():
                 layers[i].self_attn = m
@@ -131,7 +137,7 @@ class FinetuneObjective(Objective):
 
     def forward(self, input_ids, labels=None):
         labels = input_ids if labels is None else labels
-        logits = self.student(input_ids=input_ids, use_cache=False).logits
+        logits = self.student(input_ids=input_ids, use_cache=False, **self.student_kwargs).logits
         ce = next_token_ce(logits, labels)
         return ce, {"ce": ce.item()}
 
@@ -252,8 +258,18 @@ def get_stage(name: str) -> Stage:
     return STAGES[name]
 
 
-def build_objective(stage_type: str, student, teacher, settings, active=None) -> Objective:
-    return get_stage(stage_type).objective(student, teacher, settings, active)
+def build_objective(stage_type: str, student, teacher, settings, active=None, total_steps: int = 1) -> Objective:
+    objective = get_stage(stage_type).objective(student, teacher, settings, active)
+    spec = getattr(settings, "recurrence", None)
+    if spec is not None:
+        from ..modeling import RnnifyForCausalLM
+
+        model = next((m for m in student.modules() if isinstance(m, RnnifyForCausalLM)), None)  # through peft
+        if model is None or not len(model.blocks):
+            raise RnnifyError(f"stage {stage_type}: recurrence is set but the model has no recurrent block (convert "
+                              "with --method retrofit, or drop the stage's recurrence setting)")
+    objective.recurrence, objective.total_steps = spec, total_steps
+    return objective
 
 
 def active_layers(student, settings) -> list[int] | None:

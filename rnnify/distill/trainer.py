@@ -51,6 +51,49 @@ def batch_indices(n_blocks: int, seed: int, step: int, micro: int, settings) -> 
     return torch.tensor(out)
 
 
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024) for the hidden weight matrices, AdamW for everything else (embeddings, LM head, norms,
+    biases): the optimiser McLeish et al. 2025 train looped models with. One optimizer to the scheduler and the
+    checkpoints; its param groups are its two parts' (so a learning-rate schedule scales both)."""
+
+    def __init__(self, matrices, others, *, lr, muon_lr, betas, weight_decay):
+        self.parts = []
+        if matrices:
+            self.parts.append(torch.optim.Muon(matrices, lr=muon_lr, weight_decay=weight_decay))
+        if others:
+            self.parts.append(torch.optim.AdamW(others, lr=lr, betas=betas, weight_decay=weight_decay))
+        super().__init__([p for o in self.parts for g in o.param_groups for p in g["params"]], {})
+        self.param_groups = [g for o in self.parts for g in o.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for o in self.parts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.parts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"parts": [o.state_dict() for o in self.parts]}
+
+    def load_state_dict(self, state_dict):
+        for o, s in zip(self.parts, state_dict["parts"]):
+            o.load_state_dict(s)
+        self.param_groups = [g for o in self.parts for g in o.param_groups]
+
+
+def make_optimizer(student, settings):
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    if settings.optimizer == "muon":
+        hidden = lambda n, p: p.ndim == 2 and "embed_tokens" not in n and "lm_head" not in n  # noqa: E731
+        return MuonAdamW([p for n, p in named if hidden(n, p)], [p for n, p in named if not hidden(n, p)],
+                         lr=settings.lr, muon_lr=settings.muon_lr, betas=tuple(settings.betas),
+                         weight_decay=settings.weight_decay)
+    return torch.optim.AdamW([p for _, p in named], lr=settings.lr, betas=tuple(settings.betas),
+                             weight_decay=settings.weight_decay)
+
+
 def make_scheduler(optimizer, settings, steps: int):
     warm = settings.warmup_steps or (round(settings.warmup_ratio * steps) if settings.warmup_ratio else 0)
 
@@ -77,7 +120,7 @@ def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_i
     steps = total_steps(settings, world)
     student = objective.student
     params = [p for n, p in student.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(student, settings)
     scheduler = make_scheduler(optimizer, settings, steps)
     model, optimizer = accelerator.prepare(objective, optimizer)
     device = accelerator.device
@@ -162,6 +205,8 @@ def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_i
                 record = {"stage": stage_name, "step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                           "tokens": (step + 1) * tokens_per_step, "tokens_per_s": done_tokens / max(elapsed, 1e-9),
                           "world_size": world, "rank_tokens": rank_tokens, **metrics_sum}
+                if "recurrence" in objective.student_kwargs:
+                    record["loops"] = objective.student_kwargs["recurrence"]
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             if bar is not None:

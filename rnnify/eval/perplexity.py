@@ -19,13 +19,14 @@ def windows(tokens: torch.Tensor, context_length: int, num_windows: int) -> torc
 
 
 @torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 1, progress=None) -> dict:
-    """exp(mean next-token NLL) over every position of every block (each block is one independent context)."""
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 1, progress=None, **forward_kwargs) -> dict:
+    """exp(mean next-token NLL) over every position of every block (each block is one independent context).
+    ``forward_kwargs`` go to the model (e.g. ``recurrence=8`` for a looped model)."""
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for i in range(0, blocks.shape[0], batch_size):
         x = blocks[i : i + batch_size].to(device)
-        logits = model(input_ids=x, use_cache=False).logits.float()
+        logits = model(input_ids=x, use_cache=False, **forward_kwargs).logits.float()
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
         nll += loss.item()
         count += x[:, 1:].numel()

@@ -58,6 +58,24 @@ def evaluate(student, tokenizer, spec: EvalSpec, teacher=None, log=print) -> dic
     if len(lengths) > 1:
         results["perplexity_by_context"] = by_context
 
+    if spec.recurrence and len(getattr(student, "blocks", [])):
+        from .flops import flops_per_token
+
+        blocks = windows(tokens, lengths[0], spec.num_windows)
+        results["recurrence"] = {}
+        for r in spec.recurrence:
+            ppl = perplexity(student, blocks, recurrence=r)["ppl"]
+            flops = flops_per_token(student, lengths[0], recurrence=r)
+            results["recurrence"][str(r)] = {"ppl": ppl, "flops_per_token": flops}
+            log(f"perplexity @ {lengths[0]} with {r} loops: {ppl:.2f} ({flops / 1e6:.0f} MFLOPs/token)")
+        if "teacher" in models:
+            results["recurrence_teacher"] = {"ppl": by_context[str(lengths[0])]["teacher"],
+                                             "flops_per_token": flops_per_token(teacher, lengths[0])}
+    elif spec.recurrence:
+        from ..errors import RnnifyError
+
+        raise RnnifyError("--recurrence: the model has no recurrent block (convert with --method retrofit)")
+
     results["passkey"] = {}
     for length in spec.passkey_lengths:
         for name in ("teacher", "student"):
@@ -102,6 +120,13 @@ def results_table(results: dict) -> str:
         rows.append(f"| decode tokens/s after {length} (batch 1) | {tok(t)} | {tok(s)} | — |")
         rows.append(f"| cache after {length} tokens | {mem(t)} | {mem(s)} | — |")
     text = "\n".join(rows) + "\n"
+    if results.get("recurrence"):
+        t = results.get("recurrence_teacher")
+        text += f"\n| loops (test-time depth) | perplexity @ {results['context_length']} | MFLOPs per token |\n|---|---|---|\n"
+        if t:
+            text += f"| source model | {t['ppl']:.2f} | {t['flops_per_token'] / 1e6:.0f} |\n"
+        for r, v in results["recurrence"].items():
+            text += f"| {r} | {v['ppl']:.2f} | {v['flops_per_token'] / 1e6:.0f} |\n"
     if p.get("gap_recovered") is not None and p["gap_recovered"] >= 0:
         text += (f"\nThe student recovers {p['gap_recovered']:.1%} of the perplexity gap between the window-only "
                  f"baseline ({results.get('baseline', '')}) and the teacher.\n")
@@ -123,6 +148,11 @@ def write_eval(folder, results: dict) -> None:
     card = folder / "README.md"
     text = card.read_text() if card.exists() else ""
     section = "## Evaluation\n\n" + results_table(results)
+    if results.get("recurrence"):
+        from .plots import recurrence_plot
+
+        recurrence_plot(results, folder / "recurrence.png")
+        section += "\n![perplexity against loops](recurrence.png)\n"
     if "## Evaluation" in text:
         head, rest = text.split("## Evaluation", 1)
         nxt = rest.find("\n## ")

@@ -17,6 +17,14 @@ class EvalSpec(BaseModel):
     speed_lengths: list[int] = Field(default_factory=lambda: [512, 2048])
     speed_new_tokens: int = Field(32, ge=2)
     teacher: bool = True
+    recurrence: list[int] | None = None  # looped models: perplexity and FLOPs per token at each loop count
+
+    @field_validator("recurrence")
+    @classmethod
+    def _loops(cls, v):
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError(f"loop counts {v}: accepted: integers >= 1")
+        return v
 
     @field_validator("context_length")
     @classmethod

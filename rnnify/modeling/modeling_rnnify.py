@@ -27,7 +27,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_rnnify import RnnifyConfig
-from .layer_program import ATTENTION, DROPPED, Block, CacheSlots, blocks, every_step
+from .layer_program import ATTENTION, DROPPED, Block, CacheSlots, blocks, every_step, parse
 from .mixer_base import Mixer
 from .mixers import get_mixer
 from .recurrent_block import LoopBlock, catch_up_slot
@@ -84,7 +84,9 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
             base._attn_implementation = attn_impl
         self.model = AutoModel.from_config(base)
         self._no_split_modules = [type(self.model.layers[0]).__name__]
-        self.program = config.parsed_program()
+        # parsed with this file's own layer_program: loaded as remote code, the config class may come from another
+        # copy of it (isinstance checks must see one Block class)
+        self.program = parse(config.program, base.num_hidden_layers)
         for step in every_step(self.program):
             if step.mixer != ATTENTION:
                 layer = self.model.layers[step.layer]
