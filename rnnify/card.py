@@ -28,6 +28,8 @@ def model_card(student, *, source: str, recipe: dict | None = None, eval_results
     from .modeling.layer_program import describe
 
     cfg = student.config
+    if getattr(cfg, "model_type", None) != "rnnify":  # a transform of a model of another architecture (Mamba2)
+        return _plain_card(student, source=source, recipe=recipe, name=name, repo_id=repo_id)
     method = cfg.method or "rnnify"
     applied = [t["method"] for t in cfg.transforms]
     kept = [i for i, m in enumerate(cfg.layer_mixers) if m == "attention"]
@@ -66,6 +68,29 @@ def model_card(student, *, source: str, recipe: dict | None = None, eval_results
         "## Training", "", train_lines, "",
         "## Evaluation", "", results_table(eval_results or {}),
     ]
+    if recipe:
+        text += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
+    return "\n".join(text)
+
+
+def _plain_card(model, *, source, recipe, name, repo_id) -> str:
+    from .convert import METHODS
+
+    applied = [t["method"] for t in getattr(model.config, "transforms", [])]
+    cite = ", ".join(f"**{m}** ([{METHODS[m].paper.title}]({METHODS[m].paper.url}))" for m in applied if m in METHODS)
+    front = {"base_model": source, "library_name": "transformers", "pipeline_tag": "text-generation",
+             "tags": ["rnnify", *applied, model.config.model_type]}
+    where = repo_id or "PATH_OR_REPO_ID"
+    rows = ["| context | this model |", "|---|---|"]
+    rows += [f"| {n:,} tokens | {human_bytes(cache_bytes(model, n))} |" for n in (4096, 32768)]
+    arch = (model.config.architectures or [type(model).__name__])[0]
+    text = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+            f"# {repo_id.split('/')[-1] if repo_id else name}: {' + '.join(applied)} of {source}", "",
+            f"Made with rnnify from `{source}` ({arch}) by {cite}. It is an ordinary transformers model of its "
+            "architecture:", "",
+            "```python", "import transformers",
+            f'model = transformers.AutoModelForCausalLM.from_pretrained("{where}")', "```", "",
+            "## Cache per sequence", "", "\n".join(rows), "", "Recurrent states in fp32, convolution states in bf16.", ""]
     if recipe:
         text += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
     return "\n".join(text)

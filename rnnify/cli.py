@@ -202,8 +202,8 @@ def cmd_convert(args) -> None:
         "source": args.model,
         "method": args.method,
         "options": resolved,
-        "keep_attention": [i for i, m in enumerate(student.config.layer_mixers) if m == "attention"],
-        "program": student.config.program,
+        "keep_attention": [i for i, m in enumerate(getattr(student.config, "layer_mixers", [])) if m == "attention"],
+        "program": getattr(student.config, "program", None),
         "dtype": str(next(student.parameters()).dtype).replace("torch.", ""),
         "rnnify_version": __version__,
     }
@@ -348,7 +348,8 @@ def cmd_validate(args) -> None:
     c = recipe.conversion
     kept = (f"attention fraction {c.attention_fraction}" if c.attention_fraction is not None else
             f"every {c.attention_every}th layer" if c.attention_every else c.keep_attention or "none")
-    print(f"#   convert {recipe.model.source} with {c.method} (layers kept as attention: {kept})")
+    print(f"#   convert {recipe.model.source} with {c.method} (layers kept as attention: {kept})"
+          + "".join(f", then {t.method} {t.options}" for t in c.transforms))
     for i, stage in enumerate(recipe.stages):
         st = recipe.stage_settings(i)
         steps = total_steps(st)
@@ -382,14 +383,15 @@ def cmd_eval(args) -> None:
     from .eval.spec import EvalSpec
 
     flags = {"context_length": "--context-length", "num_windows": "--num-windows", "passkey_lengths": "--passkey",
-             "speed_lengths": "--speed", "text": "--text", "recurrence": "--recurrence"}
+             "speed_lengths": "--speed", "text": "--text", "recurrence": "--recurrence", "mqar_pairs": "--mqar"}
     flat = lambda groups: [n for g in groups for n in g]  # noqa: E731  (1024,2048 4096 -> [1024, 2048, 4096])
     contexts = flat(args.context_length)
     try:
         spec = EvalSpec(text=args.text, context_length=contexts if len(contexts) > 1 else contexts[0],
                         num_windows=args.num_windows, passkey_lengths=flat(args.passkey),
                         speed_lengths=flat(args.speed), baseline=args.teacher is not None,
-                        recurrence=flat(args.recurrence) if args.recurrence else None)
+                        recurrence=flat(args.recurrence) if args.recurrence else None,
+                        mqar_pairs=flat(args.mqar) if args.mqar else [])
     except ValidationError as e:
         err = e.errors()[0]
         flag = flags.get(str(err["loc"][0]), str(err["loc"][0]))
@@ -504,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--speed", type=_ints, nargs="*", default=[[512, 2048]], help="context lengths for decode speed")
     s.add_argument("--recurrence", type=_ints, nargs="*", default=None,
                    help="looped models: perplexity and FLOPs per token at these loop counts, e.g. 1,2,4,8")
+    s.add_argument("--mqar", type=_ints, nargs="*", default=None,
+                   help="multi-query associative recall at these numbers of key-value pairs, e.g. 8,16,32,64")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("generate", help="generate text from a model")

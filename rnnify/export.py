@@ -33,6 +33,8 @@ def _check(student):
     mixers = [m for _, m in student.mixers() if m.name == "mamba2"]
     if mixers and len({m.conv_kernel for m in mixers}) > 1:
         problems.append("different conv kernels per layer")
+    if mixers and len({m.d_state for m in mixers}) > 1:
+        problems.append("different state sizes per layer (Bamba has one d_state)")
     if any(abs(m.norm.eps - base.rms_norm_eps) > 1e-12 for m in mixers):
         problems.append("Mamba2 norm epsilon differs from rms_norm_eps (Bamba uses one epsilon)")
     if problems:
@@ -55,7 +57,7 @@ def bamba_config(student):
         rms_norm_eps=base.rms_norm_eps, max_position_embeddings=base.max_position_embeddings,
         tie_word_embeddings=cfg.tie_word_embeddings,
         attn_layer_indices=[i for i, m in enumerate(cfg.layer_mixers) if m == "attention"],
-        mamba_n_heads=heads, mamba_d_head=head_dim, mamba_n_groups=heads, mamba_d_state=head_dim,
+        mamba_n_heads=heads, mamba_d_head=head_dim, mamba_n_groups=heads, mamba_d_state=mixers[0].d_state if mixers else head_dim,
         mamba_d_conv=mixers[0].conv_kernel if mixers else 4, mamba_expand=heads * head_dim // base.hidden_size,
         mamba_chunk_size=256, mamba_conv_bias=True, mamba_proj_bias=bool(mixers and mixers[0].in_proj.bias is not None),
         attention_bias=attention_bias, mlp_bias=bool(getattr(base, "mlp_bias", False)), rope_parameters=rope,
@@ -99,8 +101,8 @@ def to_bamba(student):
             zb, xb, bb, cb, db = torch.split(m.in_proj.bias, m._split(), 0)
             b.in_proj.bias.copy_(torch.cat([zb, _expand_heads(xb, kv, rep), _expand_heads(bb, kv, rep), cb, db]))
         cw, cbias = m.conv1d.weight, m.conv1d.bias
-        parts_w = torch.split(cw, [m.d_xb, m.d_xb, m.d_inner], 0)
-        parts_b = torch.split(cbias, [m.d_xb, m.d_xb, m.d_inner], 0)
+        parts_w = torch.split(cw, [m.d_xb, m.d_b, m.d_c], 0)
+        parts_b = torch.split(cbias, [m.d_xb, m.d_b, m.d_c], 0)
         b.conv1d.weight.copy_(torch.cat([_expand_heads(parts_w[0], kv, rep), _expand_heads(parts_w[1], kv, rep), parts_w[2]]))
         b.conv1d.bias.copy_(torch.cat([_expand_heads(parts_b[0], kv, rep), _expand_heads(parts_b[1], kv, rep), parts_b[2]]))
         b.dt_bias.copy_(m.dt_bias)

@@ -102,3 +102,26 @@ def test_cli_eval_at_several_context_lengths(tiny_llama_dir, tmp_path, capsys):
     assert res["perplexity_by_context"]["128"]["student"] == pytest.approx(res["perplexity_by_context"]["128"]["window_baseline"])
     table = capsys.readouterr().out
     assert "@ 64 tokens" in table and "@ 128 tokens" in table
+
+
+def test_mqar_scoring_agrees_with_greedy_generation():
+    """The one-forward teacher-forced score says 'recalled' exactly when greedy decoding produces the answer."""
+    import random
+
+    from rnnify.eval.recall import make_prompt, recalled
+
+    model = tiny_model("llama")
+    tok = make_tokenizer(128)
+    rng = random.Random(0)
+    context, qa = make_prompt(6, 3, rng)
+    assert len(qa) == 3 and all(q.startswith("The code of") and a.strip().isdigit() for q, a in qa)
+    # the word-level tokenizer has no English words; use its own vocabulary for an answer greedy decoding gives
+    prompt = "w1 w2 w3 w4"
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                                pad_token_id=0)[0, ids.shape[1]:]
+    answer = " " + tok.decode(greedy)
+    assert recalled(model, tok, prompt, answer)
+    wrong = " " + tok.decode([(greedy[0] + 1) % 124 + 4, greedy[1]])
+    assert not recalled(model, tok, prompt, wrong)

@@ -207,7 +207,7 @@ def test_transforms_take_an_rnnify_model_and_record_themselves(with_transform):
         assert torch.isfinite(out(x).logits).all()
     with pytest.raises(RnnifyError, match="transforms an rnnify model; convert the source first"):
         convert(teacher, "window_kept")
-    with pytest.raises(RnnifyError, match="already an rnnify model.*transforms: window_kept"):
+    with pytest.raises(RnnifyError, match="already an rnnify model.*transforms: .*window_kept"):
         convert(student, "lolcats")
     with pytest.raises(RnnifyError, match="is a transform: it keeps the model's attention layers"):
         convert(student, "window_kept", keep_attention="1")

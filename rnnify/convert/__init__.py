@@ -21,6 +21,7 @@ _REGISTERED = (
     "window",
     "ahn",
     "retrofit",
+    "statex",
 )
 
 METHODS: dict[str, Method] = {}
@@ -64,17 +65,13 @@ def attention_layers(num_layers: int, keep_attention=None, attention_fraction=No
     return parse_layer_list(keep_attention, num_layers)
 
 
-def is_rnnify_config(config) -> bool:
-    return getattr(config, "model_type", None) == "rnnify"
-
-
 def validate(source_config, method: str, keep_attention=None, options: dict | None = None,
              attention_fraction=None, attention_every=None):
     """Check a conversion request against the source's config (no weights): returns (layers kept, options)."""
     m = get_method(method)
     opts = m.resolve_options(options)
     if m.transform:
-        if not is_rnnify_config(source_config):
+        if not m.accepts(source_config):
             conversions = ", ".join(n for n, x in METHODS.items() if not x.transform)
             raise RnnifyError(f"method {method!r} transforms an rnnify model; convert the source first "
                               f"(with one of: {conversions}) and give the converted folder")
@@ -117,7 +114,7 @@ def transform(model, method: str, options: dict | None = None):
     opts = m.resolve_options(options)
     validate(model.config, method, options=opts)
     out = m.apply(model, opts)
-    out.config.transforms = [*model.config.transforms, {"method": method, "options": opts}]
+    out.config.transforms = [*getattr(model.config, "transforms", []), {"method": method, "options": opts}]
     return out
 
 

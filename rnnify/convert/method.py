@@ -95,6 +95,10 @@ class Method:
             raise RnnifyError(f"stage {stage}: sinks {sinks} fill the whole seq_len {seq_len}; accepted: sinks < "
                               "seq_len (lower the sinks or raise seq_len)")
 
+    def accepts(self, source_config) -> bool:
+        """Transforms: whether this source is one they rewrite (default: an rnnify model)."""
+        return getattr(source_config, "model_type", None) == "rnnify"
+
     def finish(self, student, options: dict) -> None:
         """Last touches on the built student (e.g. untie embeddings); default: none."""
 
@@ -113,10 +117,9 @@ def _num_layers(config) -> int:
 
 def accepted_values(info) -> str:
     """'accepted: ...' for a pydantic field, from its type and bounds."""
-    ann = info.annotation
-    args = typing.get_args(ann)
-    if typing.get_origin(ann) is typing.Literal:
-        return "accepted: " + ", ".join(str(a) for a in args)
+    ann, choices = option_type(info)
+    if choices is not None:
+        return "accepted: " + ", ".join(str(a) for a in choices)
     bounds = []
     for m in info.metadata:
         for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):

@@ -41,6 +41,11 @@ def cache_bytes_per_layer(model, seq_len: int, batch: int = 1, kv_bytes: int = 2
                 out.append(step_bytes(item))
         return out
     cfg = model.config.get_text_config(decoder=True)
+    if getattr(cfg, "model_type", None) == "mamba2":  # transformers' Mamba2: conv window + SSM state per layer
+        inner = int(cfg.expand * cfg.hidden_size)
+        conv = (inner + 2 * cfg.n_groups * cfg.state_size) * (cfg.conv_kernel - 1) * kv_bytes
+        ssm = cfg.num_heads * cfg.head_dim * cfg.state_size * 4
+        return [batch * (conv + ssm)] * cfg.num_hidden_layers
     return [attention_cache_bytes(cfg, t, seq_len, batch, kv_bytes) for t in base_layer_types(cfg)]
 
 

@@ -76,6 +76,22 @@ def evaluate(student, tokenizer, spec: EvalSpec, teacher=None, log=print) -> dic
 
         raise RnnifyError("--recurrence: the model has no recurrent block (convert with --method retrofit)")
 
+    if spec.mqar_pairs:
+        from .memory import cache_bytes
+        from .recall import mqar_accuracy
+
+        results["mqar"] = {}
+        for n in spec.mqar_pairs:
+            row = {}
+            for name in ("teacher", "student"):
+                if name in models:
+                    r = mqar_accuracy(models[name], tokenizer, n, trials=spec.mqar_trials)
+                    row[name] = r["accuracy"]
+                    row["prompt_tokens"] = r["prompt_tokens"]
+                    log(f"MQAR @ {n} pairs ({r['prompt_tokens']} tokens): {name} {r['accuracy']:.0%}")
+            row["student_cache_bytes"] = cache_bytes(student, row["prompt_tokens"])
+            results["mqar"][str(n)] = row
+
     results["passkey"] = {}
     for length in spec.passkey_lengths:
         for name in ("teacher", "student"):
@@ -109,6 +125,10 @@ def results_table(results: dict) -> str:
     for L, q in results.get("perplexity_by_context", {str(results["context_length"]): p}).items():
         rows.append(f"| perplexity on {'/'.join(name)} @ {L} tokens ({q['windows']} windows) | {f(q.get('teacher'))} | "
                     f"{f(q.get('student'))} | {f(q.get('window_baseline'))} |")
+    for n, r in results.get("mqar", {}).items():
+        pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
+        rows.append(f"| MQAR recall, {n} pairs (~{r['prompt_tokens']} tokens; student state "
+                    f"{human_bytes(r['student_cache_bytes'])}) | {pct(r.get('teacher'))} | {pct(r.get('student'))} | — |")
     for length, r in results.get("passkey", {}).items():
         pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
         rows.append(f"| passkey accuracy @ {length} | {pct(r.get('teacher'))} | {pct(r.get('student'))} | — |")

@@ -18,6 +18,8 @@ class EvalSpec(BaseModel):
     speed_new_tokens: int = Field(32, ge=2)
     teacher: bool = True
     recurrence: list[int] | None = None  # looped models: perplexity and FLOPs per token at each loop count
+    mqar_pairs: list[int] = Field(default_factory=list)  # multi-query associative recall at these numbers of pairs
+    mqar_trials: int = Field(4, ge=1)
 
     @field_validator("recurrence")
     @classmethod
@@ -37,6 +39,16 @@ class EvalSpec(BaseModel):
     @property
     def context_lengths(self) -> list[int]:
         return self.context_length if isinstance(self.context_length, list) else [self.context_length]
+
+    @field_validator("mqar_pairs")
+    @classmethod
+    def _pairs(cls, v):
+        from .recall import KEYS
+
+        bad = [n for n in v if not 1 <= n <= len(KEYS)]
+        if bad:
+            raise ValueError(f"numbers of pairs {bad}: accepted: 1 to {len(KEYS)}")
+        return v
 
     @field_validator("passkey_lengths", "speed_lengths")
     @classmethod

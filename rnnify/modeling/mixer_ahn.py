@@ -16,8 +16,10 @@ query head, an H x D x D state per layer):
     output:          m_t = O_h ( sigmoid(w_g.x_t) * RMSNorm(S^T q_t) ),   O_h (D x D per head) starts at zero
 
 and ``m_t`` is added to the window attention's output per head before ``o_proj``: the untrained model IS the
-window-only model. The write gates' logits are computed when a token enters the window and kept in the cache with its
-key and value (``carry``), so decoding needs nothing that grows with the context.
+window-only model. ``merge_heads`` (StateX, Shen et al. 2025) makes the memory one head of H x D keys and values
+(an H-fold larger state, no new parameters): the heads' write gates are averaged, the read is split back per head.
+The write gates' logits are computed when a token enters the window and kept in the cache with its key and value
+(``carry``), so decoding needs nothing that grows with the context.
 
 Only torch and sibling files are imported: this file ships with converted models.
 """
@@ -55,6 +57,7 @@ class AhnMixer(WindowMixer):
             raise ValueError(f"AHN memory {self.memory_kind!r}; accepted: {', '.join(MEMORIES)}")
         self.chunk_size = int(self.setting("chunk_size", 64))
         self.norm_eps = float(self.setting("norm_eps", 1e-6))
+        self.merged = bool(self.setting("merge_heads", False))
         H, D, d = self.num_heads, self.head_dim, self.hidden_size
         self.carry_width = _WRITE_GATES[self.memory_kind] * H
         self.write_gates = nn.Linear(d, self.carry_width)  # from the leaving token's normalised hidden state
@@ -86,7 +89,8 @@ class AhnMixer(WindowMixer):
             self.out_heads.zero_()
 
     def memory_state_bytes(self):
-        return self.num_heads * self.head_dim * self.head_dim * STATE_BYTES
+        H, D = self.num_heads, self.head_dim
+        return (H * D) ** 2 * STATE_BYTES if self.merged else H * D * D * STATE_BYTES
 
     def carry(self, hidden_states):
         return self.write_gates(hidden_states)  # gate logits, kept with the token while it sits in the window
@@ -98,9 +102,13 @@ class AhnMixer(WindowMixer):
         v = self.repeat_kv(evicted.v)
         gates = evicted.carry.float()
         A = None if self.memory_kind == "deltanet" else -torch.exp(self.A_log.float())
+        heads = (lambda x: x.mean(-1, keepdim=True)) if self.merged else (lambda x: x)  # per-head gates -> one
+        if self.merged:
+            q, k, v = (t.reshape(*t.shape[:2], 1, -1) for t in (q, k, v))
         if self.memory_kind == "mamba2":
             dt = F.softplus(gates + self.dt_bias.float()) * ok  # [B, n, H]
-            g, v = dt * A, v * dt[..., None]
+            g, dt = heads(dt * A), heads(dt)
+            v = v * dt[..., None]
             g, k, v = evicted.align(g), evicted.align(k), evicted.align(v)
             if T == 1 and state is not None:
                 o, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], state, scale=1.0)
@@ -110,10 +118,10 @@ class AhnMixer(WindowMixer):
                                                   chunk_size=self.chunk_size)
         else:
             k, qn = l2_normalize(k), l2_normalize(q)
-            beta = torch.sigmoid(gates[..., :H]) * ok
+            beta = heads(torch.sigmoid(gates[..., :H])) * ok
             g = None
             if self.memory_kind == "gated_deltanet":
-                g = evicted.align(A * F.softplus(gates[..., H:] + self.dt_bias.float()) * ok)
+                g = evicted.align(heads(A * F.softplus(gates[..., H:] + self.dt_bias.float())) * ok)
             beta, k, v = evicted.align(beta), evicted.align(k), evicted.align(v)
             if T == 1 and state is not None:
                 o, state = delta_rule_step(qn[:, 0], k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0],
@@ -122,7 +130,7 @@ class AhnMixer(WindowMixer):
             else:
                 o, state = chunk_delta_rule(qn, k, v, beta, g=g, initial_state=state, output_final_state=True,
                                             chunk_size=self.chunk_size)
-        o = o.float()
+        o = o.float().reshape(B, T, H, D)  # a merged head's read, split back per head
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight.float()
         o = o * torch.sigmoid(self.read_gate(hidden_states).float())[..., None]
         return torch.einsum("bthd,hde->bthe", o, self.out_heads.float()), state

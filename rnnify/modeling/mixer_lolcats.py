@@ -55,6 +55,7 @@ class LolcatsMixer(WindowMixer):
         self.feature_map_q = HedgehogFeatureMap(self.num_heads, self.head_dim)
         self.feature_map_k = HedgehogFeatureMap(self.num_heads, self.head_dim)
         self.linear_mix_logit = nn.Parameter(torch.full((self.num_heads,), self.init_mix_logit))
+        self.merged = bool(self.setting("merge_heads", False))  # StateX: the linear branch as one big head
 
     def init_new_parameters(self):
         self.feature_map_q.reset_parameters()
@@ -63,8 +64,10 @@ class LolcatsMixer(WindowMixer):
             self.linear_mix_logit.fill_(self.init_mix_logit)
 
     def memory_state_bytes(self):
-        D = self.head_dim
-        return self.num_heads * 2 * D * (D + 1) * STATE_BYTES  # Hedgehog features (2D) x (values + normaliser)
+        H, D = self.num_heads, self.head_dim
+        if self.merged:  # one head: H x 2D features x (H x D values + one normaliser)
+            return 2 * H * D * (H * D + 1) * STATE_BYTES
+        return H * 2 * D * (D + 1) * STATE_BYTES  # Hedgehog features (2D) x (values + normaliser) per head
 
     def memory(self, hidden_states, q, evicted: Evicted, state):
         """Linear attention over the evicted tokens; returns phi(q)^T [S | z] per head ([B, T, H, D + 1])."""
@@ -76,11 +79,19 @@ class LolcatsMixer(WindowMixer):
         v1 = torch.cat([v_lin, torch.ones_like(v_lin[..., :1])], -1) * ok  # last column: normaliser z
         fk, v1 = evicted.align(fk), evicted.align(v1)
         fq = self.feature_map_q(q)
+        if self.merged:  # StateX: one head over every head's features and values, one shared normaliser
+            n = fk.shape[1]
+            fq, fk = fq.reshape(B, T, 1, -1), fk.reshape(B, n, 1, -1)
+            v1 = torch.cat([v1[..., :D].reshape(B, n, 1, -1), v1[..., :1, D:]], -1)
         if T == 1 and state is not None:
             o, new_state = linear_attention_step(fq[:, 0], fk[:, 0], v1[:, 0], None, state, scale=1.0)
-            return o.unsqueeze(1), new_state
-        return chunk_linear_attention(fq, fk, v1, scale=1.0, initial_state=state, output_final_state=True,
-                                      chunk_size=self.chunk_size)
+            o = o.unsqueeze(1)
+        else:
+            o, new_state = chunk_linear_attention(fq, fk, v1, scale=1.0, initial_state=state, output_final_state=True,
+                                                  chunk_size=self.chunk_size)
+        if self.merged:  # back to [B, T, H, D + 1]: each head's values with the shared normaliser
+            o = torch.cat([o[..., : H * D].reshape(B, T, H, D), o[..., H * D :].expand(B, T, H, 1)], -1)
+        return o, new_state
 
     def combine(self, num, den, memory_out):
         D = self.head_dim

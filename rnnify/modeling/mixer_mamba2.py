@@ -45,8 +45,9 @@ class Mamba2Mixer(Mixer):
 
     is exactly scalar-decay linear attention with q=C, k=B, v=dt*x and log-decay dt*A, so it runs on the same
     chunked / step ops. Then a gated per-head RMSNorm with z, and out_proj. As in the paper: x <- V, B <- K,
-    C <- Q, out_proj <- O (d_state = head_dim; x and B have the KV heads and are repeated for GQA); z, dt, A,
-    D, conv and norm are fresh (Mamba2's defaults). q_norm/k_norm of families that have them act on C/B.
+    C <- Q, out_proj <- O (d_state = head_dim at conversion; x and B have the KV heads and are repeated for GQA);
+    z, dt, A, D, conv and norm are fresh (Mamba2's defaults). q_norm/k_norm of families that have them act on C/B.
+    The ``d_state`` setting unties the state size from the head size (StateX multiplies it).
     """
 
     name = "mamba2"
@@ -58,7 +59,9 @@ class Mamba2Mixer(Mixer):
         super().__init__(config, layer_idx, attn, settings)
         base = config.base_config
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        self.d_state = N = int(self.settings.get("d_state", D))
         self.d_inner, self.d_xb = H * D, Hkv * D
+        self.d_b, self.d_c = Hkv * N, H * N  # B per KV head (repeated for GQA), C per head
         self.conv_kernel = int(self.settings.get("conv_kernel", 4))
         self.chunk_size = int(self.settings.get("chunk_size", 64))
         self.conv_init = self.settings.get("conv_init", "default")
@@ -66,8 +69,8 @@ class Mamba2Mixer(Mixer):
             raise ValueError(f"conv_init {self.conv_init!r}; accepted: default, identity")
         bias = getattr(attn, "q_proj", None) is not None and attn.q_proj.bias is not None
         hidden = base.hidden_size
-        self.in_proj = nn.Linear(hidden, 2 * self.d_inner + 2 * self.d_xb + H, bias=bias)
-        conv_dim = self.d_inner + 2 * self.d_xb
+        self.in_proj = nn.Linear(hidden, self.d_inner + self.d_xb + self.d_b + self.d_c + H, bias=bias)
+        conv_dim = self.d_xb + self.d_b + self.d_c
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, self.conv_kernel, groups=conv_dim, padding=self.conv_kernel - 1)
         self.dt_bias = nn.Parameter(torch.zeros(H))
         self.A_log = nn.Parameter(torch.zeros(H))
@@ -79,8 +82,7 @@ class Mamba2Mixer(Mixer):
         self.out_proj = nn.Linear(self.d_inner, hidden, bias=o_bias)
 
     def _split(self):
-        H = self.num_heads
-        return [self.d_inner, self.d_xb, self.d_xb, self.d_inner, H]  # z, x, B, C, dt
+        return [self.d_inner, self.d_xb, self.d_b, self.d_c, self.num_heads]  # z, x, B, C, dt
 
     def init_new_parameters(self):
         """Mamba2's own initialisation for the fresh parts (deterministic per layer, so runs are reproducible)."""
@@ -109,6 +111,8 @@ class Mamba2Mixer(Mixer):
 
     def init_from_attention(self, attn):
         """The paper's initialisation: rows of in_proj from V, K, Q; out_proj from O."""
+        if self.d_state != self.head_dim:
+            raise ValueError(f"B <- K and C <- Q need d_state == head_dim ({self.head_dim}), got {self.d_state}")
         z, x, b, c, _ = self._split()
         with torch.no_grad():
             w = self.in_proj.weight
@@ -124,13 +128,13 @@ class Mamba2Mixer(Mixer):
                 self.out_proj.bias.copy_(attn.o_proj.bias)
 
     def cache_bytes(self, seq_len, batch=1, kv_bytes=2):
-        conv = (self.d_inner + 2 * self.d_xb) * (self.conv_kernel - 1) * kv_bytes
-        return batch * (conv + self.num_heads * self.head_dim * self.head_dim * STATE_BYTES)
+        conv = (self.d_xb + self.d_b + self.d_c) * (self.conv_kernel - 1) * kv_bytes
+        return batch * (conv + self.num_heads * self.d_state * self.head_dim * STATE_BYTES)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         Bsz, T, _ = hidden_states.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        z, xBC, dt = torch.split(self.in_proj(hidden_states), [self.d_inner, self.d_inner + 2 * self.d_xb, H], -1)
+        H, Hkv, D, N = self.num_heads, self.num_kv_heads, self.head_dim, self.d_state
+        z, xBC, dt = torch.split(self.in_proj(hidden_states), [self.d_inner, self.d_xb + self.d_b + self.d_c, H], -1)
         valid = padding_mask_for(attention_mask, T)
         if valid is not None:  # padded tokens feed neither the conv nor the state
             xBC = xBC * valid[..., None].to(xBC.dtype)
@@ -149,10 +153,10 @@ class Mamba2Mixer(Mixer):
             if layer is not None:
                 layer.update_conv_state(xBC.transpose(1, 2), 0, conv_kernel_size=self.conv_kernel - 1)
 
-        x, Bm, C = torch.split(xBC_act, [self.d_xb, self.d_xb, self.d_inner], -1)
+        x, Bm, C = torch.split(xBC_act, [self.d_xb, self.d_b, self.d_c], -1)
         x = self.repeat_kv(x.view(Bsz, T, Hkv, D))
-        Bm = Bm.view(Bsz, T, Hkv, D)
-        C = C.view(Bsz, T, H, D)
+        Bm = Bm.view(Bsz, T, Hkv, N)
+        C = C.view(Bsz, T, H, N)
         if getattr(self, "q_norm", None) is not None:
             C, Bm = self.q_norm(C), self.k_norm(Bm)
         Bm = self.repeat_kv(Bm)

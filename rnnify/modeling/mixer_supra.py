@@ -18,6 +18,10 @@ class SupraMixer(Mixer):
     The feature map is shared across heads (one for queries, one for keys), RoPE is applied after it, the
     decay gamma_h is fixed per head (RetNet's 1 - 2^{-5-h}, Sun et al. 2023 eq. 8, with the exponents spread
     over [5, 12] when there are more than 8 heads), and a per-head GroupNorm replaces the softmax denominator.
+
+    ``merge_heads`` (StateX, Shen et al. 2025, sec. 3.1): the H heads form one head with keys and values of H x D
+    (the feature map and RoPE still act per D-chunk, KV heads repeated first), so the state grows H-fold with no new
+    parameters: one decay (the mean of the heads' log-decays unless given) and one normalisation group.
     """
 
     name = "supra"
@@ -29,10 +33,11 @@ class SupraMixer(Mixer):
         if D % 2:
             raise ValueError(f"SUPRA applies RoPE after the feature map and needs an even head_dim, got {D}")
         self.chunk_size = int(self.setting("chunk_size", 64))
+        self.merged = bool(self.setting("merge_heads", False))
         self.feature_map_q = nn.Linear(D, D)
         self.feature_map_k = nn.Linear(D, D)
-        self.norm = nn.GroupNorm(H, H * D, eps=float(self.setting("norm_eps", 1e-5)))
-        self.register_buffer("log_decay", self.default_log_decay(H))
+        self.norm = nn.GroupNorm(1 if self.merged else H, H * D, eps=float(self.setting("norm_eps", 1e-5)))
+        self.register_buffer("log_decay", self.initial_log_decay())
 
     @staticmethod
     def default_log_decay(num_heads: int) -> torch.Tensor:
@@ -50,10 +55,18 @@ class SupraMixer(Mixer):
                 fm.bias.zero_()
             self.norm.weight.fill_(1.0)
             self.norm.bias.zero_()
-            self.log_decay.copy_(self.default_log_decay(self.num_heads))
+            self.log_decay.copy_(self.initial_log_decay())
+
+    def initial_log_decay(self) -> torch.Tensor:
+        per_head = self.default_log_decay(self.num_heads)
+        if not self.merged:
+            return per_head
+        given = self.setting("merged_log_decay", None)
+        return per_head.mean(0, keepdim=True) if given is None else torch.tensor([float(given)])
 
     def cache_bytes(self, seq_len, batch=1, kv_bytes=2):
-        return batch * self.num_heads * self.head_dim * self.head_dim * STATE_BYTES
+        H, D = self.num_heads, self.head_dim
+        return batch * (H * D) ** 2 * STATE_BYTES if self.merged else batch * H * D * D * STATE_BYTES
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         B, T, _ = hidden_states.shape
@@ -67,6 +80,8 @@ class SupraMixer(Mixer):
             k = k * valid[..., None, None].to(k.dtype)
             v = v * valid[..., None, None].to(v.dtype)
 
+        if self.merged:  # one head of H x D keys and values
+            q, k, v = (t.reshape(B, T, 1, -1) for t in (q, k, v))
         layer = self.cache_layer(kwargs)
         state = layer.recurrent_states[0] if layer is not None and layer.is_recurrent_states_initialized[0] else None
         if T == 1 and state is not None:

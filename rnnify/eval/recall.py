@@ -1,0 +1,65 @@
+"""Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology", sec. 3): key-value pairs in the prompt, then
+queries for some of the keys. It needs the whole context in the state: what a fixed-size state (a window, a small
+recurrent state) loses first, and what state expansion (StateX) is for.
+
+Natural-language form, so it runs on any pretrained tokenizer: "Remember these codes. apple: 4821, river: 1937, ...
+The code of river is" and the answer " 1937". A query counts as recalled when greedy decoding would produce every
+answer token: scored in one forward with the answer teacher-forced (exactly what greedy generation would emit, token
+for token, as long as each earlier answer token was right).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+KEYS = (
+    "apple", "river", "candle", "forest", "window", "tiger", "pencil", "garden", "rocket", "violin", "basket", "mirror",
+    "island", "ladder", "pepper", "castle", "bottle", "dragon", "feather", "harbor", "jacket", "kettle", "lemon",
+    "marble", "needle", "orange", "parrot", "quartz", "saddle", "tunnel", "umbrella", "velvet", "wagon", "yogurt",
+    "anchor", "bridge", "carpet", "desert", "engine", "falcon", "guitar", "helmet", "insect", "jungle", "kitten",
+    "lantern", "meadow", "napkin", "oyster", "pillow", "rabbit", "silver", "teapot", "valley", "walnut", "zebra",
+    "blanket", "cactus", "dolphin", "glacier", "hammer", "iceberg", "jewel", "koala", "lizard", "monkey", "nectar",
+    "orchid", "pirate", "quiver", "rainbow", "spider", "tractor", "unicorn", "volcano", "whistle", "anvil", "beacon",
+    "cobalt", "dagger", "ember", "fossil", "goblet", "hazel", "ivory", "jasmine", "kayak", "locket", "magnet",
+    "nugget", "onion", "pebble", "quilt", "raven", "shovel", "thimble", "urchin", "vessel", "wizard",
+)
+
+
+def make_prompt(num_pairs: int, queries: int, rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
+    """The pairs' text and the (question, answer) queries for a random draw of ``num_pairs`` distinct keys."""
+    if num_pairs > len(KEYS):
+        raise ValueError(f"at most {len(KEYS)} pairs (distinct keys)")
+    keys = rng.sample(KEYS, num_pairs)
+    values = [str(rng.randint(1000, 9999)) for _ in keys]
+    context = "Remember these codes. " + ", ".join(f"{k}: {v}" for k, v in zip(keys, values)) + ".\n"
+    asked = rng.sample(range(num_pairs), min(queries, num_pairs))
+    return context, [(f"The code of {keys[i]} is", f" {values[i]}") for i in asked]
+
+
+@torch.no_grad()
+def recalled(model, tokenizer, prompt: str, answer: str) -> bool:
+    """Whether greedy decoding after ``prompt`` produces ``answer`` (every token), scored in one forward."""
+    device = next(model.parameters()).device
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    a = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"][len(p):]
+    ids = torch.tensor([p + a], device=device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, len(p) - 1 : -1]
+    return bool((logits.argmax(-1).cpu() == torch.tensor(a)).all())
+
+
+def mqar_accuracy(model, tokenizer, num_pairs: int, trials: int = 4, queries: int = 8, seed: int = 0) -> dict:
+    rng = random.Random(seed * 7919 + num_pairs)
+    hits = total = 0
+    longest = 0
+    for _ in range(trials):
+        context, qa = make_prompt(num_pairs, queries, rng)
+        for question, answer in qa:
+            hits += recalled(model, tokenizer, context + question, answer)
+            total += 1
+            longest = max(longest, len(tokenizer(context + question + answer, add_special_tokens=False)["input_ids"]))
+    return {"pairs": num_pairs, "accuracy": hits / total, "queries": total, "prompt_tokens": longest}
+
+
+__all__ = ["KEYS", "make_prompt", "mqar_accuracy", "recalled"]
