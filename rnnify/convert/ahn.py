@@ -10,12 +10,12 @@ from typing import Literal
 from pydantic import Field
 
 from ..modeling.mixer_ahn import AhnMixer
-from .method import Method, MethodOptions, Paper
+from .method import Method, Paper
+from .window import WindowOptions
 
 
-class AhnOptions(MethodOptions):
+class AhnOptions(WindowOptions):
     window: int = Field(256, ge=1, description="softmax window in tokens (the paper trains with windows around 256)")
-    sinks: int = Field(4, ge=0, description="first tokens kept in the softmax part (attention sinks)")
     memory: Literal["gated_deltanet", "deltanet", "mamba2"] = Field(
         "gated_deltanet", description="the RNN that compresses tokens leaving the window")
     chunk_size: int = Field(64, ge=1, description="chunk length of the memory's parallel (chunked) form")

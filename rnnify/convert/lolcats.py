@@ -8,12 +8,11 @@ the teacher's perplexity (DESIGN.md).
 from pydantic import Field
 
 from ..modeling.mixer_lolcats import LolcatsMixer
-from .method import Method, MethodOptions, Paper
+from .method import Method, Paper
+from .window import WindowOptions
 
 
-class LolcatsOptions(MethodOptions):
-    window: int = Field(64, ge=1, description="softmax window in tokens")
-    sinks: int = Field(4, ge=0, description="first tokens kept in the softmax part (attention sinks)")
+class LolcatsOptions(WindowOptions):
     chunk_size: int = Field(64, ge=1, description="chunk length of the parallel (chunked) form")
     init_linear_mix_logit: float = Field(-6.0, description="initial per-head logit of the linear part's share")
 

@@ -147,8 +147,8 @@ class SelfDistillObjective(Objective):
     run as the source attention (full causal softmax, no memory), so the weights are held once. Forward KL (at a
     temperature) on the positions beyond the window + sinks, where the memory has something to add; optionally CE
     there and a per-layer MSE between L2-normalised pre-``o_proj`` outputs. The window and sinks may be drawn per step
-    (AHN: W with L/8 < W < L, sinks at most W/2 from a set; when no candidate window satisfies L/8 < W, the largest
-    candidate below L is used, so short CPU sequences still train)."""
+    (AHN: W with L/8 < W < L, sinks at most W/2 from a set; for short CPU sequences, where no candidate satisfies
+    L/8 < W, any candidate below L is drawn)."""
 
     def __init__(self, student, settings):
         super().__init__(student, None)
@@ -165,8 +165,8 @@ class SelfDistillObjective(Objective):
         rng = random.Random(self.seed * 1_000_003 + self.step)
         W = None
         if self.s.window_choices is not None:
-            fits = [w for w in self.s.window_choices if L / 8 < w < L]
-            W = rng.choice(fits) if fits else max(w for w in self.s.window_choices if w < L)
+            fits = [w for w in self.s.window_choices if L / 8 < w < L] or [w for w in self.s.window_choices if w < L]
+            W = rng.choice(fits)
         S = None
         if self.s.sink_choices is not None:
             cap = (W or min(w for w, _ in self.window0)) / 2
