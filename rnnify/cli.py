@@ -73,7 +73,7 @@ def cmd_inspect(args) -> None:
         loops = sorted({1, 2, 4, 8, model.default_recurrence()})
         info["flops_per_token"] = {f"{r} loops": flops_per_token(model, 2048, recurrence=r) for r in loops}
     else:
-        info["flops_per_token"] = {"forward": flops_per_token(model, 2048)}
+        info["flops_per_token"] = {"": flops_per_token(model, 2048)}
     kv_bytes = 2  # bf16 serving
     info["cache_bytes_per_sequence_bf16"] = {
         f"{n // 1024}k": cache_bytes(model, n, kv_bytes=kv_bytes) for n in (4096, 32768)
@@ -102,7 +102,8 @@ def cmd_inspect(args) -> None:
     for k, v in info["cache_bytes_per_sequence_bf16"].items():
         print(f"  cache @ {k:>3} tok  {human_bytes(v)} per sequence (bf16 K/V, fp32 states)")
     if "flops_per_token" in info:
-        print("  FLOPs per token  " + "; ".join(f"{k}: {v / 1e6:,.0f} M" for k, v in info["flops_per_token"].items())
+        print("  FLOPs per token  " + "; ".join(f"{k + ': ' if k else ''}{v / 1e6:,.0f} M"
+                                                for k, v in info["flops_per_token"].items())
               + " (forward, at a 2048-token context)")
     if not is_student:
         verdict = "yes" if info["convertible"] else f"no (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
@@ -383,15 +384,18 @@ def cmd_eval(args) -> None:
     from .eval.spec import EvalSpec
 
     flags = {"context_length": "--context-length", "num_windows": "--num-windows", "passkey_lengths": "--passkey",
-             "speed_lengths": "--speed", "text": "--text", "recurrence": "--recurrence", "mqar_pairs": "--mqar"}
+             "speed_lengths": "--speed", "text": "--text", "recurrence": "--recurrence", "mqar_pairs": "--mqar",
+             "tasks": "--tasks", "task_limit": "--limit", "continuations": "--continuations"}
     flat = lambda groups: [n for g in groups for n in g]  # noqa: E731  (1024,2048 4096 -> [1024, 2048, 4096])
     contexts = flat(args.context_length)
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     try:
         spec = EvalSpec(text=args.text, context_length=contexts if len(contexts) > 1 else contexts[0],
                         num_windows=args.num_windows, passkey_lengths=flat(args.passkey),
                         speed_lengths=flat(args.speed), baseline=args.teacher is not None,
                         recurrence=flat(args.recurrence) if args.recurrence else None,
-                        mqar_pairs=flat(args.mqar) if args.mqar else [])
+                        mqar_pairs=flat(args.mqar) if args.mqar else [], tasks=tasks,
+                        include_path=args.include_path, task_limit=args.limit, continuations=args.continuations)
     except ValidationError as e:
         err = e.errors()[0]
         flag = flags.get(str(err["loc"][0]), str(err["loc"][0]))
@@ -400,19 +404,36 @@ def cmd_eval(args) -> None:
 
     if not Path(resolve_path(spec.text)).is_file():
         raise RnnifyError(f"--text {spec.text}: no such file; accepted: a text file or builtin:wikitext-2/test.txt")
-    student, tok = models.load_source(args.model, dtype="float32", progress=_log)
-    if tok is None:
-        raise RnnifyError(f"{args.model} has no tokenizer files")
-    teacher = models.load_source(args.teacher, dtype="float32", progress=_log)[0] if args.teacher else None
-    from .modeling import RnnifyForCausalLM
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise RnnifyError(f"--include-path {args.include_path}: not a folder (of lm-evaluation-harness task YAMLs)")
+    if tasks:  # an unknown task fails before any model loads
+        from .eval.harness import check_tasks
 
-    if spec.baseline and not isinstance(student, RnnifyForCausalLM):
-        spec.baseline = False
-    results = evaluate(student, tok, spec, teacher=teacher, log=_log)
-    if Path(args.model).is_dir():
-        write_eval(args.model, results)
-        _log(f"wrote {Path(args.model) / 'eval.json'} and the README table")
-    print(results_table(results))
+        check_tasks(tasks, args.include_path)
+    students, tok = {}, None
+    for i, name in enumerate(args.model):
+        model, t = models.load_source(name, dtype="float32", progress=_log)
+        if t is None:
+            raise RnnifyError(f"{name} has no tokenizer files; save one next to the model")
+        tok = tok or t
+        label = "student" if len(args.model) == 1 else (Path(name).name or name)
+        students[label if label not in students else f"{label}-{i}"] = model
+    teacher = models.load_source(args.teacher, dtype="float32", progress=_log)[0] if args.teacher else None
+    results = evaluate(students, tok, spec, teacher=teacher, log=_log)
+    if args.out is not None or (len(args.model) == 1 and Path(args.model[0]).is_dir()):
+        folder = Path(args.out or args.model[0])
+        folder.mkdir(parents=True, exist_ok=True)
+        plots = write_eval(folder, results)
+        _log(f"wrote {folder / 'eval.json'}, the README's Evaluation section" + (f" and {', '.join(plots)}" if plots
+                                                                                  else ""))
+    if args.json:
+        import json as _json
+
+        from .eval.report import _jsonable
+
+        print(_json.dumps(results, indent=2, default=_jsonable))
+    else:
+        print(results_table(results))
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -495,8 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("eval", help="perplexity, passkey and decode speed of a model, side by side with a teacher")
-    s.add_argument("model", help="a converted model folder (or any model)")
+    s = sub.add_parser("eval", help="perplexity, recall, agreement with the teacher, tasks, speed and cache of one or "
+                                    "more models, side by side with their teacher")
+    s.add_argument("model", nargs="+", help="converted model folder(s) (or any models): several go in one table")
     s.add_argument("--teacher", default=None, help="the source model to compare with (and to build the window baseline)")
     s.add_argument("--text", default="builtin:wikitext-2/test.txt", help="text file for perplexity")
     s.add_argument("--context-length", "--context", type=_ints, nargs="+", default=[[2048]],
@@ -508,6 +530,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="looped models: perplexity and FLOPs per token at these loop counts, e.g. 1,2,4,8")
     s.add_argument("--mqar", type=_ints, nargs="*", default=None,
                    help="multi-query associative recall at these numbers of key-value pairs, e.g. 8,16,32,64")
+    s.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, e.g. piqa,arc_easy (pip install "
+                                                 "'rnnify[eval]')")
+    s.add_argument("--include-path", default=None, help="a folder of task YAMLs for --tasks, as the harness's own CLI")
+    s.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
+    s.add_argument("--continuations", type=int, default=4,
+                   help="greedy continuations compared with the teacher's (0: none)")
+    s.add_argument("--out", default=None, help="folder for eval.json and the plots (default: the model's folder when "
+                                               "there is one model)")
+    s.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("generate", help="generate text from a model")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import shutil
 import sys
 import time
@@ -208,10 +207,12 @@ def save_output(student, tok, recipe: Recipe, out: Path, eval_results, run: RunS
         student.save_pretrained(tmp, max_shard_size=recipe.output.max_shard_size)
         tok.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
-        if eval_results is not None:
-            (tmp / "eval.json").write_text(json.dumps(eval_results, indent=2) + "\n")
         if (run.dir / "metrics.jsonl").exists():
             (tmp / "metrics.jsonl").write_text((run.dir / "metrics.jsonl").read_text())
         (tmp / "README.md").write_text(model_card(
             student, source=recipe.model.source, recipe=recipe.model_dump(mode="json"), eval_results=eval_results,
             training=run.load().get("stages", {}), repo_id=recipe.hub.repo_id, name=recipe.name))
+        if eval_results is not None:  # eval.json, the plots, and their links in the card's Evaluation section
+            from ..eval.report import write_eval
+
+            write_eval(tmp, eval_results)

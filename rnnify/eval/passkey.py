@@ -24,7 +24,7 @@ def make_prompt(tokenizer, length: int, key: int, depth: float) -> str:
 def passkey_accuracy(model, tokenizer, length: int, trials: int = 5, seed: int = 0) -> dict:
     rng = random.Random(seed + length)
     device = next(model.parameters()).device
-    hits, lengths = 0, []
+    hits, lengths, by_depth = 0, [], []
     for t in range(trials):
         key = rng.randint(10000, 99999)
         depth = (t + 0.5) / trials
@@ -35,4 +35,6 @@ def passkey_accuracy(model, tokenizer, length: int, trials: int = 5, seed: int =
                              else tokenizer.pad_token_id)
         answer = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         hits += str(key) in answer
-    return {"length": length, "accuracy": hits / trials, "trials": trials, "prompt_tokens": max(lengths)}
+        by_depth.append([depth, int(str(key) in answer)])
+    return {"length": length, "accuracy": hits / trials, "trials": trials, "prompt_tokens": max(lengths),
+            "by_depth": by_depth}

@@ -19,17 +19,28 @@ def windows(tokens: torch.Tensor, context_length: int, num_windows: int) -> torc
 
 
 @torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 1, progress=None, **forward_kwargs) -> dict:
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 1, progress=None, details: bool = False,
+               **forward_kwargs) -> dict:
     """exp(mean next-token NLL) over every position of every block (each block is one independent context).
-    ``forward_kwargs`` go to the model (e.g. ``recurrence=8`` for a looped model)."""
+    ``forward_kwargs`` go to the model (e.g. ``recurrence=8`` for a looped model). With ``details``: also the mean
+    NLL at each position (``position_nll``, over the blocks) and the greedy next token at every position
+    (``argmax``), for loss-by-position plots and agreement with a teacher."""
     device = next(model.parameters()).device
     nll, count = 0.0, 0
+    by_position, argmax = [], []
     for i in range(0, blocks.shape[0], batch_size):
         x = blocks[i : i + batch_size].to(device)
         logits = model(input_ids=x, use_cache=False, **forward_kwargs).logits.float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-        nll += loss.item()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+        nll += loss.sum().item()
         count += x[:, 1:].numel()
+        if details:
+            by_position.append(loss.view(x.shape[0], -1).cpu())
+            argmax.append(logits.argmax(-1).cpu())
         if progress:
             progress(i + x.shape[0])
-    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count}
+    out = {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count}
+    if details:
+        out["position_nll"] = torch.cat(by_position).mean(0)
+        out["argmax"] = torch.cat(argmax)
+    return out

@@ -1,16 +1,25 @@
-"""Evaluation of a student side by side with its teacher and the window-only baseline; eval.json and the
-model card table."""
+"""Evaluation of one or more students side by side with their teacher and the window-only baseline: eval.json, the
+model card table and the plots.
+
+Every measurement is keyed by model name: ``teacher``, each student (``student`` when there is one), and
+``window_baseline`` (the teacher with the first student's window + sinks and kept layers, no memory).
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
-from .memory import human_bytes
+import torch
+
+from .memory import cache_bytes, human_bytes
 from .passkey import passkey_accuracy
 from .perplexity import perplexity, windows
 from .spec import EvalSpec
 from .speed import decode_speed
+
+BASELINE = "window_baseline"
 
 
 def window_baseline(student, teacher):
@@ -26,41 +35,75 @@ def window_baseline(student, teacher):
     return base, f"window {window} + {sinks} sinks"
 
 
-def evaluate(student, tokenizer, spec: EvalSpec, teacher=None, log=print) -> dict:
+def _has_mixers(model) -> bool:
+    return bool(getattr(model, "mixers", None) and model.mixers())
+
+
+def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> dict:
+    """``students``: a model, or {name: model} for several side by side (the first names the window baseline)."""
     from ..distill.data import tokenize_text_file
 
+    if not isinstance(students, dict):
+        students = {"student": students}
+    names = list(students)
+    first = students[names[0]]
     lengths = spec.context_lengths
-    results: dict = {"context_length": lengths[0]}
-    models = {"student": student}
+    results: dict = {"context_length": lengths[0], "students": names}
+    models = {}
     if teacher is not None and spec.teacher:
         models["teacher"] = teacher
-    if teacher is not None and spec.baseline:
-        base, label = window_baseline(student, teacher)
-        models["window_baseline"] = base
+    models.update(students)
+    if teacher is not None and spec.baseline and _has_mixers(first):
+        base, label = window_baseline(first, teacher)
+        models[BASELINE] = base
         results["baseline"] = label
+    results["columns"] = list(models)
 
     t0 = time.time()
     tokens = tokenize_text_file(spec.text, tokenizer)
-    by_context = {}
+    by_context, curves, argmax = {}, {}, {}
     for L in lengths:
         blocks = windows(tokens, L, spec.num_windows)
-        ppl = {}
+        row = {}
         for name, m in models.items():
-            r = perplexity(m, blocks)
-            ppl[name] = r["ppl"]
+            r = perplexity(m, blocks, details=L == lengths[0])
+            row[name] = r["ppl"]
             log(f"perplexity @ {L}: {name} {r['ppl']:.2f}")
-        row = {**ppl, "text": spec.text, "windows": int(blocks.shape[0]), "tokens": int(blocks[:, 1:].numel())}
-        if "teacher" in ppl and "window_baseline" in ppl:
-            gap = ppl["window_baseline"] - ppl["teacher"]
-            row["gap_recovered"] = (ppl["window_baseline"] - ppl["student"]) / gap if gap > 0 else None
+            if L == lengths[0]:
+                bins = r["position_nll"].view(-1)[: (L - 1) // 32 * 32].view(-1, 32).mean(-1)
+                curves[name] = [round(float(v), 4) for v in bins]
+                argmax[name] = r["argmax"]
+        row.update({"text": spec.text, "windows": int(blocks.shape[0]), "tokens": int(blocks[:, 1:].numel())})
+        if "teacher" in row and BASELINE in row:
+            gap = row[BASELINE] - row["teacher"]
+            row["recovered"] = {n: (row[BASELINE] - row[n]) / gap if gap > 0 else None for n in names}
+            row["gap_recovered"] = row["recovered"][names[0]]
         by_context[str(L)] = row
     results["perplexity"] = by_context[str(lengths[0])]
     if len(lengths) > 1:
         results["perplexity_by_context"] = by_context
+    results["loss_by_position"] = {"bin": 32, **curves}
 
-    if spec.recurrence and len(getattr(student, "blocks", [])):
+    if "teacher" in models:
+        results["agreement"] = {n: {"next_token": float((argmax[n] == argmax["teacher"]).float().mean())}
+                                for n in models if n != "teacher"}
+        if spec.continuations:
+            from .agreement import continuation_agreement
+
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+            for n in models:
+                if n != "teacher":
+                    r = continuation_agreement(models[n], teacher, tokens, spec.continuations,
+                                               min(256, tokens.numel() // 2), spec.continuation_tokens, pad)
+                    results["agreement"][n]["continuation"] = r
+                    log(f"agreement with the teacher: {n} next token {results['agreement'][n]['next_token']:.1%}, "
+                        f"{r['new_tokens']}-token continuations identical {r['identical']:.0%}")
+
+    looped = [n for n in names if len(getattr(students[n], "blocks", []))]
+    if spec.recurrence and looped:
         from .flops import flops_per_token
 
+        student = students[looped[0]]
         blocks = windows(tokens, lengths[0], spec.num_windows)
         results["recurrence"] = {}
         for r in spec.recurrence:
@@ -69,76 +112,103 @@ def evaluate(student, tokenizer, spec: EvalSpec, teacher=None, log=print) -> dic
             results["recurrence"][str(r)] = {"ppl": ppl, "flops_per_token": flops}
             log(f"perplexity @ {lengths[0]} with {r} loops: {ppl:.2f} ({flops / 1e6:.0f} MFLOPs/token)")
         if "teacher" in models:
-            results["recurrence_teacher"] = {"ppl": by_context[str(lengths[0])]["teacher"],
+            results["recurrence_teacher"] = {"ppl": results["perplexity"]["teacher"],
                                              "flops_per_token": flops_per_token(teacher, lengths[0])}
     elif spec.recurrence:
         from ..errors import RnnifyError
 
         raise RnnifyError("--recurrence: the model has no recurrent block (convert with --method retrofit)")
 
+    measured = [n for n in models if n != BASELINE]
     if spec.mqar_pairs:
-        from .memory import cache_bytes
         from .recall import mqar_accuracy
 
         results["mqar"] = {}
         for n in spec.mqar_pairs:
             row = {}
-            for name in ("teacher", "student"):
-                if name in models:
-                    r = mqar_accuracy(models[name], tokenizer, n, trials=spec.mqar_trials)
-                    row[name] = r["accuracy"]
-                    row["prompt_tokens"] = r["prompt_tokens"]
-                    log(f"MQAR @ {n} pairs ({r['prompt_tokens']} tokens): {name} {r['accuracy']:.0%}")
-            row["student_cache_bytes"] = cache_bytes(student, row["prompt_tokens"])
+            for name in measured:
+                r = mqar_accuracy(models[name], tokenizer, n, trials=spec.mqar_trials)
+                row[name] = r["accuracy"]
+                row["prompt_tokens"] = r["prompt_tokens"]
+                log(f"MQAR @ {n} pairs ({r['prompt_tokens']} tokens): {name} {r['accuracy']:.0%}")
+            row["cache_bytes"] = {name: cache_bytes(models[name], row["prompt_tokens"]) for name in measured}
             results["mqar"][str(n)] = row
 
-    results["passkey"] = {}
+    results["passkey"], results["passkey_by_depth"] = {}, {}
     for length in spec.passkey_lengths:
-        for name in ("teacher", "student"):
-            if name in models:
-                r = passkey_accuracy(models[name], tokenizer, length, spec.passkey_trials)
-                results["passkey"].setdefault(str(length), {})[name] = r["accuracy"]
-                log(f"passkey @ {length}: {name} {r['accuracy']:.0%}")
+        for name in measured:
+            r = passkey_accuracy(models[name], tokenizer, length, spec.passkey_trials)
+            results["passkey"].setdefault(str(length), {})[name] = r["accuracy"]
+            results["passkey_by_depth"].setdefault(str(length), {})[name] = r["by_depth"]
+            log(f"passkey @ {length}: {name} {r['accuracy']:.0%}")
 
     results["speed"] = {}
     for length in spec.speed_lengths:
-        for name in ("teacher", "student"):
-            if name in models:
-                r = decode_speed(models[name], length, spec.speed_new_tokens)
-                results["speed"].setdefault(str(length), {})[name] = {
-                    "decode_tokens_per_s": r["decode_tokens_per_s"], "cache_bytes": r["cache_bytes"]}
-                speed = "could not be measured" if r["decode_tokens_per_s"] is None else \
-                    f"{r['decode_tokens_per_s']:.1f} tok/s (median of {r['timed_steps']} steps)"
-                log(f"decode @ {length}: {name} {speed}, cache {human_bytes(r['cache_bytes'])}")
+        for name in measured:
+            r = decode_speed(models[name], length, spec.speed_new_tokens)
+            results["speed"].setdefault(str(length), {})[name] = {
+                "decode_tokens_per_s": r["decode_tokens_per_s"], "cache_bytes": r["cache_bytes"]}
+            speed = "could not be measured" if r["decode_tokens_per_s"] is None else \
+                f"{r['decode_tokens_per_s']:.1f} tok/s (median of {r['timed_steps']} steps)"
+            log(f"decode @ {length}: {name} {speed}, cache {human_bytes(r['cache_bytes'])}")
+
+    if spec.tasks:
+        from .harness import run_tasks
+
+        results["tasks"] = {}
+        for name in measured:
+            for task, metrics in run_tasks(models[name], tokenizer, spec.tasks, spec.include_path, spec.task_limit,
+                                           log=log).items():
+                for metric, value in metrics.items():
+                    results["tasks"].setdefault(task, {}).setdefault(metric, {})[name] = value
     results["seconds"] = round(time.time() - t0, 1)
     return results
 
 
+# ------------------------------------------------------------------------------------------------ the table
+def _label(results, name) -> str:
+    return results.get("baseline", "window baseline") if name == BASELINE else name
+
+
 def results_table(results: dict) -> str:
-    """Markdown table: one row per measurement, teacher | student | window baseline."""
+    """Markdown table: one row per measurement, one column per model (teacher, students, window baseline)."""
     if not results:
         return "_not evaluated_\n"
     p = results["perplexity"]
-    rows = ["| measurement | teacher | student | window baseline |", "|---|---|---|---|"]
+    cols = results.get("columns") or [c for c in ("teacher", "student", BASELINE)]
+    if "columns" not in results:  # an eval.json written before several students: always the three columns
+        cols = ["teacher", "student", BASELINE]
+    head = " | ".join("window baseline" if c == BASELINE else c for c in cols)
+    rows = [f"| measurement | {head} |", "|---" * (len(cols) + 1) + "|"]
     f = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+    pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
+
+    def row(label, values: dict, fmt):
+        rows.append(f"| {label} | " + " | ".join(fmt(values.get(c)) for c in cols) + " |")
+
     name = str(p.get("text", "text")).replace("builtin:", "").split("/")[-2:]
     for L, q in results.get("perplexity_by_context", {str(results["context_length"]): p}).items():
-        rows.append(f"| perplexity on {'/'.join(name)} @ {L} tokens ({q['windows']} windows) | {f(q.get('teacher'))} | "
-                    f"{f(q.get('student'))} | {f(q.get('window_baseline'))} |")
+        row(f"perplexity on {'/'.join(name)} @ {L} tokens ({q['windows']} windows)", q, f)
     for n, r in results.get("mqar", {}).items():
-        pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
-        rows.append(f"| MQAR recall, {n} pairs (~{r['prompt_tokens']} tokens; student state "
-                    f"{human_bytes(r['student_cache_bytes'])}) | {pct(r.get('teacher'))} | {pct(r.get('student'))} | — |")
+        row(f"MQAR recall, {n} pairs (~{r['prompt_tokens']} tokens)", r, pct)
     for length, r in results.get("passkey", {}).items():
-        pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
-        rows.append(f"| passkey accuracy @ {length} | {pct(r.get('teacher'))} | {pct(r.get('student'))} | — |")
+        row(f"passkey accuracy @ {length}", r, pct)
+    agree = results.get("agreement", {})
+    if agree:
+        row("greedy next token = the teacher's", {n: v["next_token"] for n, v in agree.items()}, pct)
+        cont = {n: v["continuation"]["identical"] for n, v in agree.items() if "continuation" in v}
+        if cont:
+            k = next(v["continuation"]["new_tokens"] for v in agree.values() if "continuation" in v)
+            row(f"{k}-token greedy continuations = the teacher's", cont, pct)
+    for task, metrics in results.get("tasks", {}).items():
+        for metric, values in metrics.items():
+            row(f"{task} ({metric})", values, lambda v: "—" if v is None else f"{v:.3f}")
     for length, r in results.get("speed", {}).items():
-        t, s = r.get("teacher", {}), r.get("student", {})
         tok = lambda d: "—" if not d else "not measurable" if d["decode_tokens_per_s"] is None \
             else f"{d['decode_tokens_per_s']:.1f}"  # noqa: E731
         mem = lambda d: "—" if not d else human_bytes(d["cache_bytes"])  # noqa: E731
-        rows.append(f"| decode tokens/s after {length} (batch 1) | {tok(t)} | {tok(s)} | — |")
-        rows.append(f"| cache after {length} tokens | {mem(t)} | {mem(s)} | — |")
+        row(f"decode tokens/s after {length} (batch 1)", r, tok)
+        row(f"cache after {length} tokens", r, mem)
     text = "\n".join(rows) + "\n"
     if results.get("recurrence"):
         t = results.get("recurrence_teacher")
@@ -147,32 +217,37 @@ def results_table(results: dict) -> str:
             text += f"| source model | {t['ppl']:.2f} | {t['flops_per_token'] / 1e6:.0f} |\n"
         for r, v in results["recurrence"].items():
             text += f"| {r} | {v['ppl']:.2f} | {v['flops_per_token'] / 1e6:.0f} |\n"
-    if p.get("gap_recovered") is not None and p["gap_recovered"] >= 0:
-        text += (f"\nThe student recovers {p['gap_recovered']:.1%} of the perplexity gap between the window-only "
-                 f"baseline ({results.get('baseline', '')}) and the teacher.\n")
-    elif p.get("gap_recovered") is not None:
-        text += (f"\nThe student is behind the window-only baseline ({results.get('baseline', '')}): it has not "
-                 "recovered the gap to the teacher yet.\n")
+    recovered = p.get("recovered") or ({"student": p["gap_recovered"]} if p.get("gap_recovered") is not None else {})
+    for n, share in recovered.items():
+        if share is None:
+            continue
+        who = "The student" if n == "student" else f"`{n}`"
+        if share >= 0:
+            text += (f"\n{who} recovers {share:.1%} of the perplexity gap between the window-only baseline "
+                     f"({results.get('baseline', '')}) and the teacher.\n")
+        else:
+            text += (f"\n{who} is behind the window-only baseline ({results.get('baseline', '')}): it has not "
+                     "recovered the gap to the teacher yet.\n")
     return text
 
 
-def write_eval(folder, results: dict) -> None:
-    """Write eval.json and replace the README's Evaluation section (each file atomically)."""
+def write_eval(folder, results: dict) -> list[str]:
+    """Write eval.json, the plots next to it, and replace the README's Evaluation section (each file atomically).
+    Returns the plot file names."""
     import os
-    from pathlib import Path
+
+    from .plots import write_plots
 
     folder = Path(folder)
     tmp = folder / "eval.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
     os.replace(tmp, folder / "eval.json")
+    plots = write_plots(results, folder)
     card = folder / "README.md"
     text = card.read_text() if card.exists() else ""
     section = "## Evaluation\n\n" + results_table(results)
-    if results.get("recurrence"):
-        from .plots import recurrence_plot
-
-        recurrence_plot(results, folder / "recurrence.png")
-        section += "\n![perplexity against loops](recurrence.png)\n"
+    for name, title in plots:
+        section += f"\n![{title}]({name})\n"
     if "## Evaluation" in text:
         head, rest = text.split("## Evaluation", 1)
         nxt = rest.find("\n## ")
@@ -182,3 +257,13 @@ def write_eval(folder, results: dict) -> None:
     tmp = folder / "README.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, card)
+    return [name for name, _ in plots]
+
+
+def _jsonable(value):
+    if torch.is_tensor(value):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to eval.json")
+
+
+__all__ = ["BASELINE", "evaluate", "results_table", "window_baseline", "write_eval"]

@@ -20,6 +20,11 @@ class EvalSpec(BaseModel):
     recurrence: list[int] | None = None  # looped models: perplexity and FLOPs per token at each loop count
     mqar_pairs: list[int] = Field(default_factory=list)  # multi-query associative recall at these numbers of pairs
     mqar_trials: int = Field(4, ge=1)
+    continuations: int = Field(4, ge=0)  # greedy continuations compared with the teacher's (0: none)
+    continuation_tokens: int = Field(16, ge=1)
+    tasks: list[str] = Field(default_factory=list)  # lm-evaluation-harness tasks (pip install 'rnnify[eval]')
+    include_path: str | None = None  # a folder of task YAMLs, as the harness's own --include_path
+    task_limit: int | None = Field(None, ge=1)  # examples per task (None: all)
 
     @field_validator("recurrence")
     @classmethod
