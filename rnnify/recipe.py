@@ -79,7 +79,7 @@ class DataSpec(Strict):
     template: str | None = None  # text built from several columns, e.g. "{instruction}\n{input}\n{output}"
     format: Literal["auto", "text", "json", "parquet", "hub"] = "auto"
     max_rows: int | None = None
-    streaming: bool = False  # Hub datasets: read rows as needed instead of downloading the whole set
+    streaming: bool = False  # read rows as training needs them (Hub: no full download first); first epoch in order
 
 
 class StageSpec(Strict):

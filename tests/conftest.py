@@ -9,6 +9,12 @@ import os
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The token cache of the test runs (and of the processes they start) lives in a temporary folder, not ~/.cache.
+if not os.environ.get("RNNIFY_TOKEN_CACHE"):
+    import tempfile
+
+    os.environ["RNNIFY_TOKEN_CACHE"] = tempfile.mkdtemp(prefix="rnnify-test-tokens-")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers as tr  # noqa: E402

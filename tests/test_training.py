@@ -115,6 +115,36 @@ def test_resume_after_interrupt_reaches_the_same_weights(workdir, monkeypatch):
         torch.testing.assert_close(resumed[k], reference[k], atol=1e-6, rtol=1e-6, msg=k)
 
 
+def test_streaming_data_resumes_to_the_same_weights(workdir, monkeypatch, tmp_path):
+    """A streaming source is packed as training reaches it; an interrupted run leaves a partial token cache that the
+    resumed run extends, and the resumed run sees the batches the uninterrupted one saw."""
+    stages = [{"type": "distill", "max_steps": 6, "lr": 0.01, "batch_size": 2}]
+
+    def streaming_recipe():
+        r = recipe(workdir, stages, method="supra")
+        r.datasets["d"].streaming = True
+        return r
+
+    monkeypatch.setenv("RNNIFY_TOKEN_CACHE", str(tmp_path / "cache-a"))
+    run_recipe(streaming_recipe(), progress=False)
+    reference = _final_weights(workdir)
+    shutil.rmtree(workdir / "out")
+    shutil.rmtree(workdir / "out.run")
+
+    monkeypatch.setenv("RNNIFY_TOKEN_CACHE", str(tmp_path / "cache-b"))
+    monkeypatch.setattr(trainer, "_BEFORE_STEP", lambda stage, step: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if step == 3 else None)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(streaming_recipe(), progress=False)
+    (progress,) = [json.loads(p.read_text()) for p in (tmp_path / "cache-b").glob("*/progress.json")]
+    assert not progress["complete"] and progress["rows"] < 300  # only the rows training reached were read
+    monkeypatch.setattr(trainer, "_BEFORE_STEP", None)
+    run_recipe(streaming_recipe(), resume=True, progress=False)
+    resumed = _final_weights(workdir)
+    for k in reference:
+        torch.testing.assert_close(resumed[k], reference[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
 def test_only_stage_starts_from_the_previous_stage(workdir):
     stages = [{"type": "attention_transfer", "max_steps": 2}, {"type": "distill", "max_steps": 2}]
     s1 = run_recipe(recipe(workdir, stages), only_stage="attention_transfer", progress=False)

@@ -62,7 +62,7 @@ def load_rows(spec: DataSpec):
                 raise RnnifyError(f"data file {spec.path} does not exist")
             if Path(path).stat().st_size == 0:
                 raise RnnifyError(f"data file {spec.path} is empty")
-            ds = datasets.load_dataset(fmt, data_files=path, split="train")
+            ds = datasets.load_dataset(fmt, data_files=path, split="train", streaming=spec.streaming)
     except RnnifyError:
         raise
     except Exception as e:  # datasets raises many kinds (offline, missing config, bad file)
@@ -86,56 +86,62 @@ def load_rows(spec: DataSpec):
     return ds
 
 
-def _texts(ds, spec: DataSpec, tokenizer):
+def _row_text(row: dict, spec: DataSpec, tokenizer) -> str | None:
+    """The training text of one row (None: an empty row, skipped)."""
     if spec.messages_field:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise RnnifyError(f"data {spec.path}: messages_field is set but the tokenizer has no chat template")
-        for row in ds:
-            yield tokenizer.apply_chat_template(row[spec.messages_field], tokenize=False)
-    elif spec.template is not None:
-        for row in ds:
-            yield spec.template.format(**row)
-    else:
-        for row in ds:
-            text = row[spec.text_field]
-            if text and text.strip():
-                yield text
+        return tokenizer.apply_chat_template(row[spec.messages_field], tokenize=False)
+    if spec.template is not None:
+        return spec.template.format(**row)
+    text = row[spec.text_field]
+    return text if text and text.strip() else None
+
+
+def pack_stream(spec: DataSpec, tokenizer, seq_len: int, *, skip_rows: int = 0, carry=(), rows_per_batch: int = 256):
+    """Tokenise rows (EOS after each document) and cut the token stream into ``seq_len`` blocks, ``rows_per_batch``
+    rows at a time: yields ``(blocks [n, seq_len] int64 numpy, rows consumed so far, tokens carried over)`` after each
+    batch, so memory stays one batch of rows however large the data. ``skip_rows`` and ``carry`` continue an earlier
+    pass exactly where it stopped (the blocks are a pure function of the row stream)."""
+    import numpy as np
+
+    if spec.messages_field and getattr(tokenizer, "chat_template", None) is None:
+        raise RnnifyError(f"data {spec.path}: messages_field is set but the tokenizer has no chat template")
+    ds = load_rows(spec)
+    if skip_rows:
+        ds = ds.skip(skip_rows)
+    eos = tokenizer.eos_token_id
+    buf = np.asarray(list(carry), dtype=np.int64)
+    rows = skip_rows
+    for batch in ds.iter(batch_size=rows_per_batch):
+        n = len(next(iter(batch.values()))) if batch else 0
+        texts = [t for t in (_row_text({k: v[i] for k, v in batch.items()}, spec, tokenizer) for i in range(n)) if t]
+        rows += n
+        pieces = [buf]
+        if texts:
+            for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+                pieces.append(np.asarray(ids, dtype=np.int64))
+                if eos is not None:
+                    pieces.append(np.asarray([eos], dtype=np.int64))
+        buf = np.concatenate(pieces)
+        whole = len(buf) // seq_len * seq_len
+        blocks = buf[:whole].reshape(-1, seq_len)
+        buf = buf[whole:].copy()
+        yield blocks, rows, buf.tolist()
 
 
 def pack_tokens(spec: DataSpec, tokenizer, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
-    """Tokenise rows (EOS between documents) and cut the stream into ``[N, seq_len]`` blocks."""
-    ds = load_rows(spec)
-    eos = tokenizer.eos_token_id
-    buf: list[int] = []
-    blocks: list[list[int]] = []
-    batch: list[str] = []
+    """All blocks (or the first ``max_blocks``) in memory, for small data (the trainer reads its data through the
+    on-disk ``token_cache.PackedBlocks`` instead)."""
+    import numpy as np
 
-    def flush():
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            buf.extend(ids)
-            if eos is not None:
-                buf.append(eos)
-        batch.clear()
-
-    for text in _texts(ds, spec, tokenizer):
-        batch.append(text)
-        if len(batch) >= 256:
-            flush()
-            while len(buf) >= seq_len:
-                blocks.append(buf[:seq_len])
-                del buf[:seq_len]
-            if max_blocks is not None and len(blocks) >= max_blocks:
-                break
-    if batch:
-        flush()
-    while len(buf) >= seq_len and (max_blocks is None or len(blocks) < max_blocks):
-        blocks.append(buf[:seq_len])
-        del buf[:seq_len]
-    if max_blocks is not None:
-        blocks = blocks[:max_blocks]
-    if not blocks:
+    out, n = [], 0
+    for blocks, _, _ in pack_stream(spec, tokenizer, seq_len):
+        out.append(blocks)
+        n += len(blocks)
+        if max_blocks is not None and n >= max_blocks:
+            break
+    if not n:
         raise RnnifyError(f"data {spec.path}: fewer than {seq_len} tokens; lower seq_len or add data")
-    return torch.tensor(blocks, dtype=torch.int32 if len(tokenizer) < 2**31 else torch.long)
+    return torch.from_numpy(np.concatenate(out)[:max_blocks])
 
 
 def tokenize_text_file(path: str, tokenizer) -> torch.Tensor:

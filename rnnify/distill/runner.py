@@ -16,8 +16,9 @@ from ..errors import RnnifyError
 from ..io import atomic_output_dir, check_output_dir
 from ..recipe import Recipe, dump_recipe
 from .checkpoint import RunState
-from .data import check_data_files, pack_tokens
+from .data import check_data_files
 from .stages import STAGES, active_layers, build_objective, select_trainable
+from .token_cache import PackedBlocks
 from .trainer import total_steps, train_stage
 
 
@@ -136,7 +137,13 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
         data_key = settings.data or next(iter(recipe.datasets))
         steps = total_steps(settings)
         n_blocks = steps * settings.batch_size * settings.grad_accum
-        blocks = pack_tokens(recipe.datasets[data_key], tok, settings.seq_len, max_blocks=n_blocks)
+        # packed once into the on-disk token cache (reused by later runs); a streaming source is packed as training
+        # reaches its blocks
+        blocks = PackedBlocks(recipe.datasets[data_key], tok, settings.seq_len, log=lambda m: _log(accelerator, m))
+        if blocks.lazy:
+            blocks.ensure(settings.batch_size)  # bad data fails here, not at step 1
+        else:
+            blocks.ensure(n_blocks).limit(n_blocks)
         model = student
         active = active_layers(student, settings)  # converted layers this stage trains (None: all)
         if lora is not None:
@@ -149,7 +156,8 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
             trainable = select_trainable(model, settings.trainable or list(spec.trainable), stage_new)
         n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
         _log(accelerator, f"stage {stage.name} ({stage.type}): {steps} steps x {settings.batch_size * settings.grad_accum} "
-                          f"x {settings.seq_len} tokens on {blocks.shape[0]} blocks of {data_key}; "
+                          f"x {settings.seq_len} tokens from {data_key} "
+                          f"({'streamed' if blocks.lazy else f'{len(blocks):,} blocks'}); "
                           f"training {n_train:,} parameters in {len(trainable)} tensors; {accelerator.num_processes} process(es)")
         if active is not None:
             _log(accelerator, f"stage {stage.name}: active converted layers {active} (the others run the teacher's attention)")

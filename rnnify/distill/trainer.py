@@ -38,17 +38,29 @@ def total_steps(settings, world_size: int = 1) -> int:
     return max(1, math.ceil(settings.max_tokens / per_step))
 
 
-def batch_indices(n_blocks: int, seed: int, step: int, micro: int, settings) -> torch.Tensor:
-    """Global indices of the blocks for (step, micro): consecutive slices of seeded per-epoch permutations."""
+def batch_indices(n_blocks: int, seed: int, step: int, micro: int, settings, in_order: bool = False) -> torch.Tensor:
+    """Global indices of the blocks for (step, micro): consecutive slices of seeded per-epoch permutations.
+    ``in_order``: the first epoch reads the blocks in order (a streaming source, whose size is unknown until it
+    ends); later epochs are permuted like any other."""
     per = settings.batch_size
     start = (step * settings.grad_accum + micro) * per
     out = []
     while len(out) < per:
         epoch, offset = divmod(start + len(out), n_blocks)
-        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         take = min(per - len(out), n_blocks - offset)
+        if in_order and epoch == 0:
+            out.extend(range(offset, offset + take))
+            continue
+        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         out.extend(perm[offset : offset + take].tolist())
     return torch.tensor(out)
+
+
+def _stage_batch_indices(blocks, seed: int, step: int, micro: int, settings) -> torch.Tensor:
+    if getattr(blocks, "lazy", False):  # a streaming source: pack up to this batch's blocks first
+        blocks.ensure((step * settings.grad_accum + micro + 1) * settings.batch_size)
+        return batch_indices(len(blocks), seed, step, micro, settings, in_order=True)
+    return batch_indices(blocks.shape[0], seed, step, micro, settings)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -112,7 +124,8 @@ def make_scheduler(optimizer, settings, steps: int):
 
 def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_index, seed,
                 run: RunState, resume: bool, metrics_path: Path, progress: bool = True) -> StageResult:
-    """Train ``objective`` on ``blocks`` ([N, seq_len] token ids) with the stage's settings."""
+    """Train ``objective`` on ``blocks`` (``[N, seq_len]`` token ids: a tensor or a ``PackedBlocks``) with the
+    stage's settings."""
     world, rank = accelerator.num_processes, accelerator.process_index
     if settings.batch_size % world:
         raise RnnifyError(f"stage {stage_name}: batch_size {settings.batch_size} is not divisible by the "
@@ -154,7 +167,6 @@ def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_i
 
     dtype_ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if settings.dtype == "bfloat16" \
         else contextlib.nullcontext
-    n_blocks = blocks.shape[0]
     tokens_per_step = settings.batch_size * settings.grad_accum * settings.seq_len
     bar = None
     if progress and accelerator.is_main_process:
@@ -171,7 +183,7 @@ def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_i
             total, metrics_sum = 0.0, {}
             objective.set_step(stage_seed, step)  # per-step choices (e.g. a sampled window) are the same on every rank
             for micro in range(settings.grad_accum):
-                idx = batch_indices(n_blocks, stage_seed, step, micro, settings)
+                idx = _stage_batch_indices(blocks, stage_seed, step, micro, settings)
                 local = idx[rank::world]
                 batch = blocks[local].to(device=device, dtype=torch.long)
                 sync = micro == settings.grad_accum - 1
