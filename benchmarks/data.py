@@ -1,9 +1,10 @@
 """Training-data packing: peak memory, throughput and time to the first step, on-disk token cache against the
 in-memory packer of rnnify 0.2 (every token a Python int in lists, then one tensor), in one run.
 
-Each measurement runs in its own process, so its peak RSS (``ru_maxrss``) is its own; the first row per size is a
-process that loads the same libraries, tokenizer and dataset without packing, and the others are reported above it
-(the packer's own memory). Text: WikiText-2 and Pride and Prejudice repeated to the token counts asked for.
+Each measurement runs in its own process. "packer RSS" is the largest resident set while packing less the one just
+before (libraries, tokenizer and the dataset's Arrow table already loaded): the packer's own memory, which must not
+grow with the data; "process peak" is the whole process's ``ru_maxrss``. Text: WikiText-2 and Pride and Prejudice
+repeated to the token counts asked for.
 
     python benchmarks/data.py                        # 1M and 20M tokens, SmolLM2's tokenizer
     python benchmarks/data.py --tokens 200000 --tokenizer path/to/model
@@ -50,6 +51,36 @@ def _lists_packer(spec, tok, seq_len):
     return torch.tensor(blocks, dtype=torch.int32)
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakRSS:
+    """The largest resident set seen while the block runs (sampled every 5 ms), less the resident set at its
+    start: the memory the packer itself takes, apart from the libraries and the dataset loaded before it."""
+
+    def __enter__(self):
+        import threading
+
+        self.start = self.peak = _rss_mb()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, _rss_mb())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+        self.above = self.peak - self.start
+
+
 def child(mode, path, tokenizer, seq_len, cache, batch):
     """One measurement in this process; prints a JSON line."""
     from rnnify.distill.data import load_rows
@@ -62,30 +93,35 @@ def child(mode, path, tokenizer, seq_len, cache, batch):
     # packers'
     t0 = time.perf_counter()
     out = {"mode": mode}
-    if mode == "lists":
-        out["tokens"] = _lists_packer(spec, tok, seq_len).numel()
-    elif mode in ("cache", "cache-rerun", "stream-first"):
-        b = PackedBlocks(spec, tok, seq_len, root=Path(cache), log=lambda *_: None)
-        b.ensure(batch if mode == "stream-first" else 10**12)
-        b[list(range(min(batch, len(b))))]  # the first step's batch
-        out["tokens"] = len(b) * seq_len
+    with PeakRSS() as rss:
+        if mode == "lists":
+            out["tokens"] = _lists_packer(spec, tok, seq_len).numel()
+        elif mode in ("cache", "cache-rerun", "stream-first"):
+            b = PackedBlocks(spec, tok, seq_len, root=Path(cache), log=lambda *_: None)
+            b.ensure(batch if mode == "stream-first" else 10**12)
+            b[list(range(min(batch, len(b))))]  # the first step's batch
+            out["tokens"] = len(b) * seq_len
     out["seconds"] = time.perf_counter() - t0
+    out["above_mb"] = rss.above
     out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 
 
 def make_text(folder: Path, tokens: int, tok) -> Path:
-    """The sample texts repeated until they hold about ``tokens`` tokens."""
+    """The sample texts repeated (and cut) until they hold about ``tokens`` tokens."""
     parts = [p.read_text() for p in TEXTS if p.exists()]
     if not parts:
         raise SystemExit(f"no sample text found ({TEXTS[0]} ...)")
     base = "\n".join(parts)
-    reps = max(1, round(tokens / len(tok(base, add_special_tokens=False)["input_ids"])))
+    chars = int(len(base) * tokens / len(tok(base, add_special_tokens=False)["input_ids"]) * 1.01)
     path = folder / f"text-{tokens}.txt"
     with path.open("w") as f:
-        for i in range(reps):
-            f.write(base)
-            f.write(f"\n{i}\n")
+        i = 0
+        while chars > 0:
+            piece = base[:chars]
+            f.write(piece + f"\n{i}\n")
+            chars -= len(piece)
+            i += 1
     return path
 
 
@@ -107,7 +143,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print(f"tokenizer {args.tokenizer}, seq_len {args.seq_len}, first batch {args.batch} blocks\n")
-        print(f"{'tokens':>12} {'packer':<28} {'seconds':>9} {'tokens/s':>11} {'peak RSS':>10} {'above base':>11}")
+        print(f"{'tokens':>12} {'packer':<28} {'seconds':>9} {'tokens/s':>11} {'packer RSS':>11} {'process peak':>13}")
         for n in args.tokens:
             text = make_text(tmp, n, tok)
             from rnnify.distill.data import load_rows
@@ -115,7 +151,6 @@ def main():
 
             load_rows(DataSpec(path=str(text)))  # datasets' Arrow conversion, once, before any measurement
             modes = ["base", "cache", "cache-rerun", "stream-first"] + ([] if args.skip_lists else ["lists"])
-            base_rss = None
             for mode in modes:
                 cache = tmp / f"cache-{n}"
                 r = subprocess.run([sys.executable, __file__, "--child", mode, str(text), args.tokenizer,
@@ -125,16 +160,13 @@ def main():
                     print(f"{n:>12,} {mode:<28} failed: {r.stderr.strip().splitlines()[-1]}")
                     continue
                 res = json.loads(r.stdout.strip().splitlines()[-1])
-                if mode == "base":
-                    base_rss = res["maxrss_mb"]
                 label = {"base": "(libraries + dataset only)", "cache": "token cache, first run",
                          "cache-rerun": "token cache, rerun (reuse)", "stream-first": "streaming: first batch",
                          "lists": "0.2 lists (in memory)"}[mode]
                 tokens = res.get("tokens", 0)
                 rate = f"{tokens / res['seconds']:>11,.0f}" if tokens and res["seconds"] > 0 else f"{'':>11}"
-                above = f"{res['maxrss_mb'] - base_rss:>9.0f}MB" if base_rss is not None and mode != "base" else ""
-                print(f"{tokens or n:>12,} {label:<28} {res['seconds']:>9.2f} {rate} {res['maxrss_mb']:>8.0f}MB "
-                      f"{above:>11}")
+                print(f"{tokens or n:>12,} {label:<28} {res['seconds']:>9.2f} {rate} {res['above_mb']:>9.0f}MB "
+                      f"{res['maxrss_mb']:>11.0f}MB")
             print()
 
 

@@ -172,6 +172,17 @@ class HubSpec(Strict):
         return self
 
 
+class DistributedSpec(Strict):
+    """How several processes share the training (``torchrun`` / ``accelerate launch``). ``ddp``: every process
+    holds the whole teacher and student; ``fsdp``: PyTorch's FSDP2 shards them (each process holds 1/N of the
+    parameters, gradients and optimiser state; see ``distill/sharding.py``); ``auto``: fsdp when ``accelerate
+    launch`` was given an FSDP config (``recipes/accelerate/fsdp.yaml``), else ddp."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    shard_teacher: bool = True  # the frozen teacher's layers sharded too (else whole on every process)
+    reshard_after_forward: bool = True  # free gathered layers after their forward (ZeRO-3); false: keep (ZeRO-2)
+
+
 class Recipe(Strict):
     name: str = "recipe"
     seed: int = 0
@@ -183,6 +194,7 @@ class Recipe(Strict):
     output: OutputSpec
     eval: EvalSpec | None = None
     hub: HubSpec = Field(default_factory=HubSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
     @model_validator(mode="after")
     def _check(self):

@@ -131,7 +131,11 @@ class RunState:
             return []
         return sorted((p for p in root.glob("step-*") if (p / "meta.json").exists()), key=lambda p: int(p.name[5:]))
 
-    def save_checkpoint(self, stage: str, step: int, trainable: dict, optimizer, scheduler, extra: dict, keep: int):
+    def save_checkpoint(self, stage: str, step: int, trainable: dict, optimizer_state: dict, scheduler, extra: dict,
+                        keep: int):
+        """``trainable``: full tensors by parameter name; ``optimizer_state``: ``{"optimizer": state_dict}`` (keyed
+        by parameter index, one process or DDP) or ``{"optimizer_fqn": ...}`` (full tensors keyed by parameter name,
+        gathered from FSDP shards)."""
         root = self.dir / "checkpoints" / stage
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{step:07d}"
@@ -139,8 +143,8 @@ class RunState:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state()}, tmp / "optim.pt")
+        torch.save({**optimizer_state, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+                   tmp / "optim.pt")
         sums = {f: sha256(tmp / f) for f in _FILES}
         (tmp / "meta.json").write_text(json.dumps({"step": step, **extra, "sha256": sums}, indent=2))
         if final.exists():

@@ -125,6 +125,7 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
         _log(accelerator, f"resumed after stage {prior[-1]} ({run.stage_weights(prior[-1])})")
 
     summary = {"stages": {}, "output": str(out)}
+    teacher_sharded = False
     for i, stage in enumerate(recipe.stages):
         if only_stage is not None and stage.name != only_stage:
             continue
@@ -167,7 +168,10 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
             accelerator=accelerator, objective=objective, blocks=blocks,
             settings=settings, stage_name=stage.name, stage_index=i, seed=recipe.seed, run=run,
             resume=resume or only_stage is not None, metrics_path=metrics_path, progress=progress,
+            distributed=recipe.distributed,
         )
+        if result.teacher_sharded:
+            teacher_sharded = True
         if model is not student:  # LoRA: fold the adapters into the weights
             student = model.merge_and_unload() if lora.merge else model
         student.requires_grad_(False)
@@ -189,6 +193,8 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
     if recipe.eval is not None and accelerator.is_main_process:
         from ..eval.report import evaluate
 
+        if teacher_sharded:  # its layers are FSDP shards: the main process alone cannot run it
+            teacher = None
         if teacher is None and recipe.eval.teacher:
             teacher = models.load_source(recipe.model.source, dtype=recipe.model.dtype,
                                          progress=lambda m: _log(accelerator, m))[0]

@@ -57,6 +57,8 @@ class StageSettings(Strict):
     grad_accum: int = Field(1, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # recompute each decoder layer's activations in the backward pass (less memory, ~1/3 more compute)
+    gradient_checkpointing: bool = False
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)

@@ -1,5 +1,6 @@
 """The training loop of one stage, on accelerate: single process on CPU, DDP under torchrun or
-``accelerate launch`` (gloo on CPU, NCCL on GPUs); an FSDP plugin configured through accelerate passes through.
+``accelerate launch`` (gloo on CPU, NCCL on GPUs), or FSDP2 (``sharding.py``) when the recipe's
+``distributed.strategy`` or the accelerate config asks for it.
 
 Batches are drawn deterministically from (seed, stage, step), so a resumed run sees exactly the batches the
 uninterrupted run would have, and every process takes its slice of the same global batch.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +20,13 @@ import torch
 
 from ..errors import RnnifyError
 from .checkpoint import RunState
+from .sharding import ShardedStage, activation_checkpointing, fsdp_requested
 
 # Test hook: called with the step about to run (lets tests simulate a crash at a given step).
 _BEFORE_STEP = None
+# Fault injection across processes (torchrun / accelerate launch tests): every process interrupts itself, as Ctrl-C
+# would, before this step, after the checkpoint of the steps done so far is written.
+_STOP_ENV = "RNNIFY_FAULT_INTERRUPT_AT_STEP"
 
 
 @dataclass
@@ -29,6 +35,7 @@ class StageResult:
     tokens: int
     final_loss: float
     seconds: float
+    teacher_sharded: bool = False  # the frozen teacher now lives in FSDP shards (the evaluation reloads it)
 
 
 def total_steps(settings, world_size: int = 1) -> int:
@@ -123,20 +130,37 @@ def make_scheduler(optimizer, settings, steps: int):
 
 
 def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_index, seed,
-                run: RunState, resume: bool, metrics_path: Path, progress: bool = True) -> StageResult:
+                run: RunState, resume: bool, metrics_path: Path, progress: bool = True, distributed=None) -> StageResult:
     """Train ``objective`` on ``blocks`` (``[N, seq_len]`` token ids: a tensor or a ``PackedBlocks``) with the
-    stage's settings."""
+    stage's settings. ``distributed``: the recipe's ``DistributedSpec`` (None: DDP when there are processes)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     if settings.batch_size % world:
         raise RnnifyError(f"stage {stage_name}: batch_size {settings.batch_size} is not divisible by the "
                           f"{world} processes; set batch_size to a multiple of {world}")
     steps = total_steps(settings, world)
-    student = objective.student
+    device = accelerator.device
+    fsdp = fsdp_requested(distributed.strategy if distributed is not None else "auto")
+    if fsdp and world == 1:
+        accelerator.print(f"[{stage_name}] fsdp with one process: nothing to shard, training unsharded")
+        fsdp = False
+    sharded = None
+    if fsdp:
+        if settings.optimizer == "muon":
+            raise RnnifyError(f"stage {stage_name}: optimizer muon orthogonalises whole weight matrices, which FSDP "
+                              "splits across processes; use optimizer adamw under fsdp, or distributed.strategy ddp")
+        sharded = ShardedStage(objective, device=device, bf16=settings.dtype == "bfloat16", world=world,
+                               reshard_after_forward=distributed.reshard_after_forward if distributed else True,
+                               shard_teacher=distributed.shard_teacher if distributed else True)
+        model = sharded.objective
+        student = model.student
+        accelerator.print(f"[{stage_name}] FSDP2 over {world} processes: {sharded.describe()}")
+    else:
+        student = objective.student
     params = [p for n, p in student.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(student, settings)
     scheduler = make_scheduler(optimizer, settings, steps)
-    model, optimizer = accelerator.prepare(objective, optimizer)
-    device = accelerator.device
+    if not fsdp:
+        model, optimizer = accelerator.prepare(objective, optimizer)
     stage_seed = seed + 7919 * (stage_index + 1)
 
     start = 0
@@ -148,23 +172,39 @@ def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_i
             odd = sorted(set(weights) ^ set(named))[:3]
             raise RnnifyError(f"checkpoint {ckpt} holds other trainable parameters than this stage trains ({odd} ...): "
                               "it was written by a different recipe; start afresh with --fresh")
-        with torch.no_grad():
-            for k, v in weights.items():
-                named[k].copy_(v)
-        optimizer.load_state_dict(optim["optimizer"])
+        if ("optimizer_fqn" in optim) != fsdp:
+            raise RnnifyError(f"checkpoint {ckpt} was written {'with' if 'optimizer_fqn' in optim else 'without'} "
+                              f"FSDP and this run is {'sharded' if fsdp else 'not sharded'}: resume it with the "
+                              "distributed.strategy that wrote it, or restart the stage with --fresh")
+        if fsdp:
+            sharded.load_trainable(weights)
+            sharded.load_optimizer_state(optimizer, optim["optimizer_fqn"])
+        else:
+            with torch.no_grad():
+                for k, v in weights.items():
+                    named[k].copy_(v)
+            optimizer.load_state_dict(optim["optimizer"])
         scheduler.load_state_dict(optim["scheduler"])
         torch.set_rng_state(optim["rng"])
         start = meta["step"]
         accelerator.print(f"[{stage_name}] resumed from {ckpt} (step {start}/{steps})")
 
     def save(step):
-        if accelerator.is_main_process:
+        if fsdp:  # collectives: every process gathers, the main one writes full tensors
+            trainable = sharded.full_trainable()
+            optim_state = {"optimizer_fqn": sharded.optimizer_state(optimizer)}
+        else:
             trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
-            run.save_checkpoint(stage_name, step, trainable, optimizer, scheduler,
-                                {"stage": stage_name, "world_size": world}, settings.keep_checkpoints)
+            optim_state = {"optimizer": optimizer.state_dict()} if accelerator.is_main_process else {}
+        if accelerator.is_main_process:
+            run.save_checkpoint(stage_name, step, trainable, optim_state, scheduler,
+                                {"stage": stage_name, "world_size": world,
+                                 "sharding": "fsdp" if fsdp else "none"}, settings.keep_checkpoints)
         accelerator.wait_for_everyone()
         return run.checkpoints(stage_name)[-1] if accelerator.is_main_process else None
 
+    # bfloat16: autocast (under FSDP also its mixed-precision policy: bf16 gathered parameters, fp32 gradient
+    # reduction; autocast then covers the teacher's parts that stay whole)
     dtype_ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if settings.dtype == "bfloat16" \
         else contextlib.nullcontext
     tokens_per_step = settings.batch_size * settings.grad_accum * settings.seq_len
@@ -176,10 +216,14 @@ def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_i
     model.train()
     t0, done_tokens, loss_value = time.time(), 0, float("nan")
     step = start
+    recompute = activation_checkpointing(student, settings.gradient_checkpointing)
+    recompute.__enter__()
     try:
         for step in range(start, steps):
             if _BEFORE_STEP is not None:
                 _BEFORE_STEP(stage_name, step)
+            if os.environ.get(_STOP_ENV) == str(step) and step > start:
+                raise KeyboardInterrupt
             total, metrics_sum = 0.0, {}
             objective.set_step(stage_seed, step)  # per-step choices (e.g. a sampled window) are the same on every rank
             for micro in range(settings.grad_accum):
@@ -187,7 +231,11 @@ def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_i
                 local = idx[rank::world]
                 batch = blocks[local].to(device=device, dtype=torch.long)
                 sync = micro == settings.grad_accum - 1
-                ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(model)
+                if fsdp:
+                    sharded.set_gradient_sync(sync)
+                    ctx = contextlib.nullcontext()
+                else:
+                    ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(model)
                 with ctx, dtype_ctx():
                     loss, metrics = model(batch)
                 accelerator.backward(loss / settings.grad_accum)
@@ -206,7 +254,10 @@ def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_i
                     + (f"Last good checkpoint: {last[-1]}" if last else "No checkpoint was written yet.")
                 )
             if settings.grad_clip:
-                accelerator.clip_grad_norm_(params, settings.grad_clip)
+                if fsdp:  # over DTensor gradients: the norm is reduced across the shards
+                    torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+                else:
+                    accelerator.clip_grad_norm_(params, settings.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -234,6 +285,10 @@ def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_i
             accelerator.print(f"\n[{stage_name}] interrupted; checkpoint at step {step}: {path}")
         raise
     finally:
+        recompute.__exit__(None, None, None)
         if bar is not None:
             bar.close()
-    return StageResult(steps, steps * tokens_per_step, loss_value, time.time() - t0)
+    if fsdp:
+        sharded.gather_back()
+    return StageResult(steps, steps * tokens_per_step, loss_value, time.time() - t0,
+                       teacher_sharded=bool(sharded and sharded.teacher_sharded))
