@@ -1,10 +1,10 @@
 """Training-data packing: peak memory, throughput and time to the first step, on-disk token cache against the
 in-memory packer of rnnify 0.2 (every token a Python int in lists, then one tensor), in one run.
 
-Each measurement runs in its own process. "packer RSS" is the largest resident set while packing less the one just
-before (libraries, tokenizer and the dataset's Arrow table already loaded): the packer's own memory, which must not
-grow with the data; "process peak" is the whole process's ``ru_maxrss``. Text: WikiText-2 and Pride and Prejudice
-repeated to the token counts asked for.
+Each measurement runs in its own process. "packer RSS" is the largest anonymous resident set (RssAnon: not the
+mapped Arrow file) while packing, less the one just before (libraries, tokenizer and the dataset's Arrow table
+already loaded): the packer's own memory, which must not grow with the data; "process peak" is the whole process's
+``ru_maxrss``. Text: WikiText-2 and Pride and Prejudice repeated to the token counts asked for.
 
     python benchmarks/data.py                        # 1M and 20M tokens, SmolLM2's tokenizer
     python benchmarks/data.py --tokens 200000 --tokenizer path/to/model
@@ -52,8 +52,13 @@ def _lists_packer(spec, tok, seq_len):
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    """The anonymous resident set (the process's own allocations; not the file pages it maps, such as datasets'
+    Arrow files or safetensors, which the kernel can drop)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
 
 
 class PeakRSS:

@@ -357,6 +357,22 @@ def cmd_validate(args) -> None:
         print(f"#   stage {stage.name} ({stage.type}): {steps} steps, "
               f"{steps * st.batch_size * st.grad_accum * st.seq_len:,} tokens, lr {st.lr:g}, seq_len {st.seq_len}")
     print(f"#   then {'evaluate and ' if recipe.eval else ''}save to {recipe.output.dir} (run state in {recipe.run_dir()})")
+    if args.plan or args.gpus or args.gpu_memory or args.source or args.strategy:
+        import torch
+
+        from .distill.memory_plan import parse_bytes, plan_recipe
+
+        gpus, memory = args.gpus, parse_bytes(args.gpu_memory) if args.gpu_memory else None
+        if args.gpus is not None and args.gpus < 1:
+            raise RnnifyError(f"--gpus {args.gpus}: give 1 or more")
+        if torch.cuda.is_available():
+            gpus = gpus or torch.cuda.device_count()
+            memory = memory or torch.cuda.get_device_properties(0).total_memory
+        plan = plan_recipe(recipe, devices=gpus or 1, device_memory=memory, source=args.source,
+                           strategy=args.strategy)
+        print(plan.report())
+        if memory is None:
+            print("(no GPU here and no --gpu-memory: give --gpu-memory 80GB for a verdict)")
 
 
 def cmd_run(args) -> None:
@@ -504,6 +520,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="check a recipe and print the resolved plan (no weights loaded)")
     s.add_argument("recipe", help="a recipe file or the name of a shipped recipe")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=200")
+    s.add_argument("--plan", action="store_true",
+                   help="print the memory per GPU of each stage (weights, gradients, optimizer, activations) from the "
+                        "source's config alone, and whether it fits")
+    s.add_argument("--gpus", type=int, default=None, help="processes / GPUs to plan for (default: the GPUs here, or 1)")
+    s.add_argument("--gpu-memory", default=None, help="memory of one GPU, e.g. 80GB (default: this machine's GPU)")
+    s.add_argument("--strategy", choices=["ddp", "fsdp"], default=None,
+                   help="plan for this distributed strategy instead of the recipe's")
+    s.add_argument("--source", default=None,
+                   help="plan for another source model: a folder or config.json (weights not needed), alias or Hub id")
     s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("run", help="convert + train + evaluate + save, as a recipe says")

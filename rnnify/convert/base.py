@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..errors import RnnifyError
@@ -70,8 +72,11 @@ def build_student(teacher, plan: Plan, method: str) -> RnnifyForCausalLM:
     config = RnnifyConfig(base_config=base_dict, program=plan.program, mixer_config=plan.mixer_config, method=method)
     config._attn_implementation = getattr(base, "_attn_implementation", None) or "sdpa"
     dtype = next(teacher.parameters()).dtype
-    student = RnnifyForCausalLM(config).to(dtype)
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    # a teacher on the meta device (shapes only, for a memory plan): the student too, nothing copied or initialised
+    meta = next(teacher.parameters()).is_meta
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        student = RnnifyForCausalLM(config).to(dtype)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False, assign=meta)
     new = set(student.new_parameter_names())
     mixers = student.mixers()
     new_buffers = {f"model.layers.{i}.self_attn.{n}" for i, m in mixers for n, _ in m.named_buffers()}
@@ -85,6 +90,9 @@ def build_student(teacher, plan: Plan, method: str) -> RnnifyForCausalLM:
             f"weights of {getattr(base, 'model_type', '?')} do not map onto the student: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    if meta:
+        student.generation_config = teacher.generation_config
+        return student
     for i, m in mixers:
         m.init_new_parameters()
         m.init_from_attention(teacher.model.layers[i].self_attn)

@@ -204,6 +204,9 @@ class Statex(Method):
         new_config = RnnifyConfig.from_dict(cfg)
         new_config._attn_implementation = model.config._attn_implementation
         dtype = next(model.parameters()).dtype
+        if next(model.parameters()).is_meta:  # shapes only (a memory plan): nothing to carry over or initialise
+            with torch.device("meta"):
+                return RnnifyForCausalLM(new_config).to(dtype)
         out = RnnifyForCausalLM(new_config).to(dtype)
         sd = model.state_dict()
         g = torch.Generator().manual_seed(4000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import sys
 import time
@@ -53,6 +54,46 @@ def _apply_lora(student, lora):
     return get_peft_model(student, cfg)
 
 
+def device_memory(device, processes: int) -> int:
+    """Bytes one process may use: its GPU's memory, or on CPU the machine's RAM shared by the processes."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // processes
+
+
+def check_memory(recipe: Recipe, processes: int, device, log) -> None:
+    """Warn, before any weights load, when the memory plan of a stage exceeds what a process has."""
+    from .memory_plan import fmt, plan_recipe
+
+    limit = device_memory(device, processes)
+    try:
+        plan = plan_recipe(recipe, devices=processes, device_memory=limit, cuda=device.type == "cuda")
+    except Exception as e:  # noqa: BLE001 - the plan is advice: a model it cannot trace still trains
+        log(f"note: no memory plan for this run ({type(e).__name__}: {e})")
+        return
+    if not plan.fits():
+        worst = max(plan.stages, key=lambda s: s.total)
+        log(f"warning: by its memory plan this run needs {fmt(worst.total)} per process in stage {worst.stage}, "
+            f"and a process here has {fmt(limit)}; it may run out of memory:\n{plan.report()}")
+
+
+def stage_model(student, settings, spec, new_names):
+    """What a stage trains: (the model it wraps: the student or a LoRA wrapper of it, the trainable parameter names,
+    the converted layers active in it or None for all)."""
+    model = student
+    active = active_layers(student, settings)  # converted layers this stage trains (None: all)
+    lora = getattr(settings, "lora", None)
+    if lora is not None:
+        model = _apply_lora(student, lora)  # the adapters train; `trainable` adds more
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        if settings.trainable:
+            trainable = select_trainable(model, settings.trainable, new_names, keep_existing=True)
+    else:
+        stage_new = new_names if active is None else [n for n in new_names if int(n.split(".")[2]) in active]
+        trainable = select_trainable(model, settings.trainable or list(spec.trainable), stage_new)
+    return model, trainable, active
+
+
 def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = False, fresh: bool = False,
                progress: bool = True, accelerator=None) -> dict:
     """Run a recipe; returns a summary dict (stages run, eval results, output folder)."""
@@ -90,6 +131,8 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
     metrics_path = run.dir / "metrics.jsonl"
 
     t_start = time.time()
+    if accelerator.is_main_process:
+        check_memory(recipe, accelerator.num_processes, accelerator.device, log=lambda m: _log(accelerator, m))
     teacher, tok = models.load_source(recipe.model.source, dtype=recipe.model.dtype,
                                       progress=lambda m: _log(accelerator, m))
     if tok is None:
@@ -145,16 +188,7 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
             blocks.ensure(settings.batch_size)  # bad data fails here, not at step 1
         else:
             blocks.ensure(n_blocks).limit(n_blocks)
-        model = student
-        active = active_layers(student, settings)  # converted layers this stage trains (None: all)
-        if lora is not None:
-            model = _apply_lora(student, lora)  # the adapters train; `trainable` adds more
-            trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-            if settings.trainable:
-                trainable = select_trainable(model, settings.trainable, new_names, keep_existing=True)
-        else:
-            stage_new = new_names if active is None else [n for n in new_names if int(n.split(".")[2]) in active]
-            trainable = select_trainable(model, settings.trainable or list(spec.trainable), stage_new)
+        model, trainable, active = stage_model(student, settings, spec, new_names)
         n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
         _log(accelerator, f"stage {stage.name} ({stage.type}): {steps} steps x {settings.batch_size * settings.grad_accum} "
                           f"x {settings.seq_len} tokens from {data_key} "

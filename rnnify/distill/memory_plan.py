@@ -1,0 +1,373 @@
+"""A recipe's memory per device, before any weights load: ``rnnify validate RECIPE --plan --gpus 8 --gpu-memory 80GB``.
+
+The teacher is built from its config on PyTorch's ``meta`` device (shapes, no data) and converted the way the run
+converts it, so parameter counts are exact for any architecture and method. Per stage:
+
+- weights: teacher (when the stage needs one) and student, at the recipe's dtype; under FSDP each process holds 1/N
+  of the student and of the teacher's layers (the teacher's embeddings, norm and head stay whole, see ``sharding.py``)
+  plus the largest layer gathered twice (the one running and the one prefetched);
+- gradients and AdamW's two moments for what trains (all of it, the new parameters, or LoRA adapters), at the
+  parameters' dtype, 1/N of them under FSDP;
+- activations: the stage's objective is run once on ``meta`` tensors of the stage's micro-batch (``batch_size / N``
+  sequences of ``seq_len``), and the peak of the bytes its tensors hold is tracked (a ``TorchDispatchMode`` over
+  every op, once per storage); the tensors autograd saves for the backward pass are counted too
+  (``saved_tensors_hooks``), per decoder layer. With gradient checkpointing a decoder layer keeps only its input,
+  and one layer's saved tensors are rebuilt at a time in the backward pass;
+  the backward's start adds twice the largest saved tensor (its gradient and a temporary; the logits' usually).
+On GPUs ``CUDA_OVERHEAD`` is added for the CUDA context, cuBLAS/NCCL workspaces and the caching allocator's slack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import RnnifyError
+
+GiB = 2**30
+CUDA_OVERHEAD = 2 * GiB
+
+
+def parse_bytes(text: str) -> int:
+    """``80GB``, ``80GiB``, ``141 GB``, ``512MB`` -> bytes (GB read as GiB, as GPUs are sold)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise RnnifyError(f"memory size {text!r}: give a number with a unit, e.g. 80GB, 24GiB or 512MB")
+    unit = (m.group(2) or "G").upper()[0]
+    return int(float(m.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit])
+
+
+def fmt(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    strategy: str
+    micro_batch: int
+    seq_len: int
+    trainable_params: int
+    parts: dict = field(default_factory=dict)  # name -> bytes per process
+    activations: int = 0
+    activations_checkpointed: int = 0
+    gradient_checkpointing: bool = False
+    overhead: int = 0
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.activations_checkpointed if self.gradient_checkpointing else self.activations
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values()) + self.activation_bytes + self.overhead
+
+
+@dataclass
+class MemoryPlan:
+    source: str
+    devices: int
+    device_memory: int | None
+    teacher_params: int
+    student_params: int
+    stages: list[StagePlan]
+    advice: dict = field(default_factory=dict)  # stage -> list of lines
+
+    def fits(self) -> bool:
+        return self.device_memory is None or all(s.total <= self.device_memory for s in self.stages)
+
+    def report(self) -> str:
+        per = f" of {fmt(self.device_memory)}" if self.device_memory else ""
+        lines = [f"memory plan for {self.source} on {self.devices} device(s){per} each "
+                 f"(teacher {self.teacher_params / 1e9:.2f}B parameters, student {self.student_params / 1e9:.2f}B)"]
+        for s in self.stages:
+            lines.append(f"  stage {s.stage} ({s.strategy}, {s.micro_batch} x {s.seq_len} tokens per process, "
+                         f"training {s.trainable_params:,} parameters):")
+            for k, v in s.parts.items():
+                lines.append(f"    {k:<34} {fmt(v):>12}")
+            gc_on, gc_off = fmt(s.activations_checkpointed), fmt(s.activations)
+            lines.append(f"    {'activations':<34} {fmt(s.activation_bytes):>12}   (without gradient checkpointing "
+                         f"{gc_off}, with {gc_on})")
+            if s.overhead:
+                lines.append(f"    {'CUDA context, workspaces, slack':<34} {fmt(s.overhead):>12}")
+            verdict = "" if self.device_memory is None else (
+                "  fits" if s.total <= self.device_memory else f"  DOES NOT FIT ({fmt(self.device_memory)} per device)")
+            lines.append(f"    {'total per device':<34} {fmt(s.total):>12}{verdict}")
+            for a in self.advice.get(s.stage, []):
+                lines.append(f"    -> {a}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+class SavedTensors:
+    """Bytes autograd saves for the backward pass, once per storage, and per decoder layer."""
+
+    def __init__(self):
+        self.seen: dict[int, int] = {}
+        self.layer_of: dict[int, int | None] = {}
+        self.current: list[int] = []
+
+    def pack(self, t):
+        try:
+            key, nbytes = t.untyped_storage()._cdata, t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            key, nbytes = id(t), t.numel() * t.element_size()
+        if key not in self.seen:
+            self.seen[key] = nbytes
+            self.layer_of[key] = self.current[-1] if self.current else None
+        return t
+
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+    def by_layer(self) -> dict[int | None, int]:
+        out: dict[int | None, int] = {}
+        for k, n in self.seen.items():
+            out[self.layer_of[k]] = out.get(self.layer_of[k], 0) + n
+        return out
+
+
+class LiveTensors:
+    """Peak bytes of the tensors the traced code creates and still holds (op outputs, once per storage, released
+    when the last tensor on a storage is freed): what a forward pass has in memory at its fullest, including what it
+    keeps outside autograd (e.g. the teacher's hidden states an attention-transfer stage captures)."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+        self.refs: dict[int, list] = {}  # storage key -> [tensors alive, bytes]
+
+    def mode(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        def release(key):
+            entry = tracker.refs.get(key)
+            if entry is not None:
+                entry[0] -= 1
+                if entry[0] == 0:
+                    tracker.live -= entry[1]
+                    del tracker.refs[key]
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        try:
+                            st = t.untyped_storage()
+                            key, nbytes = st._cdata, st.nbytes()
+                        except (RuntimeError, NotImplementedError):
+                            continue
+                        entry = tracker.refs.setdefault(key, [0, nbytes])
+                        if entry[0] == 0:
+                            tracker.live += nbytes
+                            tracker.peak = max(tracker.peak, tracker.live)
+                        entry[0] += 1
+                        weakref.finalize(t, release, key)
+                return out
+
+        return Mode()
+
+
+@contextlib.contextmanager
+def _meta_values():
+    """Values read from meta tensors while tracing: ``.item()`` / ``.tolist()`` (an objective's metrics) give zeros
+    ``int()`` 0, a truth test True (transformers asks ``(mask == 0).all()`` of unpacked sequences), instead of
+    failing. Only the shapes matter to the plan."""
+    import torch.fx.experimental._config as fx_config
+
+    item, tolist, as_bool, as_int = torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__
+    nonzero = fx_config.meta_nonzero_assume_all_nonzero
+
+    def fake_item(self):
+        return 0.0 if self.is_meta else item(self)
+
+    def fake_tolist(self):
+        return torch.zeros(self.shape).tolist() if self.is_meta else tolist(self)
+
+    def fake_bool(self):
+        return True if self.is_meta else as_bool(self)
+
+    def fake_int(self):
+        return 0 if self.is_meta else as_int(self)
+
+    torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__ = fake_item, fake_tolist, fake_bool
+    torch.Tensor.__int__ = fake_int
+    fx_config.meta_nonzero_assume_all_nonzero = True  # nonzero() on meta: every element (an upper bound)
+    try:
+        yield
+    finally:
+        torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__ = item, tolist, as_bool
+        torch.Tensor.__int__ = as_int
+        fx_config.meta_nonzero_assume_all_nonzero = nonzero
+
+
+def trace_activations(objective, batch: int, seq_len: int, device="meta") -> tuple[int, int]:
+    """Peak activation bytes of one training step of ``objective`` on a ``batch x seq_len`` block: without and with
+    per-layer gradient checkpointing. The larger of the forward's peak and the backward's start (what the forward
+    holds, plus the largest saved tensor's gradient and a temporary of its size). On ``meta`` nothing is computed
+    or allocated."""
+    from .sharding import decoder_layers
+
+    rec = SavedTensors()
+    layers = decoder_layers(objective.student)
+    inputs: dict[int, int] = {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        def pre(module, args, kwargs, i=i):
+            rec.current.append(i)
+            h = args[0] if args else kwargs.get("hidden_states")
+            if torch.is_tensor(h):
+                inputs[i] = h.numel() * h.element_size()
+
+        hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        def post(*_):
+            rec.current.pop()
+
+        hooks.append(layer.register_forward_hook(post))
+    ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    objective.set_step(0, 0)
+    live = LiveTensors()
+    try:
+        with _meta_values(), torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t), live.mode():
+            loss, _ = objective(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not loss.requires_grad:
+        raise RnnifyError("memory plan: the stage's loss does not depend on what it trains")
+    per_layer = rec.by_layer()
+    outside = per_layer.pop(None, 0)
+    saved, largest = rec.total(), max(rec.seen.values(), default=0)
+    held = max(live.live, saved)  # what the forward leaves for the backward: saved tensors and anything kept
+    # the backward: what is held, plus the gradient of the largest saved tensor and a temporary of its size
+    backward = held + 2 * largest
+    peak = max(live.peak, backward)
+    if not per_layer:  # the stage calls no decoder layer whole (attention transfer): nothing to checkpoint
+        return peak, peak
+    # checkpointed: each layer keeps only its input; the backward rebuilds one layer's saved tensors at a time
+    kept = outside + sum(inputs.get(i, 0) for i in per_layer)
+    dropped = saved - kept
+    ckpt = max(live.peak - dropped, held - dropped + max(per_layer.values()) + 2 * largest)
+    return peak, min(ckpt, peak)
+
+
+# ------------------------------------------------------------------------------------------------ planning
+def meta_models(recipe, source: str | None = None):
+    """(teacher, student) of the recipe on the meta device, from the source's config alone."""
+    from transformers import AutoModelForCausalLM
+
+    from .. import models
+    from .runner import build_student
+
+    name = source or recipe.model.source
+    config = models.load_config(name, progress=lambda *_: None)
+    dtype = models.parse_dtype(recipe.model.dtype) or torch.float32
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    teacher.eval()
+    student = build_student(recipe, teacher)
+    return teacher, student
+
+
+def _numel(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def _largest_layer(model) -> int:
+    from .sharding import decoder_layers
+
+    return max(_numel(layer.parameters()) for layer in decoder_layers(model))
+
+
+def plan_recipe(recipe, *, devices: int = 1, device_memory: int | None = None, source: str | None = None,
+                strategy: str | None = None, cuda: bool = True) -> MemoryPlan:
+    """The memory per device of each stage of ``recipe`` on ``devices`` processes (see the module docstring)."""
+    from .sharding import decoder_layers, fsdp_requested
+    from .stages import STAGES, build_objective
+    from .trainer import total_steps
+
+    strategy = strategy or ("fsdp" if fsdp_requested(recipe.distributed.strategy) else "ddp")
+    teacher, student = meta_models(recipe, source)
+    dtype = next(teacher.parameters()).dtype
+    new_names = student.new_parameter_names()
+    n_teacher, n_student = _numel(teacher.parameters()), _numel(student.parameters())
+    teacher_layers = sum(_numel(layer.parameters()) for layer in decoder_layers(teacher))
+    plans = []
+    for i, stage in enumerate(recipe.stages):
+        from .runner import stage_model
+
+        settings = recipe.stage_settings(i)
+        spec = STAGES[stage.type]
+        model, trainable, active = stage_model(student, settings, spec, new_names)
+        named = dict(model.named_parameters())
+        param_bytes = next(iter(named.values())).element_size()
+        n_train = sum(named[n].numel() for n in trainable)
+        shard = devices if strategy == "fsdp" and devices > 1 else 1
+        micro = max(1, settings.batch_size // devices)
+        p = StagePlan(stage.name, strategy if devices > 1 else "one process", micro, settings.seq_len, n_train,
+                      gradient_checkpointing=settings.gradient_checkpointing,
+                      overhead=CUDA_OVERHEAD if cuda else 0)
+        if spec.needs_teacher:
+            whole = n_teacher - teacher_layers
+            t_shard = shard if recipe.distributed.shard_teacher else 1
+            p.parts["teacher weights"] = (whole + teacher_layers / t_shard) * param_bytes
+        p.parts["student weights"] = _numel(model.parameters()) * param_bytes / shard
+        p.parts["gradients"] = n_train * param_bytes / shard
+        moments = 2 if settings.optimizer == "adamw" else 1
+        p.parts[f"optimizer ({settings.optimizer})"] = moments * n_train * param_bytes / shard
+        if shard > 1:
+            gathered = 2 if settings.dtype == "bfloat16" else param_bytes
+            p.parts["FSDP gathered layers (2)"] = 2 * _largest_layer(model) * gathered
+        objective = build_objective(stage.type, model, teacher if spec.needs_teacher else None, settings, active,
+                                    total_steps=total_steps(settings))
+        # bfloat16 stages run under autocast: traced with bf16 weights, so the matmuls' outputs are bf16 as there
+        # (autocast itself does not act on meta tensors)
+        if settings.dtype == "bfloat16":
+            objective.to(torch.bfloat16)
+        p.activations, p.activations_checkpointed = trace_activations(objective, micro, settings.seq_len)
+        objective.to(dtype)
+        if model is not student:  # a LoRA wrapper: the next stage plans on the plain student
+            student = model.merge_and_unload()
+        student.requires_grad_(False)
+        plans.append(p)
+    out = MemoryPlan(str(source or recipe.model.source), devices, device_memory, n_teacher, n_student, plans)
+    if device_memory is not None:
+        for p in plans:
+            if p.total > device_memory:
+                out.advice[p.stage] = advise(p, device_memory, devices)
+    return out
+
+
+def advise(p: StagePlan, limit: int, devices: int) -> list[str]:
+    """What to change so a stage that does not fit does: each line a setting and the total it gives."""
+    out = []
+    act = p.activation_bytes
+    if not p.gradient_checkpointing and p.activations_checkpointed < p.activations:
+        t = p.total - act + p.activations_checkpointed
+        out.append(f"gradient_checkpointing: true in stage {p.stage}: {fmt(t)} per device"
+                   + (" (fits)" if t <= limit else ""))
+        act = p.activations_checkpointed
+    fixed = p.total - p.activation_bytes
+    micro = p.micro_batch
+    while micro > 1:
+        micro //= 2
+        t = fixed + act * micro / p.micro_batch
+        if t <= limit:
+            out.append(f"micro-batch {micro} per device (batch_size {micro * devices} with grad_accum x"
+                       f"{p.micro_batch // micro}, the same tokens per step): {fmt(t)} per device (fits)")
+            break
+    if p.strategy == "ddp":
+        out.append("distributed.strategy: fsdp shards weights, gradients and optimizer state over the devices "
+                   "(rnnify validate --plan --strategy fsdp shows the figures)")
+    if p.strategy == "one process" or devices == 1:
+        out.append("more devices under FSDP (--gpus N --strategy fsdp) divide weights, gradients and optimizer state")
+    out.append("a shorter seq_len or LoRA (fewer parameters training) also lowers it")
+    return out

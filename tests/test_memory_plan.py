@@ -1,0 +1,202 @@
+"""The memory plan (rnnify validate --plan): its arithmetic against the bytes a real training step holds, its CLI,
+and the warning a run gives before any weights load."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers as tr
+import yaml
+
+from rnnify.cli import main
+from rnnify.distill import runner
+from rnnify.distill.memory_plan import parse_bytes, plan_recipe, trace_activations
+from rnnify.distill.stages import STAGES, build_objective
+from rnnify.errors import RnnifyError
+from rnnify.recipe import recipe_from_dict
+
+from .conftest import make_tokenizer
+
+
+def _source(tmp_path, hidden=64, layers=2, vocab=128):
+    cfg = tr.LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512)
+    torch.manual_seed(0)
+    tr.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    make_tokenizer(vocab).save_pretrained(tmp_path / "src")
+    (tmp_path / "data.txt").write_text("\n".join(f"w{i % 17} w{i % 5} w{i % 11}" for i in range(2000)))
+    return tmp_path / "src"
+
+
+def _recipe(tmp_path, stage, method="supra", seq_len=32, batch=2):
+    return recipe_from_dict({
+        "model": {"source": str(tmp_path / "src")}, "conversion": {"method": method},
+        "datasets": {"d": {"path": str(tmp_path / "data.txt")}},
+        "stages": [{**stage, "max_steps": 1, "seq_len": seq_len, "batch_size": batch}],
+        "output": {"dir": str(tmp_path / "out")}})
+
+
+@pytest.mark.parametrize("stage", [{"type": "finetune", "trainable": ["*"]}, {"type": "distill"}],
+                         ids=["finetune-all", "distill-new"])
+def test_plan_arithmetic_matches_the_bytes_of_a_real_step(tmp_path, stage):
+    """Weights, gradients and AdamW state: the plan's bytes equal those a real step holds on CPU; activations: the
+    trace on meta tensors gives the bytes the same trace gives on the real model."""
+    _source(tmp_path)
+    recipe = _recipe(tmp_path, stage)
+    plan = plan_recipe(recipe, devices=1, cuda=False).stages[0]
+
+    from rnnify import models
+    from rnnify.distill.runner import build_student, stage_model
+    from rnnify.distill.trainer import make_optimizer
+
+    teacher, _ = models.load_source(str(tmp_path / "src"), progress=lambda *_: None)
+    student = build_student(recipe, teacher)
+    settings = recipe.stage_settings(0)
+    spec = STAGES[stage["type"]]
+    model, trainable, active = stage_model(student, settings, spec, student.new_parameter_names())
+    objective = build_objective(stage["type"], model, teacher if spec.needs_teacher else None, settings, active)
+    real_act = trace_activations(objective, 2, 32, device="cpu")
+
+    optimizer = make_optimizer(model, settings)
+    loss, _ = objective(torch.randint(0, 128, (2, 32)))
+    loss.backward()
+    optimizer.step()
+    params = [p for p in model.parameters()]
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    assert plan.parts["student weights"] == nbytes(params)
+    assert plan.parts["gradients"] == nbytes(p.grad for p in params if p.grad is not None) > 0
+    states = [v for s in optimizer.state.values() for k, v in s.items() if k != "step"]
+    assert plan.parts["optimizer (adamw)"] == nbytes(states)
+    if spec.needs_teacher:
+        assert plan.parts["teacher weights"] == nbytes(teacher.parameters())
+    assert plan.trainable_params == sum(p.numel() for p in params if p.requires_grad)
+    # meta and real differ only by small data-dependent tensors (e.g. nonzero() on meta assumes every element)
+    assert plan.activations == pytest.approx(real_act[0], rel=0.03)
+    assert plan.activations_checkpointed == pytest.approx(real_act[1], rel=0.03)
+    assert 0 < plan.activations_checkpointed < plan.activations
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_planned_activations_against_measured_memory(tmp_path):
+    """In a fresh process (glibc's mmap threshold fixed, so freed tensors leave the resident set) the anonymous
+    resident set grows by the activations of a forward + backward: the plan is within 25% of that."""
+    _source(tmp_path, hidden=256, layers=4, vocab=8192)
+    recipe = _recipe(tmp_path, {"type": "finetune", "trainable": ["*"]}, seq_len=256, batch=8)
+    plan = plan_recipe(recipe, devices=1, cuda=False).stages[0]
+    script = textwrap.dedent(f"""
+        import json, threading, torch
+        from rnnify.recipe import load_recipe
+        from rnnify.distill.runner import build_student, stage_model
+        from rnnify.distill.stages import STAGES, build_objective
+        from rnnify import models
+        def rss():
+            for line in open("/proc/self/status"):
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        recipe = load_recipe({str(tmp_path / 'r.yaml')!r}, [])
+        teacher, _ = models.load_source({str(tmp_path / 'src')!r}, progress=lambda *_: None)
+        student = build_student(recipe, teacher)
+        del teacher
+        s = recipe.stage_settings(0)
+        model, _, active = stage_model(student, s, STAGES["finetune"], student.new_parameter_names())
+        obj = build_objective("finetune", model, None, s, active)
+        for p in model.parameters():  # gradients allocated up front: the growth below is activations only
+            p.grad = torch.zeros_like(p)
+        ids = torch.randint(0, 8192, (8, 256))
+        base = peak = rss()
+        stop = threading.Event()
+        def sample():
+            global peak
+            while not stop.wait(0.002):
+                peak = max(peak, rss())
+        t = threading.Thread(target=sample); t.start()
+        loss, _ = obj(ids)
+        loss.backward()
+        stop.set(); t.join()
+        print(json.dumps({{"measured": max(peak, rss()) - base}}))
+    """)
+    from rnnify.recipe import dump_recipe
+
+    (tmp_path / "r.yaml").write_text(dump_recipe(recipe))
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    measured = json.loads(r.stdout.strip().splitlines()[-1])["measured"]
+    assert measured > 50 * 2**20  # large enough to be measured at all
+    assert 0.75 * measured <= plan.activations <= 1.25 * measured, (plan.activations / 2**20, measured / 2**20)
+
+
+def test_fsdp_divides_what_is_sharded(tmp_path):
+    _source(tmp_path)
+    recipe = _recipe(tmp_path, {"type": "distill"}, batch=8)
+    one = plan_recipe(recipe, devices=1, cuda=False).stages[0]
+    ddp = plan_recipe(recipe, devices=4, strategy="ddp", cuda=False).stages[0]
+    fsdp = plan_recipe(recipe, devices=4, strategy="fsdp", cuda=False).stages[0]
+    assert ddp.parts["student weights"] == one.parts["student weights"]
+    assert fsdp.parts["student weights"] == pytest.approx(one.parts["student weights"] / 4)
+    assert fsdp.parts["optimizer (adamw)"] == pytest.approx(one.parts["optimizer (adamw)"] / 4)
+    assert fsdp.parts["teacher weights"] < one.parts["teacher weights"]
+    assert ddp.micro_batch == fsdp.micro_batch == 2 and ddp.activations < one.activations
+
+
+def test_validate_plan_cli_from_a_config_alone(tmp_path, capsys):
+    """--source takes a folder holding only config.json (a 'Llama-sized' check needs no weights); a plan that does
+    not fit says so with advice; a bad memory size is one clear error."""
+    _source(tmp_path)
+    recipe = _recipe(tmp_path, {"type": "finetune", "trainable": ["*"]})
+    from rnnify.recipe import dump_recipe
+
+    (tmp_path / "r.yaml").write_text(dump_recipe(recipe))
+    big = tmp_path / "big"
+    big.mkdir()
+    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    cfg.update(hidden_size=512, intermediate_size=1024, num_hidden_layers=6)
+    (big / "config.json").write_text(json.dumps(cfg))
+    assert main(["validate", str(tmp_path / "r.yaml"), "--plan", "--gpus", "2", "--gpu-memory", "80GB",
+                 "--source", str(big)]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan for" in out and "on 2 device(s) of 80.00 GiB" in out and "fits" in out
+    assert main(["validate", str(tmp_path / "r.yaml"), "--plan", "--gpu-memory", "1MB", "--source", str(big)]) == 0
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "-> " in out
+    assert main(["validate", str(tmp_path / "r.yaml"), "--plan", "--gpu-memory", "eighty"]) != 0
+    assert "memory size 'eighty'" in capsys.readouterr().err
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GB") == 80 * 2**30 and parse_bytes("512 MiB") == 512 * 2**20 and parse_bytes("1.5T") > 0
+    with pytest.raises(RnnifyError, match="give a number with a unit"):
+        parse_bytes("lots")
+
+
+def test_run_warns_before_weights_load_when_the_plan_does_not_fit(tmp_path, monkeypatch, capsys):
+    _source(tmp_path)
+    recipe = _recipe(tmp_path, {"type": "distill"})
+    monkeypatch.setattr(runner, "device_memory", lambda device, processes: 2**20)
+    order = []
+    load = runner.models.load_source
+    monkeypatch.setattr(runner.models, "load_source", lambda *a, **k: (order.append("load"), load(*a, **k))[1])
+    real_check = runner.check_memory
+    monkeypatch.setattr(runner, "check_memory", lambda *a, **k: (order.append("plan"), real_check(*a, **k))[1])
+    runner.run_recipe(recipe, progress=False)
+    err = capsys.readouterr().err
+    assert "warning: by its memory plan this run needs" in err and "1.0 MiB" in err and "DOES NOT FIT" in err
+    assert order[:2] == ["plan", "load"]
+
+
+def test_every_shipped_recipe_with_a_local_source_has_a_plan():
+    from rnnify.recipe import RECIPES_DIR, load_recipe
+
+    planned = 0
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        source = yaml.safe_load(path.read_text())["model"]["source"]
+        if source != "smollm2-135m":
+            continue  # a Hub model or another recipe's output: not here offline
+        plan = plan_recipe(load_recipe(str(path), []), devices=8, device_memory=parse_bytes("80GB"))
+        assert all(s.total > 0 and s.activations > 0 for s in plan.stages), path
+        planned += 1
+    assert planned >= 5
