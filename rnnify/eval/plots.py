@@ -132,3 +132,18 @@ def write_plots(results: dict, folder: Path) -> list[tuple[str, str]]:
 
 
 __all__ = ["loss_by_position_plot", "passkey_heatmap", "recurrence_plot", "tasks_plot", "write_plots"]
+
+
+def bar_chart(path: Path, labels: list[str], values: list[float], highlight=(), title: str = "", xlabel: str = "",
+              ylabel: str = "") -> Path:
+    """One bar per label; the ``highlight`` indices in another colour (e.g. the layers a selection keeps)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(values)), 3.5))
+    colors = ["tab:orange" if i in set(highlight) else "tab:blue" for i in range(len(values))]
+    ax.bar(range(len(values)), values, color=colors)
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

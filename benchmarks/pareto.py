@@ -1,0 +1,111 @@
+"""Quality against cache: perplexity at 2048 tokens and cache bytes at 4k / 32k tokens for N kept attention layers,
+chosen by the measured layer scores (rnnify select-layers, restore mode) and spread evenly, before training.
+
+    python benchmarks/pareto.py                                       # SmolLM2-135M, lolcats + mamba_in_llama
+    python benchmarks/pareto.py --methods lolcats --n 0 2 4 --windows 2 --out pareto/
+
+Prints one table per method (and the window-only baseline keeping the same layers) and writes pareto.png and
+pareto.json to --out. The texts are WikiText-2 test and Pride and Prejudice (unlike the scoring text, WikiText-2
+valid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = {"wikitext-2 test": "builtin:wikitext-2/test.txt",
+         "pride-and-prejudice": str(ROOT.parent / "shared/data/pride-and-prejudice/pg1342.txt")}
+OPTIONS = {"lolcats": {"window": 64, "sinks": 4}, "mamba_in_llama": {}, "supra": {}, "window": {"window": 64,
+                                                                                                "sinks": 4}}
+
+
+def _blocks(tok, text, context, windows):
+    from rnnify.eval.perplexity import windows as cut
+    from rnnify.recipe import resolve_path
+
+    ids = tok(Path(resolve_path(text)).read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return cut(ids, context, windows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", default="smollm2-135m")
+    ap.add_argument("--methods", nargs="+", default=["lolcats", "mamba_in_llama"])
+    ap.add_argument("--n", nargs="+", type=int, default=[0, 1, 2, 4, 8])
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--windows", type=int, default=2, help="windows of --context tokens per text")
+    ap.add_argument("--score-tokens", type=int, default=4096)
+    ap.add_argument("--out", default="pareto")
+    args = ap.parse_args()
+
+    from rnnify import models
+    from rnnify.convert import convert, spread_layers
+    from rnnify.convert.layer_select import AutoSpec, cached_scores, choose, plan_cache_bytes, teacher_cache_bytes
+    from rnnify.eval.perplexity import perplexity
+
+    teacher, tok = models.load_source(args.source, progress=lambda *_: None)
+    n_layers = len(teacher.model.layers)
+    texts = {k: v for k, v in TEXTS.items() if Path(v).exists() or v.startswith("builtin:")}
+    blocks = {k: _blocks(tok, v, args.context, args.windows) for k, v in texts.items()}
+    t_ppl = {k: perplexity(teacher, b)["ppl"] for k, b in blocks.items()}
+    t_cache = {n: teacher_cache_bytes(teacher, n) for n in (4096, 32768)}
+    print(f"{args.source}: teacher perplexity @ {args.context} " + ", ".join(f"{k} {v:.2f}" for k, v in t_ppl.items())
+          + f"; teacher cache @4k {t_cache[4096] / 2**20:.1f} MiB, @32k {t_cache[32768] / 2**20:.1f} MiB")
+    results = {"source": args.source, "teacher": {"perplexity": t_ppl, "cache": t_cache}, "methods": {}}
+    for method in args.methods:
+        opts = OPTIONS.get(method, {})
+        scores, student = cached_scores(teacher, method, opts, tok, tokens=args.score_tokens, log=lambda *_: None)
+        print(f"\n{method} {opts}: layer scores (restore) " + " ".join(f"{i}:{s:.3f}" for i, s in enumerate(scores)))
+        head = " ".join(f"{k[:14]:>14}" for k in texts)
+        print(f"{'N':>3} {'plan':<9} {'layers':<28} {head} {'cache@4k':>10} {'cache@32k':>10}")
+        rows = []
+        for n in args.n:
+            plans = {"selected": choose(scores, AutoSpec(layers=n)), "spread": spread_layers(n_layers, n / n_layers)}
+            for name, keep in plans.items():
+                if n == 0 and name == "spread":
+                    continue
+                torch.manual_seed(0)
+                hybrid = convert(teacher, method, keep_attention=keep, options=opts)
+                ppl = {k: perplexity(hybrid, b)["ppl"] for k, b in blocks.items()}
+                cache = {c: plan_cache_bytes(student, keep, c) for c in (4096, 32768)}
+                baseline = convert(teacher, "window", keep_attention=keep, options={"window": 64, "sinks": 4})
+                base_ppl = {k: perplexity(baseline, b)["ppl"] for k, b in blocks.items()}
+                rows.append({"n": n, "plan": name, "keep": keep, "perplexity": ppl, "window_baseline": base_ppl,
+                             "cache": cache})
+                cells = " ".join(f"{ppl[k]:>7.2f} ({base_ppl[k]:>5.1f})" for k in texts)
+                print(f"{n:>3} {name:<9} {str(keep):<28} {cells} {cache[4096] / 2**20:>8.2f}Mi "
+                      f"{cache[32768] / 2**20:>8.2f}Mi", flush=True)
+                del hybrid, baseline
+        results["methods"][method] = {"scores": scores, "rows": rows}
+    print("\n(perplexity of the hybrid before training; in brackets the window-only baseline, 64 + 4 sinks, keeping "
+          "the same layers)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pareto.json").write_text(json.dumps(results, indent=1, default=str))
+    from rnnify.eval.plots import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4), squeeze=False)
+    for ax, text in zip(axes[0], texts):
+        for method, r in results["methods"].items():
+            for plan, style in (("selected", "-o"), ("spread", "--s")):
+                pts = sorted((row["cache"][4096] / 2**20, row["ppl"][text]) for row in r["rows"]
+                             if row["plan"] == plan or (row["n"] == 0 and plan == "spread"))
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{method} {plan}")
+        ax.axhline(t_ppl[text], color="gray", lw=0.8, label="teacher")
+        ax.set(title=f"{args.source}, {text} @ {args.context}", xlabel="cache @ 4k tokens (MiB)", ylabel="perplexity",
+               yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    print(f"wrote {out / 'pareto.json'} and {out / 'pareto.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Measured layer selection: scores, plans for a budget, auto:N through convert / recipes, and its errors."""
+
+import json
+
+import pytest
+import torch
+
+from rnnify.cli import main
+from rnnify.convert import convert
+from rnnify.convert.layer_select import (
+    AutoSpec,
+    cached_scores,
+    choose,
+    parse_auto,
+    plan_cache_bytes,
+    score_layers,
+    teacher_cache_bytes,
+)
+from rnnify.errors import RnnifyError
+
+from .conftest import make_tokenizer, tiny_model
+
+
+@pytest.fixture
+def text(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 29}" for j in range(24)) for i in range(200)))
+    return str(path)
+
+
+def _broken(student, layer=2, scale=30.0):
+    """Make converting ``layer`` hurt: its converted mixer's output projection scaled (a bad conversion there)."""
+    with torch.no_grad():
+        student.model.layers[layer].self_attn.o_proj.weight.mul_(scale)
+    return student
+
+
+@pytest.mark.parametrize("mode", ["restore", "convert"])
+@pytest.mark.parametrize("layer", [1, 2])
+def test_the_layer_that_matters_ranks_first(mode, layer):
+    teacher = tiny_model("llama")
+    torch.manual_seed(0)
+    student = _broken(convert(teacher, "supra", keep_attention=[]), layer)
+    ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(0))
+    scores = score_layers(teacher, student, ids, mode)
+    assert max(range(4), key=lambda i: scores[i]) == layer, scores
+    assert scores == score_layers(teacher, student, ids, mode)  # inference only: the same numbers again
+
+
+def test_scores_match_full_forward_passes():
+    """The prefix replay is exact: each score equals the one from a whole forward pass of the model with that layer
+    restored (built by converting with the layer kept as attention)."""
+    import torch.nn.functional as F
+
+    teacher = tiny_model("llama")
+    torch.manual_seed(0)
+    student = convert(teacher, "supra", keep_attention=[])
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    scores = score_layers(teacher, student, ids, "restore")
+    with torch.no_grad():
+        t = F.log_softmax(teacher(ids).logits, -1)
+
+        def kl(model):
+            s = F.log_softmax(model(ids, use_cache=False).logits, -1)
+            return float((t.exp() * (t - s)).sum(-1).mean())
+
+        base = kl(student)
+        for i in (0, 3):
+            torch.manual_seed(0)
+            hybrid = convert(teacher, "supra", keep_attention=[i])
+            assert scores[i] == pytest.approx(base - kl(hybrid), rel=1e-4, abs=1e-6)
+
+
+def test_scores_are_deterministic_for_a_seed_and_cached(text, monkeypatch, tmp_path):
+    monkeypatch.setenv("RNNIFY_CACHE", str(tmp_path / "cache"))
+    teacher, tok = tiny_model("llama"), make_tokenizer(128)
+    logs = []
+    a, _ = cached_scores(teacher, "lolcats", {"window": 8, "sinks": 2}, tok, text, tokens=96, seq_len=48,
+                         log=logs.append)
+    b, _ = cached_scores(teacher, "lolcats", {"window": 8, "sinks": 2}, tok, text, tokens=96, seq_len=48,
+                         log=logs.append)
+    assert a == b and any("from the cache" in m for m in logs)
+    (tmp_path / "cache").rename(tmp_path / "gone")
+    c, _ = cached_scores(teacher, "lolcats", {"window": 8, "sinks": 2}, tok, text, tokens=96, seq_len=48,
+                         log=logs.append)
+    assert c == a  # recomputed, same seed: same scores
+
+
+def test_auto_n_gives_n_layers_through_convert(text, monkeypatch, tmp_path):
+    monkeypatch.setenv("RNNIFY_CACHE", str(tmp_path / "cache"))
+    teacher, tok = tiny_model("llama"), make_tokenizer(128)
+    logs = []
+    student = convert(teacher, "mamba_in_llama", keep_attention="auto:2", tokenizer=tok, select_text=text,
+                      log=logs.append)
+    kept = [i for i, m in enumerate(student.config.layer_mixers) if m == "attention"]
+    scores, _ = cached_scores(teacher, "mamba_in_llama", {}, tok, text, log=logs.append)
+    assert len(kept) == 2 and kept == sorted(sorted(range(4), key=lambda i: -scores[i])[:2])
+    assert any("from the cache" in m for m in logs)  # convert's scores were cached and reused
+    with pytest.raises(RnnifyError, match="needs the source's tokenizer"):
+        convert(teacher, "mamba_in_llama", keep_attention="auto:2")
+    with pytest.raises(RnnifyError, match="the model has 4 layers"):
+        convert(teacher, "mamba_in_llama", keep_attention="auto:9", tokenizer=tok, select_text=text)
+
+
+def test_cache_budget_plans_and_the_impossible_budget():
+    teacher = tiny_model("llama")
+    student = convert(teacher, "supra", keep_attention=[])
+    scores = [0.1, 0.4, 0.3, 0.2]
+    t = teacher_cache_bytes(teacher, 4096)
+    one = plan_cache_bytes(student, [1], 4096)
+    keep = choose(scores, AutoSpec(cache_fraction=one / t, cache_length=4096), student, t)
+    assert keep == [1]
+    assert choose(scores, AutoSpec(cache_fraction=1.0, cache_length=4096), student, t) == [0, 1, 2, 3]
+    smallest = plan_cache_bytes(student, [], 4096)
+    with pytest.raises(RnnifyError, match=r"the smallest possible \(every layer converted\) is .* MiB"):
+        choose(scores, AutoSpec(cache_fraction=0.5 * smallest / t, cache_length=4096), student, t)
+
+
+def test_parse_auto():
+    assert parse_auto("auto:3") == AutoSpec(layers=3)
+    assert parse_auto("auto:10%@8192") == AutoSpec(cache_fraction=0.1, cache_length=8192)
+    assert parse_auto("auto:5%") == AutoSpec(cache_fraction=0.05, cache_length=4096)
+    assert parse_auto("0,3") is None and parse_auto([1]) is None
+    with pytest.raises(RnnifyError, match="accepted auto forms"):
+        parse_auto("auto:lots")
+
+
+def test_select_layers_cli(tiny_llama_dir, tmp_path, capsys, monkeypatch, text):
+    monkeypatch.setenv("RNNIFY_CACHE", str(tmp_path / "cache"))
+    code = main(["select-layers", str(tiny_llama_dir), "--method", "lolcats", "--window", "8", "--budget-layers", "2",
+                 "--text", text, "--tokens", "96", "--seq-len", "48", "--out", str(tmp_path / "sel")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    record = json.loads((tmp_path / "sel" / "layer_scores.json").read_text())
+    assert len(record["scores"]) == 4 and len(record["keep_attention"]) == 2
+    assert (tmp_path / "sel" / "layer_scores.png").stat().st_size > 1000
+    assert "kept as attention (auto:2)" in out and "cache @ 4k tokens" in out
+    assert main(["select-layers", str(tiny_llama_dir), "--method", "lolcats", "--text", text]) != 0
+    assert "give one budget" in capsys.readouterr().err
