@@ -56,6 +56,7 @@ class StagePlan:
     activations_checkpointed: int = 0
     gradient_checkpointing: bool = False
     overhead: int = 0
+    param_bytes: int = 4
 
     @property
     def activation_bytes(self) -> int:
@@ -319,7 +320,7 @@ def plan_recipe(recipe, *, devices: int = 1, device_memory: int | None = None, s
         micro = max(1, settings.batch_size // devices)
         p = StagePlan(stage.name, strategy if devices > 1 else "one process", micro, settings.seq_len, n_train,
                       gradient_checkpointing=settings.gradient_checkpointing,
-                      overhead=CUDA_OVERHEAD if cuda else 0)
+                      overhead=CUDA_OVERHEAD if cuda else 0, param_bytes=param_bytes)
         if spec.needs_teacher:
             whole = n_teacher - teacher_layers
             t_shard = shard if recipe.distributed.shard_teacher else 1
@@ -374,5 +375,9 @@ def advise(p: StagePlan, limit: int, devices: int) -> list[str]:
                    "(rnnify validate --plan --strategy fsdp shows the figures)")
     if p.strategy == "one process" or devices == 1:
         out.append("more devices under FSDP (--gpus N --strategy fsdp) divide weights, gradients and optimizer state")
+    if p.param_bytes == 4:
+        weights = sum(v for k, v in p.parts.items() if "weights" in k)
+        out.append(f"model.dtype: bfloat16 halves the weights, gradients and optimizer state (now float32; weights "
+                   f"{fmt(weights)} per device)")
     out.append("a shorter seq_len or LoRA (fewer parameters training) also lowers it")
     return out
