@@ -32,6 +32,28 @@ def _blocks(tok, text, context, windows):
     return cut(ids, context, windows)
 
 
+def plot(results: dict, path: Path, context: int) -> None:
+    """Perplexity against cache bytes at 4k tokens, one panel per text: selected and spread plans per method."""
+    from rnnify.eval.plots import _pyplot
+
+    plt = _pyplot()
+    texts = list(results["teacher"]["perplexity"])
+    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4), squeeze=False)
+    for ax, text in zip(axes[0], texts):
+        for method, r in results["methods"].items():
+            for plan, style in (("selected", "-o"), ("spread", "--s")):
+                pts = sorted((row["cache"]["4096"] / 2**20, row["perplexity"][text]) for row in r["rows"]
+                             if row["plan"] == plan or (row["n"] == 0 and plan == "spread"))
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{method} {plan}")
+        ax.axhline(results["teacher"]["perplexity"][text], color="gray", lw=0.8, label="teacher")
+        ax.set(title=f"{results['source']}, {text} @ {context}", xlabel="cache @ 4k tokens (MiB)",
+               ylabel="perplexity", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default="smollm2-135m")
@@ -41,7 +63,11 @@ def main():
     ap.add_argument("--windows", type=int, default=2, help="windows of --context tokens per text")
     ap.add_argument("--score-tokens", type=int, default=4096)
     ap.add_argument("--out", default="pareto")
+    ap.add_argument("--plot", help="only redraw pareto.png from this pareto.json")
     args = ap.parse_args()
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_name("pareto.png"), args.context)
+        return
 
     from rnnify import models
     from rnnify.convert import convert, spread_layers
@@ -72,14 +98,14 @@ def main():
                 torch.manual_seed(0)
                 hybrid = convert(teacher, method, keep_attention=keep, options=opts)
                 ppl = {k: perplexity(hybrid, b)["ppl"] for k, b in blocks.items()}
-                cache = {c: plan_cache_bytes(student, keep, c) for c in (4096, 32768)}
+                cache = {str(c): plan_cache_bytes(student, keep, c) for c in (4096, 32768)}
                 baseline = convert(teacher, "window", keep_attention=keep, options={"window": 64, "sinks": 4})
                 base_ppl = {k: perplexity(baseline, b)["ppl"] for k, b in blocks.items()}
                 rows.append({"n": n, "plan": name, "keep": keep, "perplexity": ppl, "window_baseline": base_ppl,
                              "cache": cache})
                 cells = " ".join(f"{ppl[k]:>7.2f} ({base_ppl[k]:>5.1f})" for k in texts)
-                print(f"{n:>3} {name:<9} {str(keep):<28} {cells} {cache[4096] / 2**20:>8.2f}Mi "
-                      f"{cache[32768] / 2**20:>8.2f}Mi", flush=True)
+                print(f"{n:>3} {name:<9} {str(keep):<28} {cells} {cache['4096'] / 2**20:>8.2f}Mi "
+                      f"{cache['32768'] / 2**20:>8.2f}Mi", flush=True)
                 del hybrid, baseline
         results["methods"][method] = {"scores": scores, "rows": rows}
     print("\n(perplexity of the hybrid before training; in brackets the window-only baseline, 64 + 4 sinks, keeping "
@@ -87,23 +113,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pareto.json").write_text(json.dumps(results, indent=1, default=str))
-    from rnnify.eval.plots import _pyplot
-
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4), squeeze=False)
-    for ax, text in zip(axes[0], texts):
-        for method, r in results["methods"].items():
-            for plan, style in (("selected", "-o"), ("spread", "--s")):
-                pts = sorted((row["cache"][4096] / 2**20, row["ppl"][text]) for row in r["rows"]
-                             if row["plan"] == plan or (row["n"] == 0 and plan == "spread"))
-                if pts:
-                    ax.plot(*zip(*pts), style, label=f"{method} {plan}")
-        ax.axhline(t_ppl[text], color="gray", lw=0.8, label="teacher")
-        ax.set(title=f"{args.source}, {text} @ {args.context}", xlabel="cache @ 4k tokens (MiB)", ylabel="perplexity",
-               yscale="log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=120)
+    plot(results, out / "pareto.png", args.context)
     print(f"wrote {out / 'pareto.json'} and {out / 'pareto.png'}")
 
 
