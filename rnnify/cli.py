@@ -234,7 +234,8 @@ def cmd_convert(args) -> None:
     before = "before" if method.transform else "teacher KV"
     for n in (4096, 32768):
         s, t = cache_bytes(student, n), cache_bytes(source, n)
-        print(f"  cache per sequence @ {n // 1024}k tokens: {human_bytes(s)} vs {before} {human_bytes(t)} ({t / s:.1f}x less)")
+        ratio = f"{t / s:.1f}x less" if s <= t else f"{s / t:.2f}x more"
+        print(f"  cache per sequence @ {n // 1024}k tokens: {human_bytes(s)} vs {before} {human_bytes(t)} ({ratio})")
 
 
 def cmd_select_layers(args) -> None:
