@@ -15,6 +15,11 @@ Forward passes are reused: one pass of the base model (the all-converted student
 (their forward is replaced by the recorded output) and computes only layers ``i ..``, so the whole scan costs about
 half a forward pass per layer instead of one.
 
+Caveat, measured on SmolLM2-135M: for LoLCATs (whose untrained hybrid is close to the window-only model) the
+selected layers beat evenly spread ones at every budget; for Mamba-in-the-Llama, whose untrained hybrid is far from
+the teacher (perplexity ~1e5), neither mode's scores of the untrained model gave a better hybrid after the CPU
+recipe's short training than spreading: score such methods after a short distillation.
+
 A plan is the top ``N`` layers by score, or, for a cache budget (``auto:10%@4096``: at most 10% of the teacher's
 KV cache at 4096 tokens), the most layers whose cache fits. Scores are cached on disk per source weights, method,
 options, text and mode, so a recipe rerun does not rescore.
