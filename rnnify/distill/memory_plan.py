@@ -20,6 +20,7 @@ On GPUs ``CUDA_OVERHEAD`` is added for the CUDA context, cuBLAS/NCCL workspaces 
 from __future__ import annotations
 
 import contextlib
+import gc
 import re
 from dataclasses import dataclass, field
 
@@ -236,8 +237,6 @@ def trace_activations(objective, batch: int, seq_len: int, device="meta") -> tup
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
     objective.set_step(0, 0)
     live = LiveTensors()
-    import gc
-
     gc.collect()
     gc.disable()  # tensors in reference cycles are then freed at the same point in every trace: deterministic
     try:

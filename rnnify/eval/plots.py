@@ -14,6 +14,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path, dpi: int = 110) -> Path:
+    """Lay out, write the PNG, free the figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
 def recurrence_plot(results: dict, path: Path) -> Path:
     """Perplexity against loop count (test-time depth), FLOPs per token on a second axis; the source model as a
     horizontal line when it was measured."""
@@ -33,10 +41,7 @@ def recurrence_plot(results: dict, path: Path) -> Path:
     ax2.plot(loops, flops, "s:", color="tab:orange", label="MFLOPs / token")
     ax2.set_ylabel("MFLOPs per token")
     ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def loss_by_position_plot(results: dict, path: Path) -> Path:
@@ -56,10 +61,7 @@ def loss_by_position_plot(results: dict, path: Path) -> Path:
     ax.set_ylabel(f"next-token loss (mean over {width}-token bins)")
     ax.set_title(str(results["perplexity"].get("text", "")).replace("builtin:", ""))
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _window(results) -> int | None:
@@ -87,10 +89,7 @@ def passkey_heatmap(results: dict, path: Path) -> Path:
         ax.set_xlabel("depth of the key")
         ax.set_title(name)
     axes[0][0].set_ylabel("prompt tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def tasks_plot(results: dict, path: Path) -> Path:
@@ -111,10 +110,7 @@ def tasks_plot(results: dict, path: Path) -> Path:
     ax.set_xticks([i + width * (len(students) - 1) / 2 for i in range(len(tasks))], list(tasks))
     ax.set_ylabel("score / teacher's score")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def write_plots(results: dict, folder: Path) -> list[tuple[str, str]]:
@@ -143,7 +139,4 @@ def bar_chart(path: Path, labels: list[str], values: list[float], highlight=(), 
     ax.bar(range(len(values)), values, color=colors)
     ax.set_xticks(range(len(values)), labels, fontsize=7)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, dpi=120)
