@@ -1,8 +1,11 @@
 """Quality against cache: perplexity at 2048 tokens and cache bytes at 4k / 32k tokens for N kept attention layers,
-chosen by the measured layer scores (rnnify select-layers, restore mode) and spread evenly, before training.
+chosen by the measured layer scores (rnnify select-layers, restore mode) and spread evenly, before training and,
+with --train RECIPE, after the recipe's stages (a short distillation) trained each plan.
 
     python benchmarks/pareto.py                                       # SmolLM2-135M, lolcats + mamba_in_llama
     python benchmarks/pareto.py --methods lolcats --n 0 2 4 --windows 2 --out pareto/
+    python benchmarks/pareto.py --methods lolcats --n 1 2 4 8 --train quickstart \
+        --train-set stages.attention_transfer.max_steps=6 stages.distill.max_steps=4   # a short distillation
 
 Prints one table per method (and the window-only baseline keeping the same layers) and writes pareto.png and
 pareto.json to --out. The texts are WikiText-2 test and Pride and Prejudice (unlike the scoring text, WikiText-2
@@ -13,6 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -32,6 +38,30 @@ def _blocks(tok, text, context, windows):
     return cut(ids, context, windows)
 
 
+def trained(args, method: str, keep: list[int], blocks: dict, work: Path) -> dict:
+    """Perplexity of the plan after ``rnnify run`` of the --train recipe with this plan's kept layers (its own
+    evaluation reduced to one student window: the rows here are computed on the benchmark's windows)."""
+    from transformers import AutoModelForCausalLM
+
+    from rnnify.eval.perplexity import perplexity
+    from rnnify.recipe import load_recipe
+
+    recipe = load_recipe(args.train, args.train_set)
+    if recipe.conversion.method != method:
+        raise SystemExit(f"--train {args.train}: converts with {recipe.conversion.method}, not {method}")
+    out = work / f"{method}-{'-'.join(map(str, keep)) or 'none'}"
+    cmd = [sys.executable, "-m", "rnnify", "run", args.train, *args.train_set, f"model.source={args.source}",
+           f"conversion.keep_attention={json.dumps(keep)}", f"output.dir={out}", "eval.passkey_lengths=[]",
+           "eval.speed_lengths=[]", "eval.continuations=0", "eval.baseline=false", "eval.teacher=false",
+           "eval.num_windows=1", "--no-progress"]
+    log = out.with_suffix(".log")
+    with open(log, "w") as f:
+        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
+            raise SystemExit(f"training the plan {keep} failed; see {log}")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    return {k: perplexity(model, b)["ppl"] for k, b in blocks.items()}
+
+
 def plot(results: dict, path: Path, context: int) -> None:
     """Perplexity against cache bytes at 4k tokens, one panel per text: selected and spread plans per method."""
     from rnnify.eval.plots import _pyplot
@@ -46,6 +76,10 @@ def plot(results: dict, path: Path, context: int) -> None:
                              if row["plan"] == plan or (row["n"] == 0 and plan == "spread"))
                 if pts:
                     ax.plot(*zip(*pts), style, label=f"{method} {plan}")
+                done = sorted((row["cache"]["4096"] / 2**20, row["trained_perplexity"][text]) for row in r["rows"]
+                              if row["plan"] == plan and "trained_perplexity" in row)
+                if done:
+                    ax.plot(*zip(*done), style.replace("-", ":"), label=f"{method} {plan}, trained")
         ax.axhline(results["teacher"]["perplexity"][text], color="gray", lw=0.8, label="teacher")
         ax.set(title=f"{results['source']}, {text} @ {context}", xlabel="cache @ 4k tokens (MiB)",
                ylabel="perplexity", yscale="log")
@@ -64,6 +98,8 @@ def main():
     ap.add_argument("--score-tokens", type=int, default=4096)
     ap.add_argument("--out", default="pareto")
     ap.add_argument("--plot", help="only redraw pareto.png from this pareto.json")
+    ap.add_argument("--train", help="a recipe (name or file) whose stages train each plan; adds trained perplexity")
+    ap.add_argument("--train-set", nargs="*", default=[], help="key=value overrides of the --train recipe")
     args = ap.parse_args()
     if args.plot:
         plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_name("pareto.png"), args.context)
@@ -82,7 +118,9 @@ def main():
     t_cache = {n: teacher_cache_bytes(teacher, n) for n in (4096, 32768)}
     print(f"{args.source}: teacher perplexity @ {args.context} " + ", ".join(f"{k} {v:.2f}" for k, v in t_ppl.items())
           + f"; teacher cache @4k {t_cache[4096] / 2**20:.1f} MiB, @32k {t_cache[32768] / 2**20:.1f} MiB")
-    results = {"source": args.source, "teacher": {"perplexity": t_ppl, "cache": t_cache}, "methods": {}}
+    results = {"source": args.source, "teacher": {"perplexity": t_ppl, "cache": t_cache}, "methods": {},
+               "train": {"recipe": args.train, "overrides": args.train_set} if args.train else None}
+    work = Path(tempfile.mkdtemp(prefix="pareto-train-"))
     for method in args.methods:
         opts = OPTIONS.get(method, {})
         scores, student = cached_scores(teacher, method, opts, tok, tokens=args.score_tokens, log=lambda *_: None)
@@ -101,15 +139,22 @@ def main():
                 cache = {str(c): plan_cache_bytes(student, keep, c) for c in (4096, 32768)}
                 baseline = convert(teacher, "window", keep_attention=keep, options={"window": 64, "sinks": 4})
                 base_ppl = {k: perplexity(baseline, b)["ppl"] for k, b in blocks.items()}
-                rows.append({"n": n, "plan": name, "keep": keep, "perplexity": ppl, "window_baseline": base_ppl,
-                             "cache": cache})
+                row = {"n": n, "plan": name, "keep": keep, "perplexity": ppl, "window_baseline": base_ppl,
+                       "cache": cache}
                 cells = " ".join(f"{ppl[k]:>7.2f} ({base_ppl[k]:>5.1f})" for k in texts)
+                if args.train:
+                    del hybrid
+                    hybrid = None
+                    row["trained_perplexity"] = t = trained(args, method, keep, blocks, work)
+                    cells += " | trained " + " ".join(f"{t[k]:>7.2f}" for k in texts)
+                rows.append(row)
                 print(f"{n:>3} {name:<9} {str(keep):<28} {cells} {cache['4096'] / 2**20:>8.2f}Mi "
                       f"{cache['32768'] / 2**20:>8.2f}Mi", flush=True)
                 del hybrid, baseline
         results["methods"][method] = {"scores": scores, "rows": rows}
     print("\n(perplexity of the hybrid before training; in brackets the window-only baseline, 64 + 4 sinks, keeping "
-          "the same layers)")
+          "the same layers" + (f"; 'trained': after the stages of {args.train} {' '.join(args.train_set)}" if args.train
+                               else "") + ")")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pareto.json").write_text(json.dumps(results, indent=1, default=str))
