@@ -79,7 +79,7 @@ def plot(results: dict, path: Path, context: int) -> None:
                 done = sorted((row["cache"]["4096"] / 2**20, row["trained_perplexity"][text]) for row in r["rows"]
                               if row["plan"] == plan and "trained_perplexity" in row)
                 if done:
-                    ax.plot(*zip(*done), style.replace("-", ":"), label=f"{method} {plan}, trained")
+                    ax.plot(*zip(*done), ":" + style[-1], label=f"{method} {plan}, trained")
         ax.axhline(results["teacher"]["perplexity"][text], color="gray", lw=0.8, label="teacher")
         ax.set(title=f"{results['source']}, {text} @ {context}", xlabel="cache @ 4k tokens (MiB)",
                ylabel="perplexity", yscale="log")
