@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,8 @@ def _blocks(tok, text, context, windows):
 
 def trained(args, method: str, keep: list[int], blocks: dict, work: Path) -> dict:
     """Perplexity of the plan after ``rnnify run`` of the --train recipe with this plan's kept layers (its own
-    evaluation reduced to one student window: the rows here are computed on the benchmark's windows)."""
+    evaluation reduced to one student window: the rows here are computed on the benchmark's windows). The recipe's
+    conversion options are used for training (the untrained rows use OPTIONS)."""
     from transformers import AutoModelForCausalLM
 
     from rnnify.eval.perplexity import perplexity
@@ -59,7 +61,10 @@ def trained(args, method: str, keep: list[int], blocks: dict, work: Path) -> dic
         if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
             raise SystemExit(f"training the plan {keep} failed; see {log}")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    return {k: perplexity(model, b)["ppl"] for k, b in blocks.items()}
+    ppl = {k: perplexity(model, b)["ppl"] for k, b in blocks.items()}
+    shutil.rmtree(out)  # the model and its run state (~0.5 GB per plan for SmolLM2); the log stays
+    shutil.rmtree(out.with_name(out.name + ".run"), ignore_errors=True)
+    return ppl
 
 
 def plot(results: dict, path: Path, context: int) -> None:
@@ -159,7 +164,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "pareto.json").write_text(json.dumps(results, indent=1, default=str))
     plot(results, out / "pareto.png", args.context)
-    print(f"wrote {out / 'pareto.json'} and {out / 'pareto.png'}")
+    print(f"wrote {out / 'pareto.json'} and {out / 'pareto.png'}" + (f"; training logs in {work}" if args.train else ""))
 
 
 if __name__ == "__main__":
