@@ -32,11 +32,10 @@ OPTIONS = {"lolcats": {"window": 64, "sinks": 4}, "mamba_in_llama": {}, "supra":
 
 
 def _blocks(tok, text, context, windows):
+    from rnnify.distill.data import tokenize_text_file
     from rnnify.eval.perplexity import windows as cut
-    from rnnify.recipe import resolve_path
 
-    ids = tok(Path(resolve_path(text)).read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    return cut(ids, context, windows)
+    return cut(tokenize_text_file(text, tok), context, windows)
 
 
 def trained(args, method: str, keep: list[int], blocks: dict, work: Path) -> dict:
@@ -146,16 +145,14 @@ def main():
                 base_ppl = {k: perplexity(baseline, b)["ppl"] for k, b in blocks.items()}
                 row = {"n": n, "plan": name, "keep": keep, "perplexity": ppl, "window_baseline": base_ppl,
                        "cache": cache}
+                del hybrid, baseline  # freed before a --train run loads its own models
                 cells = " ".join(f"{ppl[k]:>7.2f} ({base_ppl[k]:>5.1f})" for k in texts)
                 if args.train:
-                    del hybrid
-                    hybrid = None
                     row["trained_perplexity"] = t = trained(args, method, keep, blocks, work)
                     cells += " | trained " + " ".join(f"{t[k]:>7.2f}" for k in texts)
                 rows.append(row)
                 print(f"{n:>3} {name:<9} {str(keep):<28} {cells} {cache['4096'] / 2**20:>8.2f}Mi "
                       f"{cache['32768'] / 2**20:>8.2f}Mi", flush=True)
-                del hybrid, baseline
         results["methods"][method] = {"scores": scores, "rows": rows}
     print("\n(perplexity of the hybrid before training; in brackets the window-only baseline, 64 + 4 sinks, keeping "
           "the same layers" + (f"; 'trained': after the stages of {args.train} {' '.join(args.train_set)}" if args.train
