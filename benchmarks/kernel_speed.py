@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import math
 import os
 import time
 
@@ -30,6 +31,17 @@ import torch.nn.functional as F
 from rnnify.kernels import reference as R
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+NAN = float("nan")
+
+
+def attempt(label, where, measure, failed):
+    """measure(), or ``failed`` after printing why: one backend that cannot run at a shape (fla refuses its gated
+    backward on Hopper with Triton < 3.7.1) must not cost the rest of the table."""
+    try:
+        return measure()
+    except Exception as e:
+        print(f"{label} {where} could not run: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+        return failed
 
 
 def timer(device):
@@ -124,13 +136,15 @@ def chunked_table(impls, args, device, dtype, bench):
             if name == "reference" and device.type == "cuda" and T > args.reference_max_T:
                 continue
             args_ = (q, k, v, g, beta)
-            rows[f"{name} linear attention (chunk, scalar decay)"] = both(lambda ops=ops, a=args_: ops["la"](*a[:4]))
-            rows[f"{name} gated delta rule (chunk)"] = both(lambda ops=ops, a=args_: ops["delta"](*a[:3], a[4], a[3]))
+            for label, fn in ((f"{name} linear attention (chunk, scalar decay)", lambda ops=ops, a=args_: ops["la"](*a[:4])),
+                              (f"{name} gated delta rule (chunk)", lambda ops=ops, a=args_: ops["delta"](*a[:3], a[4], a[3]))):
+                rows[label] = attempt(label, f"at T={T}", lambda fn=fn: both(fn), (NAN, NAN))
         sdpa = rows[sdpa_label][1]
         for label, (f, fb) in rows.items():
             kind = "la" if "linear attention" in label else ("delta" if "delta" in label else None)
             fla_label = {"la": "fla linear attention (chunk, scalar decay)", "delta": "fla gated delta rule (chunk)"}.get(kind)
-            vs_fla = f"{rows[fla_label][1] / fb:.2f}x" if fla_label in rows and label.startswith("rnnify") else ""
+            vs_fla = (f"{rows[fla_label][1] / fb:.2f}x" if fla_label in rows and label.startswith("rnnify")
+                      and not math.isnan(rows[fla_label][1]) else "")
             vs_sdpa = f"{sdpa / fb:.2f}x" if kind else ""
             print(f"| {T} | {label} | {f:.2f} | {fb:.2f} | {vs_sdpa} | {vs_fla} |")
         del q, k, v, g, beta, args_
@@ -151,12 +165,13 @@ def step_table(impls, args, device, bench):
         with torch.no_grad():
             for name, ops in impls.items():
                 a = (q, k, v, g, beta, state)
-                rows[f"{name} linear attention step"] = bench(lambda ops=ops, a=a: ops["la_step"](*a[:4], a[5]))
-                rows[f"{name} delta rule step"] = bench(lambda ops=ops, a=a: ops["delta_step"](*a[:3], a[4], a[3], a[5]))
+                for label, fn in ((f"{name} linear attention step", lambda ops=ops, a=a: ops["la_step"](*a[:4], a[5])),
+                                  (f"{name} delta rule step", lambda ops=ops, a=a: ops["delta_step"](*a[:3], a[4], a[3], a[5]))):
+                    rows[label] = attempt(label, f"at batch {B}", lambda fn=fn: bench(fn), NAN)
         for label, ms in rows.items():
             kind = "linear attention step" if "linear" in label else "delta rule step"
             other = rows.get(f"fla {kind}")
-            vs = f"{other / ms:.2f}x" if other and label.startswith("rnnify") else ""
+            vs = f"{other / ms:.2f}x" if other and not math.isnan(other) and label.startswith("rnnify") else ""
             print(f"| {B} | {label} | {ms:.4f} | {nbytes / ms / 1e9:.3f} | {vs} |")
 
 

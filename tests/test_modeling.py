@@ -124,3 +124,20 @@ def test_config_round_trip_and_validation(tiny_llama):
         RnnifyConfig(base_config=tiny_llama.config, layer_mixers=["supra"])
     assert isinstance(RnnifyForCausalLM(cfg).model.layers[1].self_attn, LolcatsMixer)
     assert SupraMixer.default_log_decay(9).exp().max() < 1
+
+
+def test_an_older_transformers_is_refused_by_name(monkeypatch):
+    """The floor in pyproject.toml is the one the shipped modeling code checks; below it, a clear ImportError."""
+    import re
+    import runpy
+    from pathlib import Path
+
+    import transformers
+
+    from rnnify.modeling import generation_cache
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'"transformers>=([\d.]+),', pyproject).group(1) == generation_cache.MIN_TRANSFORMERS
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(ImportError, match=r"need transformers >= 5\.24; this environment has 5\.17\.0"):
+        runpy.run_path(generation_cache.__file__)

@@ -14,6 +14,7 @@ import time
 import torch
 from transformers import DynamicCache
 
+from ..modeling.generation_cache import cache_keyword
 from .memory import measured_cache_bytes
 
 
@@ -30,12 +31,13 @@ def timed_decode(model, ids: torch.Tensor, steps: int, warmup: int = 2, cache=No
     Returns prefill seconds, per-step seconds (the timed ones), the generated tokens and the cache."""
     device = ids.device
     cache = DynamicCache(config=model.config.get_text_config(decoder=True)) if cache is None else cache
+    kw = cache_keyword(model.forward)  # a teacher on transformers < 5.24 would drop `cache=` into **kwargs
     _sync(device)
     t0 = time.perf_counter()
-    logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1:]
+    logits = model(input_ids=ids, use_cache=True, **{kw: cache}).logits[:, -1:]
     _sync(device)
     prefill = time.perf_counter() - t0
-    step = step_fn or (lambda tok: model(input_ids=tok, cache=cache, use_cache=True).logits)
+    step = step_fn or (lambda tok: model(input_ids=tok, use_cache=True, **{kw: cache}).logits)
     tokens, times = [], []
     for i in range(warmup + steps):
         nxt = logits[:, -1:].argmax(-1)

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicCache
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_rnnify import RnnifyConfig
+from .generation_cache import RnnifyCache, as_rnnify_cache, cache_keyword
 from .layer_program import ATTENTION, DROPPED, Block, CacheSlots, blocks, every_step, parse
 from .mixer_base import Mixer
 from .mixers import get_mixer
@@ -40,6 +41,7 @@ _MASK_FUNCTIONS = {
     "full_attention": create_causal_mask,
     "sliding_attention": create_sliding_window_causal_mask,
 }
+_MASK_CACHE_KW = cache_keyword(create_causal_mask)
 
 
 class DroppedLayer(nn.Module):
@@ -97,8 +99,7 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         self.blocks = nn.ModuleList([LoopBlock(b, base.hidden_size) for b in blocks(self.program)])
         self.lm_head = nn.Linear(base.hidden_size, base.vocab_size, bias=False)
         layer_cls = next(type(layer) for layer in self.model.layers if not isinstance(layer, DroppedLayer))
-        params = inspect.signature(layer_cls.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_keyword(layer_cls.forward)
         rotary = getattr(self.model, "rotary_emb", None)
         self._rotary_takes_type = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
         self.post_init()
@@ -145,6 +146,14 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         """The loop count of the first block (None when the program has no block)."""
         return self.blocks[0].spec.loops if len(self.blocks) else None
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # generate builds a plain DynamicCache; ours also knows its length when no layer is attention
+        out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        for name in ("cache", "past_key_values"):
+            if model_kwargs.get(name) is not None:
+                model_kwargs[name] = as_rnnify_cache(model_kwargs[name])
+        return out
+
     def _past_length(self, cache) -> int:
         if cache is None:
             return 0
@@ -185,7 +194,8 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             inputs_embeds = inner.embed_tokens(input_ids)
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = RnnifyCache(config=self.config)
+        cache = as_rnnify_cache(cache)
         T = inputs_embeds.shape[1]
         past = self._past_length(cache)
         if position_ids is None:
@@ -199,7 +209,7 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
                 if kind in layer_types:
                     masks[kind] = fn(
                         config=base, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                        cache=cache, position_ids=position_ids, layer_idx=layer_types.index(kind),
+                        position_ids=position_ids, layer_idx=layer_types.index(kind), **{_MASK_CACHE_KW: cache},
                     )
             mixer_mask = attention_mask
         else:  # masks prepared by the caller
