@@ -83,24 +83,6 @@ def test_mamba2_matches_a_plain_token_loop():
     torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)
 
 
-def test_zero_output_init_starts_as_the_teacher_without_those_attention_layers():
-    """output_init=zero: each untrained Mamba2 mixer adds 0, so the hybrid is the teacher with the converted layers'
-    attention switched off (reference: the teacher with those layers' o_proj zeroed); training can leave 0."""
-    teacher = tiny_model("llama")
-    x = torch.randint(0, 128, (2, 19))
-    student = convert(teacher, "mamba_in_llama", keep_attention=[0], options={"output_init": "zero"})
-    reference = tiny_model("llama")
-    with torch.no_grad():
-        for layer in reference.model.layers[1:]:
-            layer.self_attn.o_proj.weight.zero_()
-        assert torch.allclose(student(x).logits, reference(x).logits, atol=1e-5)
-        assert not torch.allclose(student(x).logits, teacher(x).logits, atol=1e-3)  # the layers did matter
-    student.train()
-    student(x).logits.logsumexp(-1).mean().backward()
-    norm_grads = [m.norm.weight.grad for _, m in student.mixers()]
-    assert all(g is not None and g.abs().sum() > 0 for g in norm_grads)  # the zero weight gets a gradient
-
-
 def test_an_all_recurrent_cache_knows_its_length():
     """No attention layer: transformers' DynamicCache has no layer to read the length from (5.17's generate asks
     for it and raised); the model's cache answers with the tokens it consumed, also for a cache the user built."""
@@ -118,6 +100,7 @@ def test_an_all_recurrent_cache_knows_its_length():
         assert user.get_seq_length() == 8
         gen = student.generate(x, max_new_tokens=3, do_sample=False)
     assert gen.shape == (1, 14)
+
 
 def test_layer_plans():
     assert spread_layers(30, 0.5) == list(range(0, 30, 2))

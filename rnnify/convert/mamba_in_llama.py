@@ -19,10 +19,6 @@ class MambaInLlamaOptions(MethodOptions):
     conv_init: Literal["default", "identity"] = Field(
         "default", description="Mamba2's random conv init, or a pass-through conv (the untrained mixer is then "
                                "linear attention)")
-    output_init: Literal["default", "zero"] = Field(
-        "default", description="Mamba2's unit weight in the gated output norm, or zero: each untrained mixer then "
-                               "outputs 0 and the hybrid starts as the source with those attention layers skipped, "
-                               "a well-conditioned start (AHN zero-initialises its memory's output the same way)")
 
 
 class MambaInLlama(Method):

@@ -67,9 +67,6 @@ class Mamba2Mixer(Mixer):
         self.conv_init = self.settings.get("conv_init", "default")
         if self.conv_init not in ("default", "identity"):
             raise ValueError(f"conv_init {self.conv_init!r}; accepted: default, identity")
-        self.output_init = self.settings.get("output_init", "default")
-        if self.output_init not in ("default", "zero"):
-            raise ValueError(f"output_init {self.output_init!r}; accepted: default, zero")
         bias = getattr(attn, "q_proj", None) is not None and attn.q_proj.bias is not None
         hidden = base.hidden_size
         self.in_proj = nn.Linear(hidden, self.d_inner + self.d_xb + self.d_b + self.d_c + H, bias=bias)
@@ -108,9 +105,7 @@ class Mamba2Mixer(Mixer):
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
             self.A_log.copy_(torch.log(torch.empty(H).uniform_(1, 16, generator=g)))
             self.D.fill_(1.0)
-            # zero: a residual branch that starts at 0 and grows by training (the norm after the gate would turn any
-            # small nonzero gate into a full-size output, so the weight, not the gate, is what starts at 0)
-            self.norm.weight.fill_(0.0 if self.output_init == "zero" else 1.0)
+            self.norm.weight.fill_(1.0)
             bound = 1 / math.sqrt(self.out_proj.in_features)
             self.out_proj.weight.uniform_(-bound, bound, generator=g)
 
