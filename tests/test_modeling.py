@@ -74,8 +74,9 @@ def test_supra_matches_a_plain_pytorch_token_loop():
 
 
 @pytest.mark.parametrize("T", [3, 9, 20])
-def test_lolcats_matches_the_dense_formula(T):
-    student, m = _one_mixer("lolcats", {"window": 4, "sinks": 2})
+@pytest.mark.parametrize("halflife", [None, 3.0])
+def test_lolcats_matches_the_dense_formula(T, halflife):
+    student, m = _one_mixer("lolcats", {"window": 4, "sinks": 2, "memory_halflife": halflife})
     m.query_block = 5  # exercise the query blocking
     h = torch.randn(1, T, student.config.hidden_size)
     cos, sin = _rope(student, T)
@@ -96,10 +97,34 @@ def test_lolcats_matches_the_dense_formula(T):
         scores = scores.masked_fill(~in_softmax, float("-inf"))
         e = torch.exp(scores - scores.amax(-1, keepdim=True))
         lin = torch.einsum("thf,shf->hts", fq, fk) * in_linear
+        if halflife is not None:  # token s left the window at step s + 4: it has decayed t - s - 4 times since
+            gamma = torch.exp(-torch.exp(m.decay_log_rate))
+            lin = lin * gamma[:, None, None] ** (t_idx - s_idx - 4).clamp_min(0)[None]
         w = (1 - a_ln)[:, None, None] * e + a_ln[:, None, None] * lin
         y = torch.einsum("hts,shd->thd", w / w.sum(-1, keepdim=True), v)
         ref = y.reshape(T, -1) @ m.o_proj.weight.T
     torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_lolcats_decaying_memory_decodes_step_by_step_and_with_padding():
+    """memory_halflife: the chunked prefill, token-by-token decoding and left-padded rows agree."""
+    from .test_methods import perturb, stepwise_logits
+
+    student = perturb(convert(tiny_model("llama"), "lolcats", keep_attention="2",
+                              options={**SMALL["lolcats"], "memory_halflife": 5.0}), scale=0.3)
+    assert any(n.endswith("decay_log_rate") for n in student.new_parameter_names())
+    x = torch.randint(4, 128, (2, 23))
+    with torch.no_grad():
+        full = student(x).logits
+        for prefill in (1, 6, 17):
+            torch.testing.assert_close(stepwise_logits(student, x, prefill), full, atol=1e-4, rtol=1e-4)
+        pad = torch.cat([torch.zeros(1, 5, dtype=torch.long), x[1:, :18]], 1)
+        mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 18)], 1).long()
+        batched = student(torch.cat([x[:1], pad]), attention_mask=torch.cat([torch.ones(1, 23).long(), mask]),
+                          position_ids=(torch.cat([torch.ones(1, 23).long(), mask]).cumsum(-1) - 1).clamp_min(0)).logits
+        torch.testing.assert_close(batched[1, 5:], student(x[1:, :18]).logits[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="merge_heads"):
+        convert(tiny_model("llama"), "lolcats", options={"memory_halflife": 5.0, "merge_heads": True})
 
 
 def test_untrained_lolcats_is_close_to_its_window_model(tiny_llama):

@@ -5,6 +5,8 @@ Only torch and sibling files are imported: this file ships with converted models
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -43,6 +45,12 @@ class LolcatsMixer(WindowMixer):
     with a_ln = sigmoid(linear_mix_logit_h) and a_sm = 1 - a_ln per head; S_t, z_t sum phi(k_s) v_s^T and
     phi(k_s) over s in [sinks, t - window]: the tokens that left the window. The mixing logit starts at -6
     (a_ln = 0.0025), so the untrained conversion is close to the window-only model (see DESIGN.md's calibration run).
+
+    ``memory_halflife`` (our addition; off in the paper) gives the memory a learned per-head decay, as in GLA /
+    RetNet: S_t = gamma_h S_{t-1} + phi(k_{t-W}) v_{t-W}^T (z_t likewise), so a token that left the window j steps
+    ago weighs gamma_h^j. Without it the memory's share of the attention grows with the number of evicted tokens,
+    and a memory fitted at one length over-weights old tokens at longer ones. gamma_h = exp(-exp(r_h)) with r_h
+    starting at log(ln 2 / halflife).
     """
 
     name = "lolcats"
@@ -56,12 +64,23 @@ class LolcatsMixer(WindowMixer):
         self.feature_map_k = HedgehogFeatureMap(self.num_heads, self.head_dim)
         self.linear_mix_logit = nn.Parameter(torch.full((self.num_heads,), self.init_mix_logit))
         self.merged = bool(self.setting("merge_heads", False))  # StateX: the linear branch as one big head
+        halflife = self.setting("memory_halflife", None)
+        self.decay_log_rate = None
+        if halflife is not None:
+            if self.merged:
+                raise ValueError("memory_halflife decays each head's memory; merge_heads (StateX) keeps one memory")
+            if float(halflife) <= 0:
+                raise ValueError(f"memory_halflife must be a positive number of tokens, got {halflife!r}")
+            self.init_log_rate = math.log(math.log(2.0) / float(halflife))
+            self.decay_log_rate = nn.Parameter(torch.full((self.num_heads,), self.init_log_rate))
 
     def init_new_parameters(self):
         self.feature_map_q.reset_parameters()
         self.feature_map_k.reset_parameters()
         with torch.no_grad():
             self.linear_mix_logit.fill_(self.init_mix_logit)
+            if self.decay_log_rate is not None:
+                self.decay_log_rate.fill_(self.init_log_rate)
 
     def memory_state_bytes(self):
         H, D = self.num_heads, self.head_dim
@@ -79,16 +98,18 @@ class LolcatsMixer(WindowMixer):
         v1 = torch.cat([v_lin, torch.ones_like(v_lin[..., :1])], -1) * ok  # last column: normaliser z
         fk, v1 = evicted.align(fk), evicted.align(v1)
         fq = self.feature_map_q(q)
+        # per-head log-decay (every position decays the memory, whether or not a token leaves the window there)
+        g = None if self.decay_log_rate is None else -torch.exp(self.decay_log_rate.float())
         if self.merged:  # StateX: one head over every head's features and values, one shared normaliser
             n = fk.shape[1]
             fq, fk = fq.reshape(B, T, 1, -1), fk.reshape(B, n, 1, -1)
             v1 = torch.cat([v1[..., :D].reshape(B, n, 1, -1), v1[..., :1, D:]], -1)
         if T == 1 and state is not None:
-            o, new_state = linear_attention_step(fq[:, 0], fk[:, 0], v1[:, 0], None, state, scale=1.0)
+            o, new_state = linear_attention_step(fq[:, 0], fk[:, 0], v1[:, 0], g, state, scale=1.0)
             o = o.unsqueeze(1)
         else:
-            o, new_state = chunk_linear_attention(fq, fk, v1, scale=1.0, initial_state=state, output_final_state=True,
-                                                  chunk_size=self.chunk_size)
+            o, new_state = chunk_linear_attention(fq, fk, v1, g=g, scale=1.0, initial_state=state,
+                                                  output_final_state=True, chunk_size=self.chunk_size)
         if self.merged:  # back to [B, T, H, D + 1]: each head's values with the shared normaliser
             o = torch.cat([o[..., : H * D].reshape(B, T, H, D), o[..., H * D :].expand(B, T, H, 1)], -1)
         return o, new_state
