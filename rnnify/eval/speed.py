@@ -31,7 +31,9 @@ def timed_decode(model, ids: torch.Tensor, steps: int, warmup: int = 2, cache=No
     Returns prefill seconds, per-step seconds (the timed ones), the generated tokens and the cache."""
     device = ids.device
     cache = DynamicCache(config=model.config.get_text_config(decoder=True)) if cache is None else cache
-    kw = cache_keyword(model.forward)  # a teacher on transformers < 5.24 would drop `cache=` into **kwargs
+    # a remote-code teacher may still take `past_key_values`: `cache=` would vanish into its **kwargs and the
+    # decode would recompute the whole prefix at every step
+    kw = cache_keyword(model.forward)
     _sync(device)
     t0 = time.perf_counter()
     logits = model(input_ids=ids, use_cache=True, **{kw: cache}).logits[:, -1:]

@@ -41,7 +41,6 @@ _MASK_FUNCTIONS = {
     "full_attention": create_causal_mask,
     "sliding_attention": create_sliding_window_causal_mask,
 }
-_MASK_CACHE_KW = cache_keyword(create_causal_mask)
 
 
 class DroppedLayer(nn.Module):
@@ -209,7 +208,7 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
                 if kind in layer_types:
                     masks[kind] = fn(
                         config=base, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                        position_ids=position_ids, layer_idx=layer_types.index(kind), **{_MASK_CACHE_KW: cache},
+                        cache=cache, position_ids=position_ids, layer_idx=layer_types.index(kind),
                     )
             mixer_mask = attention_mask
         else:  # masks prepared by the caller
