@@ -52,7 +52,9 @@ def trained(args, method: str, keep: list[int], blocks: dict, work: Path) -> dic
         raise SystemExit(f"--train {args.train}: converts with {recipe.conversion.method}, not {method}")
     out = work / f"{method}-{'-'.join(map(str, keep)) or 'none'}"
     cmd = [sys.executable, "-m", "rnnify", "run", args.train, *args.train_set, f"model.source={args.source}",
-           f"conversion.keep_attention={json.dumps(keep)}", f"output.dir={out}", "eval.passkey_lengths=[]",
+           f"conversion.keep_attention={json.dumps(keep)}", "conversion.attention_fraction=null",
+           "conversion.attention_every=null",  # the plan replaces the recipe's own choice (mamba_in_llama_cpu: 0.5)
+           f"output.dir={out}", "eval.passkey_lengths=[]",
            "eval.speed_lengths=[]", "eval.continuations=0", "eval.baseline=false", "eval.teacher=false",
            "eval.num_windows=1", "--no-progress"]
     log = out.with_suffix(".log")
