@@ -145,14 +145,6 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         """The loop count of the first block (None when the program has no block)."""
         return self.blocks[0].spec.loops if len(self.blocks) else None
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        # generate builds a plain DynamicCache; ours also knows its length when no layer is attention
-        out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        for name in ("cache", "past_key_values"):
-            if model_kwargs.get(name) is not None:
-                model_kwargs[name] = as_rnnify_cache(model_kwargs[name])
-        return out
-
     def _past_length(self, cache) -> int:
         if cache is None:
             return 0
