@@ -6,6 +6,8 @@ with --train RECIPE, after the recipe's stages (a short distillation) trained ea
     python benchmarks/pareto.py --methods lolcats --n 0 2 4 --windows 2 --out pareto/
     python benchmarks/pareto.py --methods lolcats --n 1 2 4 8 --train quickstart \
         --train-set stages.attention_transfer.max_steps=6 stages.distill.max_steps=4   # a short distillation
+    python benchmarks/pareto.py --methods mamba_in_llama --n 1 2 4 8 --train mamba_in_llama_cpu \
+        --select-after attention_transfer      # selected plans scored on the model after attention transfer
 
 Prints one table per method (and the window-only baseline keeping the same layers) and writes pareto.png and
 pareto.json to --out. The texts are WikiText-2 test and Pride and Prejudice (unlike the scoring text, WikiText-2
@@ -19,7 +21,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -38,10 +39,11 @@ def _blocks(tok, text, context, windows):
     return cut(tokenize_text_file(text, tok), context, windows)
 
 
-def trained(args, method: str, keep: list[int], blocks: dict, work: Path) -> dict:
-    """Perplexity of the plan after ``rnnify run`` of the --train recipe with this plan's kept layers (its own
-    evaluation reduced to one student window: the rows here are computed on the benchmark's windows). The recipe's
-    conversion options are used for training (the untrained rows use OPTIONS)."""
+def trained(args, method: str, keep: list[int], blocks: dict, work: Path, select_n: int | None = None):
+    """(perplexity, kept layers) of the plan after ``rnnify run`` of the --train recipe with this plan's kept layers
+    (its own evaluation reduced to one student window: the rows here are computed on the benchmark's windows). With
+    ``select_n`` the recipe chooses that many layers itself after stage --select-after (scores of the trained
+    model). The recipe's conversion options are used for training (the untrained rows use OPTIONS)."""
     from transformers import AutoModelForCausalLM
 
     from rnnify.eval.perplexity import perplexity
@@ -50,22 +52,31 @@ def trained(args, method: str, keep: list[int], blocks: dict, work: Path) -> dic
     recipe = load_recipe(args.train, args.train_set)
     if recipe.conversion.method != method:
         raise SystemExit(f"--train {args.train}: converts with {recipe.conversion.method}, not {method}")
-    out = work / f"{method}-{'-'.join(map(str, keep)) or 'none'}"
+    if select_n is not None:
+        out = work / f"{method}-auto{select_n}-after-{args.select_after}"
+        plan = [f"conversion.keep_attention=auto:{select_n}", f"conversion.select_after={args.select_after}"]
+    else:
+        out = work / f"{method}-{'-'.join(map(str, keep)) or 'none'}"
+        plan = [f"conversion.keep_attention={json.dumps(keep)}"]
     cmd = [sys.executable, "-m", "rnnify", "run", args.train, *args.train_set, f"model.source={args.source}",
-           f"conversion.keep_attention={json.dumps(keep)}", "conversion.attention_fraction=null",
+           *plan, "conversion.attention_fraction=null",
            "conversion.attention_every=null",  # the plan replaces the recipe's own choice (mamba_in_llama_cpu: 0.5)
            f"output.dir={out}", "eval.passkey_lengths=[]",
            "eval.speed_lengths=[]", "eval.continuations=0", "eval.baseline=false", "eval.teacher=false",
            "eval.num_windows=1", "--no-progress"]
     log = out.with_suffix(".log")
-    with open(log, "w") as f:
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
-            raise SystemExit(f"training the plan {keep} failed; see {log}")
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ppl = {k: perplexity(model, b)["ppl"] for k, b in blocks.items()}
-    shutil.rmtree(out)  # the model and its run state (~0.5 GB per plan for SmolLM2); the log stays
-    shutil.rmtree(out.with_name(out.name + ".run"), ignore_errors=True)
-    return ppl
+    try:
+        with open(log, "w") as f:
+            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
+                raise SystemExit(f"training the plan {keep} failed; see {log}")
+        if select_n is not None:
+            state = json.loads(out.with_name(out.name + ".run").joinpath("state.json").read_text())
+            keep = state["stages"][args.select_after]["selected_layers"]
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        return {k: perplexity(model, b)["ppl"] for k, b in blocks.items()}, keep
+    finally:  # also when it fails or is interrupted: the model and its run state are ~0.5 GB per plan; the log stays
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out.with_name(out.name + ".run"), ignore_errors=True)
 
 
 def plot(results: dict, path: Path, context: int) -> None:
@@ -106,7 +117,12 @@ def main():
     ap.add_argument("--plot", help="only redraw pareto.png from this pareto.json")
     ap.add_argument("--train", help="a recipe (name or file) whose stages train each plan; adds trained perplexity")
     ap.add_argument("--train-set", nargs="*", default=[], help="key=value overrides of the --train recipe")
+    ap.add_argument("--select-after", metavar="STAGE",
+                    help="with --train: the selected plans choose their layers by scores of the model trained by this "
+                         "stage of the recipe (every layer converted until then: conversion.select_after)")
     args = ap.parse_args()
+    if args.select_after and not args.train:
+        ap.error("--select-after needs --train (it selects inside the training recipe)")
     if args.plot:
         plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_name("pareto.png"), args.context)
         return
@@ -126,7 +142,14 @@ def main():
           + f"; teacher cache @4k {t_cache[4096] / 2**20:.1f} MiB, @32k {t_cache[32768] / 2**20:.1f} MiB")
     results = {"source": args.source, "teacher": {"perplexity": t_ppl, "cache": t_cache}, "methods": {},
                "train": {"recipe": args.train, "overrides": args.train_set} if args.train else None}
-    work = Path(tempfile.mkdtemp(prefix="pareto-train-"))
+    out = Path(args.out)
+    work = out / "train"  # the --train logs (the trained models are removed once measured)
+    (work if args.train else out).mkdir(parents=True, exist_ok=True)
+
+    def save(complete: bool) -> None:  # after every row, so an interrupted run keeps what it measured
+        results["complete"] = complete
+        (out / "pareto.json").write_text(json.dumps(results, indent=1, default=str))
+
     for method in args.methods:
         opts = OPTIONS.get(method, {})
         scores, student = cached_scores(teacher, method, opts, tok, tokens=args.score_tokens, log=lambda *_: None)
@@ -134,6 +157,7 @@ def main():
         head = " ".join(f"{k[:14]:>14}" for k in texts)
         print(f"{'N':>3} {'plan':<9} {'layers':<28} {head} {'cache@4k':>10} {'cache@32k':>10}")
         rows = []
+        results["methods"][method] = {"scores": scores, "rows": rows}
         for n in args.n:
             plans = {"selected": choose(scores, AutoSpec(layers=n)), "spread": spread_layers(n_layers, n / n_layers)}
             for name, keep in plans.items():
@@ -150,18 +174,21 @@ def main():
                 del hybrid, baseline  # freed before a --train run loads its own models
                 cells = " ".join(f"{ppl[k]:>7.2f} ({base_ppl[k]:>5.1f})" for k in texts)
                 if args.train:
-                    row["trained_perplexity"] = t = trained(args, method, keep, blocks, work)
+                    select_n = n if args.select_after and name == "selected" and n else None
+                    t, row["trained_keep"] = trained(args, method, keep, blocks, work, select_n)
+                    row["trained_perplexity"] = t
                     cells += " | trained " + " ".join(f"{t[k]:>7.2f}" for k in texts)
+                    if select_n is not None:
+                        cells += f" (layers {row['trained_keep']})"
                 rows.append(row)
                 print(f"{n:>3} {name:<9} {str(keep):<28} {cells} {cache['4096'] / 2**20:>8.2f}Mi "
                       f"{cache['32768'] / 2**20:>8.2f}Mi", flush=True)
-        results["methods"][method] = {"scores": scores, "rows": rows}
+                save(complete=False)
     print("\n(perplexity of the hybrid before training; in brackets the window-only baseline, 64 + 4 sinks, keeping "
           "the same layers" + (f"; 'trained': after the stages of {args.train} {' '.join(args.train_set)}" if args.train
-                               else "") + ")")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pareto.json").write_text(json.dumps(results, indent=1, default=str))
+                               else "") + (f"; selected plans trained with layers chosen after stage {args.select_after}"
+                                           if args.select_after else "") + ")")
+    save(complete=True)
     plot(results, out / "pareto.png", args.context)
     print(f"wrote {out / 'pareto.json'} and {out / 'pareto.png'}" + (f"; training logs in {work}" if args.train else ""))
 

@@ -53,6 +53,9 @@ class ConversionSpec(Strict):
     keep_attention: list[int] | str | None = None  # a list, "0-3,15", or auto:N / auto:P%@L (chosen by measurement)
     select_text: str = "builtin:wikitext-2/valid.txt"  # the text auto:... scores layers on
     select_mode: Literal["restore", "convert"] = "restore"  # how auto:... scores (convert/layer_select.py)
+    # auto:... scores the model this stage trained (every layer converted until then) instead of the untrained one;
+    # the chosen layers then return to the teacher's attention for the later stages
+    select_after: str | None = None
     attention_fraction: float | None = None  # share of layers kept as attention, spread evenly
     attention_every: int | None = None  # every k-th layer kept as attention
     options: dict[str, Any] = Field(default_factory=dict)
@@ -61,12 +64,17 @@ class ConversionSpec(Strict):
     @model_validator(mode="after")
     def _known_method(self):
         from .convert import get_method
+        from .convert.layer_select import parse_auto
 
         try:
             m = get_method(self.method)  # a transform here rewrites a source that is already converted
             m.resolve_options(self.options)
+            auto = parse_auto(self.keep_attention)
         except RnnifyError as e:
             raise ValueError(str(e)) from None
+        if self.select_after is not None and auto is None:
+            raise ValueError(f"select_after: {self.select_after!r} chooses the kept layers by measurement after that "
+                             f"stage; keep_attention must then be auto:N or auto:P%@L, not {self.keep_attention!r}")
         return self
 
 
@@ -203,6 +211,10 @@ class Recipe(Strict):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
+        after = self.conversion.select_after
+        if after is not None and after not in names:
+            raise ValueError(f"conversion.select_after: {after!r} is not a stage of this recipe; its stages: "
+                             f"{', '.join(names) or 'none'}")
         accepted = _stage_keys()
         types = {s.type for s in self.stages}
         for key in self.train.model_fields_set:

@@ -350,3 +350,68 @@ def test_gradient_checkpointing_changes_memory_not_results(workdir):
     assert l0 == pytest.approx(l1, rel=1e-5)
     for k in w0:
         torch.testing.assert_close(w1[k], w0[k], rtol=1e-5, atol=1e-6)
+
+
+def _select_recipe(workdir, stages, **conversion):
+    return recipe(workdir, stages, method="supra", conversion={
+        "method": "supra", "options": {"chunk_size": 16}, "keep_attention": "auto:1",
+        "select_after": "attention_transfer", "select_text": str(workdir / "data.txt"), **conversion})
+
+
+def test_select_after_scores_the_trained_model_and_keeps_its_weights(workdir):
+    """select_after: the layers are scored on the model the stage trained (checked against score_layers on the same
+    training run saved without selection), the chosen one returns to the teacher's attention, and every other
+    trained weight carries over into the hybrid."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rnnify.convert.layer_select import score_layers, text_ids
+
+    at = [{"type": "attention_transfer", "max_steps": 3, "lr": 0.05}]
+    run_recipe(recipe(workdir, at, method="supra"), progress=False)  # the same training, every layer converted
+    trained = AutoModelForCausalLM.from_pretrained(workdir / "out", dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(workdir / "src", dtype=torch.float32)
+    ids = text_ids(AutoTokenizer.from_pretrained(workdir / "src"), str(workdir / "data.txt"))
+    expected = score_layers(teacher, trained.eval(), ids, "restore")
+    shutil.rmtree(workdir / "out"), shutil.rmtree(workdir / "out.run")
+
+    run_recipe(_select_recipe(workdir, at + [{"type": "distill", "max_steps": 2, "lr": 0.01}]), progress=False)
+    info = json.loads((workdir / "out.run" / "state.json").read_text())["stages"]["attention_transfer"]
+    assert info["layer_scores"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    keep = [max(range(4), key=lambda i: expected[i])]
+    assert info["selected_layers"] == keep
+    hybrid = load_file(str(workdir / "out.run" / "stages" / "attention_transfer" / "model.safetensors"))
+    before = {k: v for k, v in trained.state_dict().items() if not k.startswith(f"model.layers.{keep[0]}.self_attn.")}
+    assert set(before) - set(hybrid) == {"model.embed_tokens.weight"}  # tied to lm_head: saved once
+    for k in set(before) & set(hybrid):
+        torch.testing.assert_close(hybrid[k], before[k], msg=k)  # the trained mixers and the shared weights carried over
+    for name in ("q_proj", "o_proj"):  # the kept layer is the teacher's attention again
+        torch.testing.assert_close(hybrid[f"model.layers.{keep[0]}.self_attn.{name}.weight"],
+                                   teacher.state_dict()[f"model.layers.{keep[0]}.self_attn.{name}.weight"])
+    final = AutoModelForCausalLM.from_pretrained(workdir / "out")
+    assert [i for i, _ in final.mixers()] == [i for i in range(4) if i not in keep]
+
+
+def test_select_after_resumes_the_chosen_hybrid(workdir, monkeypatch):
+    stages = [{"type": "attention_transfer", "max_steps": 3, "lr": 0.05}, {"type": "distill", "max_steps": 4, "lr": 0.01}]
+    run_recipe(_select_recipe(workdir, stages), progress=False)
+    reference = _final_weights(workdir)
+    shutil.rmtree(workdir / "out"), shutil.rmtree(workdir / "out.run")
+    monkeypatch.setattr(trainer, "_BEFORE_STEP", lambda stage, step: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if stage == "distill" and step == 3 else None)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(_select_recipe(workdir, stages), progress=False)
+    monkeypatch.setattr(trainer, "_BEFORE_STEP", None)
+    run_recipe(_select_recipe(workdir, stages), resume=True, progress=False)
+    resumed = _final_weights(workdir)
+    assert resumed.keys() == reference.keys()  # the same layers kept as attention
+    for k in reference:
+        torch.testing.assert_close(resumed[k], reference[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("conversion,message", [
+    ({"keep_attention": [1]}, "keep_attention must then be auto:N"),
+    ({"select_after": "warmup"}, "'warmup' is not a stage of this recipe; its stages: attention_transfer"),
+])
+def test_select_after_errors_name_what_is_accepted(workdir, conversion, message):
+    with pytest.raises(RnnifyError, match=message):
+        _select_recipe(workdir, [{"type": "attention_transfer", "max_steps": 1}], **conversion)

@@ -221,6 +221,19 @@ def text_ids(tokenizer, text: str = DEFAULT_TEXT, tokens: int = 4096, seq_len: i
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
+def _progress(log):
+    """A score_layers progress callback that logs every 10%."""
+    last = [0]
+
+    def progress(done, total):
+        pct = int(100 * done / total)
+        if pct >= last[0] + 10:
+            last[0] = pct
+            log(f"  {pct}%")
+
+    return progress
+
+
 def _fingerprint(teacher, method, options, ids, mode) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"method": method, "options": options, "mode": mode}, sort_keys=True, default=str).encode())
@@ -252,15 +265,7 @@ def cached_scores(teacher, method: str, options: dict, tokenizer, text: str = DE
         except (ValueError, KeyError):
             pass  # a damaged cache entry is recomputed
     log(f"scoring {len(teacher.model.layers)} layers ({mode}) on {ids.numel():,} tokens of {text} ...")
-    last = [0]
-
-    def progress(done, total):
-        pct = int(100 * done / total)
-        if pct >= last[0] + 10:
-            last[0] = pct
-            log(f"  {pct}%")
-
-    scores = score_layers(teacher, student, ids, mode, progress)
+    scores = score_layers(teacher, student, ids, mode, _progress(log))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"method": method, "options": options, "mode": mode, "text": text,
@@ -273,6 +278,22 @@ def teacher_cache_bytes(teacher, seq_len: int) -> int:
     from ..eval.memory import cache_bytes
 
     return cache_bytes(teacher, seq_len)
+
+
+def select_trained(teacher, student, spec: AutoSpec, tokenizer, text: str = DEFAULT_TEXT, mode: str = "restore",
+                   log=print) -> tuple[list[int], list[float]]:
+    """(kept layers, scores) for ``spec``, scored on ``student``: a *trained* model with every layer converted
+    (recipe ``select_after``). Not cached: the scores belong to these trained weights. For methods whose untrained
+    hybrid is far from the teacher (Mamba-in-the-Llama) this is what makes the scores mean something."""
+    ids = text_ids(tokenizer, text).to(next(student.parameters()).device)
+    log(f"scoring {len(teacher.model.layers)} trained layers ({mode}) on {ids.numel():,} tokens of {text} ...")
+    was_training = student.training
+    student.eval()
+    scores = score_layers(teacher, student, ids, mode, _progress(log))
+    student.train(was_training)
+    if any(math.isnan(s) for s in scores):
+        raise RnnifyError("layer scores are NaN: the trained model's outputs are not finite on this text")
+    return choose(scores, spec, student, teacher_cache_bytes(teacher, spec.cache_length)), scores
 
 
 def resolve_auto(teacher, method: str, spec: AutoSpec, options: dict, tokenizer, text: str = DEFAULT_TEXT,

@@ -37,15 +37,39 @@ def make_accelerator():
     return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
-def build_student(recipe: Recipe, teacher, tokenizer=None, log=None):
-    """The recipe's conversion of ``teacher``, then its transforms in order."""
+def build_student(recipe: Recipe, teacher, tokenizer=None, log=None, selected: list[int] | None = None):
+    """The recipe's conversion of ``teacher``, then its transforms in order. With ``conversion.select_after`` every
+    layer is converted until that stage has chosen the kept layers; ``selected`` is its choice once made."""
     c = recipe.conversion
-    student = convert(teacher, c.method, keep_attention=c.keep_attention, options=c.options,
+    keep = c.keep_attention if c.select_after is None else (selected or [])
+    student = convert(teacher, c.method, keep_attention=keep, options=c.options,
                       attention_fraction=c.attention_fraction, attention_every=c.attention_every,
                       tokenizer=tokenizer, select_text=c.select_text, select_mode=c.select_mode, log=log)
     for t in c.transforms:
         student = transform(student, t.method, t.options)
     return student
+
+
+def select_after_training(recipe: Recipe, teacher, tok, trained, log):
+    """``conversion.select_after``: score the layers of the trained all-converted model, and return (the hybrid that
+    keeps the chosen layers as the teacher's attention and every other trained weight, its kept layers, scores)."""
+    from ..convert.layer_select import parse_auto, select_trained
+
+    c = recipe.conversion
+    spec = parse_auto(c.keep_attention)
+    keep, scores = select_trained(teacher, trained, spec, tok, c.select_text, c.select_mode, log=log)
+    log(f"keep-attention {spec} after stage {c.select_after}: layers {keep or 'none'} chosen by {c.select_mode} "
+        "scores of the trained model: " + " ".join(f"{i}:{v:.3f}" for i, v in enumerate(scores)))
+    hybrid = build_student(recipe, teacher, selected=keep)
+    target = hybrid.state_dict()
+    restored = tuple(f"model.layers.{i}.self_attn." for i in keep)
+    for name, value in trained.state_dict().items():
+        if name in target:
+            target[name].copy_(value)
+        elif not name.startswith(restored):
+            raise RnnifyError(f"select_after: the trained weight {name} has no place in the hybrid")
+    hybrid.train(trained.training)
+    return hybrid, keep, scores
 
 
 def _apply_lora(student, lora):
@@ -145,8 +169,18 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
             _log(accelerator, f"warning: stage {stage.name} trains on seq_len {seq_len}, beyond the source's "
                               f"max_position_embeddings {max_pos}: RoPE positions it never saw; expect worse quality "
                               "unless the recipe extends the context on purpose")
-    student = build_student(recipe, teacher, tok, log=lambda m: _log(accelerator, m))
-    if not any(STAGES[s.type].needs_teacher for s in recipe.stages):
+    completed = run.completed() if (resume or only_stage) else []
+    # start from the weights of the last finished stage before the first stage we will run
+    first_to_run = names.index(only_stage) if only_stage else \
+        next((i for i, n in enumerate(names) if n not in completed), len(names))
+    prior = [n for n in names[:first_to_run] if n in completed]
+    select_after = recipe.conversion.select_after
+    # the weights saved by the select_after stage (and later ones) are those of the hybrid it chose
+    selected = run.load()["stages"][select_after]["selected_layers"] if select_after in prior else None
+    student = build_student(recipe, teacher, tok, log=lambda m: _log(accelerator, m), selected=selected)
+    if selected is not None:
+        _log(accelerator, f"layers {selected} kept as attention, as chosen after stage {select_after}")
+    if not select_after and not any(STAGES[s.type].needs_teacher for s in recipe.stages):
         # no stage needs a separate teacher (self-distillation uses the student's own source view): hold the weights
         # once while training; the evaluation loads the source again
         del teacher
@@ -156,11 +190,6 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
     _log(accelerator, f"converted {recipe.model.source} with {recipe.conversion.method}: "
                       f"{len(new_names)} new parameter tensors")
 
-    completed = run.completed() if (resume or only_stage) else []
-    # start from the weights of the last finished stage before the first stage we will run
-    first_to_run = names.index(only_stage) if only_stage else \
-        next((i for i, n in enumerate(names) if n not in completed), len(names))
-    prior = [n for n in names[:first_to_run] if n in completed]
     if only_stage and len(prior) < first_to_run:
         missing = [n for n in names[:first_to_run] if n not in completed]
         _log(accelerator, f"warning: earlier stage(s) {missing} have not run; {only_stage} starts from their absence")
@@ -212,6 +241,15 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
         student.requires_grad_(False)
         info = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
                 "seconds": round(result.seconds, 1), "world_size": accelerator.num_processes}
+        if stage.name == select_after:  # saved with the stage's completion, so a resumed run rebuilds this hybrid
+            if teacher_sharded:
+                raise RnnifyError("conversion.select_after scores layers against the whole teacher; it cannot run "
+                                  "with a sharded teacher (set distributed.shard_teacher: false)")
+            student, keep, scores = select_after_training(recipe, teacher, tok, student,
+                                                          log=lambda m: _log(accelerator, m))
+            student.requires_grad_(False)
+            new_names = student.new_parameter_names()
+            info.update(selected_layers=keep, layer_scores=scores)
         if accelerator.is_main_process:
             run.mark_completed(stage.name, student, info)
         accelerator.wait_for_everyone()

@@ -14,7 +14,6 @@ Only torch/transformers and sibling files are imported: this file ships with con
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import shutil
 from pathlib import Path
@@ -33,9 +32,6 @@ from .mixer_base import Mixer
 from .mixers import get_mixer
 from .recurrent_block import LoopBlock, catch_up_slot
 from .remote_code import remote_code_sources
-
-# transformers renamed `past_key_values` to `cache` (5.2x); support both spellings of the output field.
-_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 _MASK_FUNCTIONS = {
     "full_attention": create_causal_mask,
@@ -245,7 +241,7 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            **{_CACHE_FIELD: cache if use_cache else None},
+            cache=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
 
