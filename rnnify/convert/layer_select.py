@@ -18,7 +18,11 @@ half a forward pass per layer instead of one.
 Caveat, measured on SmolLM2-135M: for LoLCATs (whose untrained hybrid is close to the window-only model) the
 selected layers beat evenly spread ones at every budget; for Mamba-in-the-Llama, whose untrained hybrid is far from
 the teacher (perplexity ~1e5), neither mode's scores of the untrained model gave a better hybrid after the CPU
-recipe's short training than spreading: score such methods after a short distillation.
+recipe's short training than spreading: score such methods after a short training instead, with the recipe key
+``conversion.select_after: <stage>`` (every layer is converted until that stage has run, its trained model is
+scored, and the chosen layers return to the teacher's attention for the later stages; ``select_trained``). An
+``attention_transfer`` stage is the natural one: it trains each layer alone on the teacher's inputs, so what it
+learns does not depend on which layers are kept.
 
 A plan is the top ``N`` layers by score, or, for a cache budget (``auto:10%@4096``: at most 10% of the teacher's
 KV cache at 4096 tokens), the most layers whose cache fits. Scores are cached on disk per source weights, method,
