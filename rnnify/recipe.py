@@ -242,6 +242,10 @@ class Recipe(Strict):
                 raise ValueError(f"stage {s.name!r} uses data {st.data!r}, not in datasets {sorted(self.datasets)}")
             if st.max_steps is None and st.max_tokens is None:
                 raise ValueError(f"stage {s.name!r} needs max_steps or max_tokens")
+            lora = getattr(st, "lora", None)
+            if s.name == after and lora is not None and not lora.merge:
+                raise ValueError(f"stage {s.name!r} is conversion.select_after: its LoRA adapters must be merged "
+                                 "(lora.merge: true) before the layers are scored and the hybrid rebuilt")
             from .convert import get_method
 
             try:

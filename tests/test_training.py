@@ -408,10 +408,12 @@ def test_select_after_resumes_the_chosen_hybrid(workdir, monkeypatch):
         torch.testing.assert_close(resumed[k], reference[k], atol=1e-6, rtol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("conversion,message", [
-    ({"keep_attention": [1]}, "keep_attention must then be auto:N"),
-    ({"select_after": "warmup"}, "'warmup' is not a stage of this recipe; its stages: attention_transfer"),
+@pytest.mark.parametrize("conversion,stage,message", [
+    ({"keep_attention": [1]}, {}, "keep_attention must then be auto:N"),
+    ({"select_after": "warmup"}, {}, "'warmup' is not a stage of this recipe; its stages: attention_transfer"),
+    ({"select_after": "finetune"}, {"type": "finetune", "lora": {"r": 2, "merge": False}},
+     r"stage 'finetune' is conversion.select_after: its LoRA adapters must be merged \(lora.merge: true\)"),
 ])
-def test_select_after_errors_name_what_is_accepted(workdir, conversion, message):
+def test_select_after_errors_name_what_is_accepted(workdir, conversion, stage, message):
     with pytest.raises(RnnifyError, match=message):
-        _select_recipe(workdir, [{"type": "attention_transfer", "max_steps": 1}], **conversion)
+        _select_recipe(workdir, [{"type": "attention_transfer", "max_steps": 1, **stage}], **conversion)
