@@ -148,7 +148,9 @@ def main():
 
     def save(complete: bool) -> None:  # after every row, so an interrupted run keeps what it measured
         results["complete"] = complete
-        (out / "pareto.json").write_text(json.dumps(results, indent=1, default=str))
+        tmp = out / "pareto.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1, default=str))
+        tmp.replace(out / "pareto.json")  # whole or not at all, even when killed mid-write
 
     for method in args.methods:
         opts = OPTIONS.get(method, {})
