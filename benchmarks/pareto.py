@@ -131,6 +131,7 @@ def main():
     from rnnify.convert import convert, spread_layers
     from rnnify.convert.layer_select import AutoSpec, cached_scores, choose, plan_cache_bytes, teacher_cache_bytes
     from rnnify.eval.perplexity import perplexity
+    from rnnify.io import write_json_atomic
 
     teacher, tok = models.load_source(args.source, progress=lambda *_: None)
     n_layers = len(teacher.model.layers)
@@ -148,9 +149,7 @@ def main():
 
     def save(complete: bool) -> None:  # after every row, so an interrupted run keeps what it measured
         results["complete"] = complete
-        tmp = out / "pareto.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1, default=str))
-        tmp.replace(out / "pareto.json")  # whole or not at all, even when killed mid-write
+        write_json_atomic(out / "pareto.json", results, default=str)
 
     for method in args.methods:
         opts = OPTIONS.get(method, {})

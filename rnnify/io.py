@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import os
 import shutil
 import tempfile
@@ -29,6 +30,14 @@ MODEL_FILES = (
     "*.json", "*.safetensors", "*.bin", "*.py", "README.md", "recipe.yaml", "metrics.jsonl", "*.png",
     "tokenizer.model", "spiece.model", "vocab.txt", "merges.txt", "*.tiktoken", "*.jinja",
 )
+
+
+def write_json_atomic(path: str | os.PathLike, data, **dumps) -> None:
+    """Write ``data`` as JSON so that ``path`` holds the old file or the whole new one, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, **{"indent": 1, **dumps}) + "\n")
+    os.replace(tmp, path)
 
 
 def holds_model(path: Path) -> bool:

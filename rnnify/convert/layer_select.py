@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import RnnifyError
+from ..io import write_json_atomic
 
 MODES = ("restore", "convert")
 DEFAULT_TEXT = "builtin:wikitext-2/valid.txt"
@@ -271,10 +272,8 @@ def cached_scores(teacher, method: str, options: dict, tokenizer, text: str = DE
     log(f"scoring {len(teacher.model.layers)} layers ({mode}) on {ids.numel():,} tokens of {text} ...")
     scores = score_layers(teacher, student, ids, mode, _progress(log))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"method": method, "options": options, "mode": mode, "text": text,
-                               "tokens": ids.numel(), "scores": scores}, indent=1))
-    tmp.replace(path)
+    write_json_atomic(path, {"method": method, "options": options, "mode": mode, "text": text,
+                             "tokens": ids.numel(), "scores": scores})
     return scores, student
 
 

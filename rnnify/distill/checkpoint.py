@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..errors import RnnifyError
+from ..io import write_json_atomic
 
 _FILES = ("trainable.safetensors", "optim.pt")
 
@@ -35,12 +36,6 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -96,7 +91,7 @@ class RunState:
             data["completed"].append(name)
         data.setdefault("stages", {})[name] = {**info, "sha256": digest}
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_json(self.state_file, data)
+        write_json_atomic(self.state_file, data, indent=2)
         shutil.rmtree(self.dir / "checkpoints" / name, ignore_errors=True)
 
     def has_state(self) -> bool:
