@@ -238,12 +238,26 @@ def cmd_convert(args) -> None:
         print(f"  cache per sequence @ {n // 1024}k tokens: {human_bytes(s)} vs {before} {human_bytes(t)} ({ratio})")
 
 
+def cmd_cache(args) -> None:
+    from .cache_dirs import clear, usage
+    from .eval.memory import human_bytes
+
+    if args.clear:
+        for name, size in clear(args.clear):
+            print(f"cleared {name}: {human_bytes(size)} freed")
+        return
+    for row in usage():
+        print(f"{row['area']:<13} {human_bytes(row['bytes']):>10}  {row['entries']:>4} entries  {row['path']}")
+        print(f"{'':<13} {row['holds']}")
+
+
 def cmd_select_layers(args) -> None:
     from . import models
     from .convert import validate
     from .convert.flags import options_from_args
     from .convert.layer_select import AutoSpec, cached_scores, choose, parse_auto, plan_cache_bytes, teacher_cache_bytes
     from .eval.memory import human_bytes
+    from .io import write_json_atomic
 
     if (args.budget_layers is None) == (args.budget_cache is None):
         raise RnnifyError("give one budget: --budget-layers N or --budget-cache P%@L (e.g. 10%@4096)")
@@ -274,9 +288,7 @@ def cmd_select_layers(args) -> None:
     record = {"source": args.model, "method": args.method, "options": opts, "mode": args.mode, "text": args.text,
               "tokens": args.tokens, "budget": str(spec), "scores": scores, "keep_attention": keep,
               "cache_bytes": {str(n): cache[n] for n in lengths}, "teacher_cache_bytes": {str(n): t_cache[n] for n in lengths}}
-    tmp = out / "layer_scores.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out / "layer_scores.json")
+    write_json_atomic(out / "layer_scores.json", record, indent=2)
     from .eval.plots import bar_chart
 
     bar_chart(out / "layer_scores.png", [str(i) for i in range(len(scores))], scores,
@@ -591,6 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--revision", default="main", help="branch to commit to (created if needed)")
     s.add_argument("--message", default=None, help="commit message")
     s.set_defaults(func=cmd_push)
+
+    s = sub.add_parser("cache", help="size of rnnify's caches (dequantized GGUF sources, packed tokens, layer "
+                                     "scores); --clear removes them (each is rebuilt when needed)")
+    s.add_argument("--clear", nargs="+", metavar="AREA", default=None,
+                   help="areas to remove: sources, tokens, layer_scores, or all")
+    s.set_defaults(func=cmd_cache)
 
     s = sub.add_parser("ls", help="shipped recipes, methods (with papers and options) and training stages")
     s.set_defaults(func=cmd_ls)

@@ -32,12 +32,24 @@ MODEL_FILES = (
 )
 
 
-def write_json_atomic(path: str | os.PathLike, data, **dumps) -> None:
-    """Write ``data`` as JSON so that ``path`` holds the old file or the whole new one, never half of it."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` so that ``path`` holds the old file or the whole new one, never half of it."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, **{"indent": 1, **dumps}) + "\n")
-    os.replace(tmp, path)
+    # a temp name of its own, so two processes writing the same file never write into one temp file
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, data, **dumps) -> None:
+    """``data`` as JSON, written atomically (``write_text_atomic``)."""
+    write_text_atomic(path, json.dumps(data, **{"indent": 1, **dumps}) + "\n")
 
 
 def holds_model(path: Path) -> bool:

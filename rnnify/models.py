@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import RnnifyError
-from .io import atomic_output_dir, holds_model
+from .io import atomic_output_dir, holds_model, write_json_atomic
 
 # alias -> (python package holding the GGUF, pip command that installs it, how to get the file)
 ALIASES = {
@@ -113,10 +114,40 @@ def resolve(name: str) -> Source:
     raise RnnifyError(f"cannot find model {name!r}; accepted: {ACCEPTED}")
 
 
-def _dequantized_dir(gguf: Path) -> Path:
+def gguf_digest(gguf: Path) -> str:
+    """sha256 of a GGUF file's bytes, remembered per (path, size, mtime) in ``<cache>/sources/digests.json``.
+
+    The dequantized folder is keyed by content, not by path: every fresh virtual environment installs the same
+    alias file at a new path with a new mtime, and a path key gave each one its own 0.5 GB copy in the cache.
+    """
+    gguf = gguf.resolve()
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    return cache_root() / "sources" / f"{gguf.stem}-{key}"
+    memo_path = cache_root() / "sources" / "digests.json"
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if not isinstance(memo, dict):
+        memo = {}
+    hit = memo.get(str(gguf))
+    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    h = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    memo[str(gguf)] = {"stamp": stamp, "sha256": h.hexdigest()}
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(memo_path, memo)
+    except OSError:  # a read-only cache only costs the hash next time
+        pass
+    return h.hexdigest()
+
+
+def _dequantized_dir(gguf: Path) -> Path:
+    return cache_root() / "sources" / f"{gguf.stem}-{gguf_digest(gguf)[:12]}"
 
 
 def dequantize_gguf(gguf: Path, progress=print) -> Path:

@@ -111,3 +111,25 @@ def test_failed_convert_leaves_no_output(tiny_llama_dir, tmp_path, capsys, monke
         main(["--debug", "convert", str(tiny_llama_dir), "--method", "supra", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-llama"]
+
+
+def test_cache_lists_and_clears_only_the_named_area(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RNNIFY_CACHE", str(tmp_path / "c"))
+    monkeypatch.delenv("RNNIFY_TOKEN_CACHE", raising=False)
+    for area, size in (("sources", 3000), ("tokens", 500), ("layer_scores", 20)):
+        (tmp_path / "c" / area / "entry").mkdir(parents=True)
+        (tmp_path / "c" / area / "entry" / "blob").write_bytes(b"x" * size)
+    code, out, _ = run(capsys, "cache")
+    assert code == 0
+    sizes = {line.split()[0]: line.split()[1:3] for line in out.splitlines() if not line.startswith(" ")}
+    assert sizes == {"sources": ["2.9", "KiB"], "tokens": ["500", "B"], "layer_scores": ["20", "B"]}
+
+    code, out, _ = run(capsys, "cache", "--clear", "tokens")
+    assert code == 0 and "cleared tokens: 500 B freed" in out
+    assert not (tmp_path / "c" / "tokens").exists() and (tmp_path / "c" / "sources" / "entry" / "blob").exists()
+
+    code, _, err = run(capsys, "cache", "--clear", "weights")
+    assert code != 0 and "unknown cache area(s) weights; accepted: sources, tokens, layer_scores, all" in err
+    assert (tmp_path / "c" / "sources").exists()
+    code, out, _ = run(capsys, "cache", "--clear", "all")
+    assert code == 0 and not any((tmp_path / "c").iterdir())

@@ -58,3 +58,27 @@ def test_bad_sources(tmp_path):
         models.resolve(str(tmp_path / "x.gguf"))
     with pytest.raises(RnnifyError, match="accepted: auto, float32"):
         models.parse_dtype("float8")
+
+
+def test_dequantized_gguf_folder_is_keyed_by_content_not_path(tmp_path, monkeypatch):
+    """Each fresh venv installs the alias GGUF at a new path with a new mtime: the same bytes must reuse one
+    dequantized folder (a path key gave each venv its own 0.5 GB copy), and changed bytes must not."""
+    import json
+    import os
+
+    monkeypatch.setenv("RNNIFY_CACHE", str(tmp_path / "cache"))
+    blob = os.urandom(3 << 20)
+    first, second, other = (tmp_path / d / "model.gguf" for d in ("venv1", "venv2", "venv3"))
+    for path, data in ((first, blob), (second, blob), (other, blob[:-1] + b"\x00")):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    os.utime(second, (1_700_000_000, 1_700_000_000))
+    assert models._dequantized_dir(first) == models._dequantized_dir(second)
+    assert models._dequantized_dir(other) != models._dequantized_dir(first)
+    assert models._dequantized_dir(first).name.startswith("model-")
+    memo = json.loads((tmp_path / "cache" / "sources" / "digests.json").read_text())
+    assert {str(p.resolve()) for p in (first, second, other)} <= set(memo)
+    # rewritten in place: the remembered digest no longer applies
+    first.write_bytes(other.read_bytes())
+    os.utime(first, (1_800_000_000, 1_800_000_000))
+    assert models._dequantized_dir(first) == models._dequantized_dir(other)

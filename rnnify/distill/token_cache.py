@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import RnnifyError
+from ..io import write_json_atomic
 from ..recipe import DataSpec, resolve_path
 from .data import local_file, pack_stream
 
@@ -113,9 +114,7 @@ class PackedBlocks:
                 "dtype": np.dtype(self.dtype).name}
 
     def _write_progress(self, p: dict) -> None:
-        tmp = self.dir / "progress.json.tmp"
-        tmp.write_text(json.dumps(p))
-        os.replace(tmp, self.dir / "progress.json")
+        write_json_atomic(self.dir / "progress.json", p, indent=None)
 
     @property
     def complete(self) -> bool:

@@ -7,7 +7,6 @@ Every measurement is keyed by model name: ``teacher``, each student (``student``
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -234,14 +233,11 @@ def results_table(results: dict) -> str:
 def write_eval(folder, results: dict) -> list[str]:
     """Write eval.json, the plots next to it, and replace the README's Evaluation section (each file atomically).
     Returns the plot file names."""
-    import os
-
+    from ..io import write_json_atomic, write_text_atomic
     from .plots import write_plots
 
     folder = Path(folder)
-    tmp = folder / "eval.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, folder / "eval.json")
+    write_json_atomic(folder / "eval.json", results, indent=2, default=_jsonable)
     plots = write_plots(results, folder)
     card = folder / "README.md"
     text = card.read_text() if card.exists() else ""
@@ -254,9 +250,7 @@ def write_eval(folder, results: dict) -> list[str]:
         text = head + section + (rest[nxt:] if nxt >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + section
-    tmp = folder / "README.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, card)
+    write_text_atomic(card, text)
     return [name for name, _ in plots]
 
 
