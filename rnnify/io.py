@@ -32,12 +32,19 @@ MODEL_FILES = (
 )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` so that ``path`` holds the old file or the whole new one, never half of it."""
     path = Path(path)
     # a temp name of its own, so two processes writing the same file never write into one temp file
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual permissions
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -406,3 +406,22 @@ def test_cp_into_a_missing_folder(capsys, tmp_path):
     assert code == 2
     one_line(err, "does not exist", "cp")
     assert run(capsys, "cp", "quickstart", tmp_path)[0] == 0 and (tmp_path / "quickstart.yaml").is_file()
+
+
+def test_atomic_writes_replace_whole_files_with_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from rnnify.io import write_json_atomic, write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        write_text_atomic(tmp_path / "card.md", "first")
+        write_text_atomic(tmp_path / "card.md", "second")
+    finally:
+        os.umask(old)
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+    assert (tmp_path / "card.md").read_text() == "second"
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o644}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "card.md"]  # no temp file left behind
