@@ -137,6 +137,7 @@ def gguf_digest(gguf: Path) -> str:
     with open(gguf, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
+    memo = {k: v for k, v in memo.items() if Path(k).exists()}  # venvs that are gone
     memo[str(gguf)] = {"stamp": stamp, "sha256": h.hexdigest()}
     try:
         memo_path.parent.mkdir(parents=True, exist_ok=True)

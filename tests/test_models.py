@@ -78,6 +78,11 @@ def test_dequantized_gguf_folder_is_keyed_by_content_not_path(tmp_path, monkeypa
     assert models._dequantized_dir(first).name.startswith("model-")
     memo = json.loads((tmp_path / "cache" / "sources" / "digests.json").read_text())
     assert {str(p.resolve()) for p in (first, second, other)} <= set(memo)
+    second.unlink()  # a venv that is gone leaves the memo at the next write
+    other.touch()  # a new stamp: hashed again, and the memo is written again
+    models._dequantized_dir(other)
+    memo = json.loads((tmp_path / "cache" / "sources" / "digests.json").read_text())
+    assert str(second.resolve()) not in memo and str(other.resolve()) in memo
     # rewritten in place: the remembered digest no longer applies
     first.write_bytes(other.read_bytes())
     os.utime(first, (1_800_000_000, 1_800_000_000))
