@@ -114,7 +114,7 @@ def resolve(name: str) -> Source:
     raise RnnifyError(f"cannot find model {name!r}; accepted: {ACCEPTED}")
 
 
-def gguf_digest(gguf: Path) -> str:
+def gguf_digest(gguf: Path, progress=print) -> str:
     """sha256 of a GGUF file's bytes, remembered per (path, size, mtime) in ``<cache>/sources/digests.json``.
 
     The dequantized folder is keyed by content, not by path: every fresh virtual environment installs the same
@@ -133,6 +133,8 @@ def gguf_digest(gguf: Path) -> str:
     hit = memo.get(str(gguf))
     if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
         return hit["sha256"]
+    if st.st_size > 2**30:
+        progress(f"hashing {gguf.name} ({st.st_size / 2**30:.1f} GiB; once per file) ...")
     h = hashlib.sha256()
     with open(gguf, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -147,13 +149,13 @@ def gguf_digest(gguf: Path) -> str:
     return h.hexdigest()
 
 
-def _dequantized_dir(gguf: Path) -> Path:
-    return cache_root() / "sources" / f"{gguf.stem}-{gguf_digest(gguf)[:12]}"
+def _dequantized_dir(gguf: Path, progress=print) -> Path:
+    return cache_root() / "sources" / f"{gguf.stem}-{gguf_digest(gguf, progress)[:12]}"
 
 
 def dequantize_gguf(gguf: Path, progress=print) -> Path:
     """Dequantize a GGUF checkpoint into a cached safetensors folder (once) and return that folder."""
-    target = _dequantized_dir(gguf)
+    target = _dequantized_dir(gguf, progress)
     if holds_model(target):
         return target
     try:
