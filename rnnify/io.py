@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +31,15 @@ MODEL_FILES = (
     "*.json", "*.safetensors", "*.bin", "*.py", "README.md", "recipe.yaml", "metrics.jsonl", "*.png",
     "tokenizer.model", "spiece.model", "vocab.txt", "merges.txt", "*.tiktoken", "*.jinja",
 )
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _umask() -> int:

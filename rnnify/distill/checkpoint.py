@@ -10,7 +10,6 @@ skipped and why.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..errors import RnnifyError
+from ..io import file_sha256 as sha256
 from ..io import write_json_atomic
 
 _FILES = ("trainable.safetensors", "optim.pt")
@@ -28,14 +28,6 @@ _FILES = ("trainable.safetensors", "optim.pt")
 
 class DamagedCheckpoint(RnnifyError):
     """A checkpoint or run-state file that does not verify."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_json(path: Path, what: str) -> dict:
