@@ -142,7 +142,7 @@ def _plan(config, args, options, kv_bytes) -> dict:
 
         source, tok = models.load_source(args.model, progress=_log)
         keep, _ = resolve_auto(source, args.method, auto, opts, tok, args.select_text or DEFAULT_TEXT,
-                               args.select_mode, log=_log)
+                               args.select_mode, args.select_tokens, log=_log)
     plan = method.plan(config, keep, opts)
     base = config.get_text_config(decoder=True).to_dict()
     base.pop("quantization_config", None)
@@ -203,7 +203,8 @@ def cmd_convert(args) -> None:
     t1 = time.time()
     student = convert(source, args.method, keep_attention=args.keep_attention, options=options,
                       attention_fraction=args.attention_fraction, attention_every=args.attention_every,
-                      tokenizer=tok, select_text=args.select_text, select_mode=args.select_mode, log=_log)
+                      tokenizer=tok, select_text=args.select_text, select_mode=args.select_mode,
+                      select_tokens=args.select_tokens, log=_log)
     if dtype is not None:
         student = student.to(dtype)
         student.config.dtype = dtype
@@ -545,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "builtin:wikitext-2/valid.txt)")
         s.add_argument("--select-mode", choices=["restore", "convert"], default="restore",
                        help="how auto:... scores layers (default restore: KL-guided, see rnnify select-layers)")
+        s.add_argument("--select-tokens", type=int, default=4096,
+                       help="tokens of --select-text that auto:... scores on (default 4096)")
         s.add_argument("--attention-fraction", type=float, default=None,
                        help="share of layers that stay attention, spread evenly (e.g. 0.5, 0.25, 0.125, 0)")
         s.add_argument("--attention-every", type=int, default=None, help="every k-th layer stays attention")

@@ -53,6 +53,7 @@ class ConversionSpec(Strict):
     keep_attention: list[int] | str | None = None  # a list, "0-3,15", or auto:N / auto:P%@L (chosen by measurement)
     select_text: str = "builtin:wikitext-2/valid.txt"  # the text auto:... scores layers on
     select_mode: Literal["restore", "convert"] = "restore"  # how auto:... scores (convert/layer_select.py)
+    select_tokens: int = Field(4096, ge=64)  # tokens of select_text that auto:... scores on
     # auto:... scores the model this stage trained (every layer converted until then) instead of the untrained one;
     # the chosen layers then return to the teacher's attention for the later stages
     select_after: str | None = None

@@ -10,10 +10,14 @@ if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The token cache of the test runs (and of the processes they start) lives in a temporary folder, not ~/.cache.
+# It is removed when the run ends (each run made a new one, and they piled up in /tmp).
 if not os.environ.get("RNNIFY_TOKEN_CACHE"):
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["RNNIFY_TOKEN_CACHE"] = tempfile.mkdtemp(prefix="rnnify-test-tokens-")
+    atexit.register(shutil.rmtree, os.environ["RNNIFY_TOKEN_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -102,6 +102,22 @@ def test_auto_n_gives_n_layers_through_convert(text, monkeypatch, tmp_path):
         convert(teacher, "mamba_in_llama", keep_attention="auto:9", tokenizer=tok, select_text=text)
 
 
+def test_select_tokens_sets_how_much_text_auto_scores(text, monkeypatch, tmp_path):
+    monkeypatch.setenv("RNNIFY_CACHE", str(tmp_path / "cache"))
+    teacher, tok = tiny_model("llama"), make_tokenizer(128)
+    logs = []
+    convert(teacher, "lolcats", keep_attention="auto:1", options={"window": 8, "sinks": 2}, tokenizer=tok,
+            select_text=text, select_tokens=96, log=logs.append)
+    assert any("on 96 tokens of" in m for m in logs), logs
+    logs.clear()
+    convert(teacher, "lolcats", keep_attention="auto:1", options={"window": 8, "sinks": 2}, tokenizer=tok,
+            select_text=text, select_tokens=2000, log=logs.append)
+    assert any("on 1,024 tokens of" in m for m in logs), logs  # one whole sequence of 1024 (the text has ~2.6k)
+    assert not any("from the cache" in m for m in logs)  # other tokens: another cache entry
+    with pytest.raises(RnnifyError, match="scoring on 10 tokens .* at least 64 tokens"):
+        convert(teacher, "lolcats", keep_attention="auto:1", tokenizer=tok, select_text=text, select_tokens=10)
+
+
 def test_cache_budget_plans_and_the_impossible_budget():
     teacher = tiny_model("llama")
     student = convert(teacher, "supra", keep_attention=[])

@@ -43,6 +43,8 @@ def test_a_good_recipe_resolves_stage_settings():
         ({"stages": [{"type": "distill", "max_steps": 1, "data": "other"}]}, "uses data 'other', not in datasets"),
         ({"conversion": {"method": "mamba"}}, f"conversion: unknown method 'mamba'; accepted: {', '.join(sorted(METHODS))}"),
         ({"conversion": {"method": "supra", "options": {"window": 3}}}, "method 'supra' has no setting window"),
+        ({"conversion": {"method": "supra", "keep_attention": "auto:1", "select_tokens": 10}},
+         "conversion.select_tokens: Input should be greater than or equal to 64"),
     ],
 )
 def test_bad_recipes_name_the_bad_key(patch, path):

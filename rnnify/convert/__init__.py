@@ -103,11 +103,11 @@ def validate(source_config, method: str, keep_attention=None, options: dict | No
 
 def convert(teacher, method: str, keep_attention=None, options: dict | None = None, attention_fraction=None,
             attention_every=None, *, tokenizer=None, select_text: str | None = None, select_mode: str = "restore",
-            log=None):
+            select_tokens: int = 4096, log=None):
     """Build the student of ``teacher`` for ``method`` (or, for a transform method, rewrite the rnnify model
     ``teacher``); the layers left as attention come from ``keep_attention`` (list, or ``auto:N`` / ``auto:P%@L``
-    chosen by measurement on ``select_text`` with ``tokenizer``, see layer_select.py), ``attention_fraction`` or
-    ``attention_every``."""
+    chosen by measurement on ``select_tokens`` tokens of ``select_text`` with ``tokenizer``, see layer_select.py),
+    ``attention_fraction`` or ``attention_every``."""
     keep, opts = validate(teacher.config, method, keep_attention, options, attention_fraction, attention_every)
     from .layer_select import DEFAULT_TEXT, parse_auto, resolve_auto
 
@@ -116,7 +116,7 @@ def convert(teacher, method: str, keep_attention=None, options: dict | None = No
         if tokenizer is None:
             raise RnnifyError(f"keep-attention {auto} scores layers on text: it needs the source's tokenizer")
         keep, _ = resolve_auto(teacher, method, auto, opts, tokenizer, select_text or DEFAULT_TEXT, select_mode,
-                               log=log or (lambda *_: None))
+                               tokens=select_tokens, log=log or (lambda *_: None))
         (log or (lambda *_: None))(f"keep-attention {auto}: layers {keep or 'none'} chosen by {select_mode} scores")
     m = get_method(method)
     if m.transform:

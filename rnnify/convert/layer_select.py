@@ -47,6 +47,8 @@ from ..io import write_json_atomic
 
 MODES = ("restore", "convert")
 DEFAULT_TEXT = "builtin:wikitext-2/valid.txt"
+SCORE_SEQ_LEN = 1024  # scoring sequences: long enough for the window/memory mixers to differ from attention
+MIN_SCORE_TOKENS = 64
 _AUTO = re.compile(r"auto:(?:(?P<n>\d+)|(?P<pct>\d+(?:\.\d+)?)%(?:@(?P<len>\d+))?)")
 
 
@@ -210,6 +212,10 @@ def text_ids(tokenizer, text: str = DEFAULT_TEXT, tokens: int = 4096, seq_len: i
     """``tokens`` tokens of ``text`` (a file or builtin:...) as ``[tokens // seq_len, seq_len]``."""
     from ..recipe import resolve_path
 
+    if tokens < MIN_SCORE_TOKENS or seq_len < 1:
+        raise RnnifyError(f"scoring on {tokens} tokens in sequences of {seq_len}: accepted: at least "
+                          f"{MIN_SCORE_TOKENS} tokens and a sequence length >= 1")
+
     path = Path(resolve_path(text))
     if not path.is_file():
         raise RnnifyError(f"scoring text {text}: no such file; give a text file or builtin:wikitext-2/valid.txt")
@@ -284,11 +290,11 @@ def teacher_cache_bytes(teacher, seq_len: int) -> int:
 
 
 def select_trained(teacher, student, spec: AutoSpec, tokenizer, text: str = DEFAULT_TEXT, mode: str = "restore",
-                   log=print) -> tuple[list[int], list[float]]:
+                   tokens: int = 4096, log=print) -> tuple[list[int], list[float]]:
     """(kept layers, scores) for ``spec``, scored on ``student``: a *trained* model with every layer converted
     (recipe ``select_after``). Not cached: the scores belong to these trained weights. For methods whose untrained
     hybrid is far from the teacher (Mamba-in-the-Llama) this is what makes the scores mean something."""
-    ids = text_ids(tokenizer, text).to(next(student.parameters()).device)
+    ids = text_ids(tokenizer, text, tokens, min(tokens, SCORE_SEQ_LEN)).to(next(student.parameters()).device)
     log(f"scoring {len(teacher.model.layers)} trained layers ({mode}) on {ids.numel():,} tokens of {text} ...")
     was_training = student.training
     student.eval()
@@ -300,9 +306,10 @@ def select_trained(teacher, student, spec: AutoSpec, tokenizer, text: str = DEFA
 
 
 def resolve_auto(teacher, method: str, spec: AutoSpec, options: dict, tokenizer, text: str = DEFAULT_TEXT,
-                 mode: str = "restore", log=print) -> tuple[list[int], list[float]]:
-    """(kept layers, scores) for an ``auto`` keep-attention value."""
-    scores, student = cached_scores(teacher, method, options, tokenizer, text, mode, log=log)
+                 mode: str = "restore", tokens: int = 4096, log=print) -> tuple[list[int], list[float]]:
+    """(kept layers, scores) for an ``auto`` keep-attention value, scored on ``tokens`` tokens of ``text``."""
+    scores, student = cached_scores(teacher, method, options, tokenizer, text, mode, tokens,
+                                    min(tokens, SCORE_SEQ_LEN), log=log)
     keep = choose(scores, spec, student, teacher_cache_bytes(teacher, spec.cache_length))
     if any(math.isnan(s) for s in scores):
         raise RnnifyError("layer scores are NaN: the converted model's outputs are not finite on this text")

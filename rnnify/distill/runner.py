@@ -44,7 +44,8 @@ def build_student(recipe: Recipe, teacher, tokenizer=None, log=None, selected: l
     keep = c.keep_attention if c.select_after is None else (selected or [])
     student = convert(teacher, c.method, keep_attention=keep, options=c.options,
                       attention_fraction=c.attention_fraction, attention_every=c.attention_every,
-                      tokenizer=tokenizer, select_text=c.select_text, select_mode=c.select_mode, log=log)
+                      tokenizer=tokenizer, select_text=c.select_text, select_mode=c.select_mode,
+                      select_tokens=c.select_tokens, log=log)
     for t in c.transforms:
         student = transform(student, t.method, t.options)
     return student
@@ -57,7 +58,7 @@ def select_after_training(recipe: Recipe, teacher, tok, trained, log):
 
     c = recipe.conversion
     spec = parse_auto(c.keep_attention)
-    keep, scores = select_trained(teacher, trained, spec, tok, c.select_text, c.select_mode, log=log)
+    keep, scores = select_trained(teacher, trained, spec, tok, c.select_text, c.select_mode, c.select_tokens, log=log)
     log(f"keep-attention {spec} after stage {c.select_after}: layers {keep or 'none'} chosen by {c.select_mode} "
         "scores of the trained model: " + " ".join(f"{i}:{v:.3f}" for i, v in enumerate(scores)))
     hybrid = build_student(recipe, teacher, selected=keep)
