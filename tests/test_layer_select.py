@@ -112,7 +112,7 @@ def test_select_tokens_sets_how_much_text_auto_scores(text, monkeypatch, tmp_pat
     logs.clear()
     convert(teacher, "lolcats", keep_attention="auto:1", options={"window": 8, "sinks": 2}, tokenizer=tok,
             select_text=text, select_tokens=2000, log=logs.append)
-    assert any("on 1,024 tokens of" in m for m in logs), logs  # one whole sequence of 1024 (the text has ~2.6k)
+    assert any("on 1,024 tokens of" in m for m in logs), logs  # 2000 tokens hold one whole sequence of 1024
     assert not any("from the cache" in m for m in logs)  # other tokens: another cache entry
     with pytest.raises(RnnifyError, match="scoring on 10 tokens .* at least 64 tokens"):
         convert(teacher, "lolcats", keep_attention="auto:1", tokenizer=tok, select_text=text, select_tokens=10)
