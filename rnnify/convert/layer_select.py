@@ -208,10 +208,12 @@ def choose(scores: list[float], spec: AutoSpec, student=None, teacher_cache: int
 
 
 # ------------------------------------------------------------------------------------------------ text, cache
-def text_ids(tokenizer, text: str = DEFAULT_TEXT, tokens: int = 4096, seq_len: int = 1024) -> torch.Tensor:
-    """``tokens`` tokens of ``text`` (a file or builtin:...) as ``[tokens // seq_len, seq_len]``."""
+def text_ids(tokenizer, text: str = DEFAULT_TEXT, tokens: int = 4096, seq_len: int | None = None) -> torch.Tensor:
+    """``tokens`` tokens of ``text`` (a file or builtin:...) as ``[tokens // seq_len, seq_len]`` (``seq_len``: the
+    smaller of ``tokens`` and ``SCORE_SEQ_LEN`` unless given)."""
     from ..recipe import resolve_path
 
+    seq_len = min(tokens, SCORE_SEQ_LEN) if seq_len is None else seq_len
     if tokens < MIN_SCORE_TOKENS or seq_len < 1:
         raise RnnifyError(f"scoring on {tokens} tokens in sequences of {seq_len}: accepted: at least "
                           f"{MIN_SCORE_TOKENS} tokens and a sequence length >= 1")
@@ -256,7 +258,7 @@ def _fingerprint(teacher, method, options, ids, mode) -> str:
 
 
 def cached_scores(teacher, method: str, options: dict, tokenizer, text: str = DEFAULT_TEXT, mode: str = "restore",
-                  tokens: int = 4096, seq_len: int = 1024, log=print, seed: int = 0) -> tuple[list[float], object]:
+                  tokens: int = 4096, seq_len: int | None = None, log=print, seed: int = 0) -> tuple[list[float], object]:
     """(per-layer scores, the all-converted student), from the on-disk cache when this source, method, options,
     text and mode were scored before."""
     from .. import models
@@ -294,7 +296,7 @@ def select_trained(teacher, student, spec: AutoSpec, tokenizer, text: str = DEFA
     """(kept layers, scores) for ``spec``, scored on ``student``: a *trained* model with every layer converted
     (recipe ``select_after``). Not cached: the scores belong to these trained weights. For methods whose untrained
     hybrid is far from the teacher (Mamba-in-the-Llama) this is what makes the scores mean something."""
-    ids = text_ids(tokenizer, text, tokens, min(tokens, SCORE_SEQ_LEN)).to(next(student.parameters()).device)
+    ids = text_ids(tokenizer, text, tokens).to(next(student.parameters()).device)
     log(f"scoring {len(teacher.model.layers)} trained layers ({mode}) on {ids.numel():,} tokens of {text} ...")
     was_training = student.training
     student.eval()
@@ -308,8 +310,7 @@ def select_trained(teacher, student, spec: AutoSpec, tokenizer, text: str = DEFA
 def resolve_auto(teacher, method: str, spec: AutoSpec, options: dict, tokenizer, text: str = DEFAULT_TEXT,
                  mode: str = "restore", tokens: int = 4096, log=print) -> tuple[list[int], list[float]]:
     """(kept layers, scores) for an ``auto`` keep-attention value, scored on ``tokens`` tokens of ``text``."""
-    scores, student = cached_scores(teacher, method, options, tokenizer, text, mode, tokens,
-                                    min(tokens, SCORE_SEQ_LEN), log=log)
+    scores, student = cached_scores(teacher, method, options, tokenizer, text, mode, tokens, log=log)
     keep = choose(scores, spec, student, teacher_cache_bytes(teacher, spec.cache_length))
     if any(math.isnan(s) for s in scores):
         raise RnnifyError("layer scores are NaN: the converted model's outputs are not finite on this text")
