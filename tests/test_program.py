@@ -1,5 +1,7 @@
 """The layer program: dropped layers, blocks run several times, their cache slots, transforms, 0.1-format models."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -14,7 +16,7 @@ from rnnify.modeling.layer_program import describe, parse
 
 from .conftest import tiny_model
 
-FORMAT_01 = "tests/data/format-0.1"
+FORMAT_01 = str(Path(__file__).parent / "data" / "format-0.1")
 
 
 def program_model(teacher, program, method="test", mixer_config=None):
@@ -152,7 +154,11 @@ def test_models_saved_by_version_0_1_load_with_the_same_logits():
         model = transformers.AutoModelForCausalLM.from_pretrained(f"{FORMAT_01}/{method}", attn_implementation="eager")
         assert mixer in model.config.layer_mixers and model.config.program[0]["layer"] == 0
         with torch.no_grad():
-            assert torch.equal(model(ref["input_ids"]).logits, ref[method]), method
+            # Stored by another run on another processor: the same sums in float32 may round differently there
+            # (vector width, FMA, reassociation), by ~1e-7 on logits of size ~0.3 (seen: 1.6e-7). A format change
+            # (a weight read into the wrong place, a lost setting) moves them by far more than 1e-5.
+            torch.testing.assert_close(model(ref["input_ids"]).logits, ref[method], atol=1e-5, rtol=1e-5,
+                                       msg=method)
 
 
 def test_a_0_1_config_becomes_a_program_with_per_layer_settings():

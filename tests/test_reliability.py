@@ -124,7 +124,13 @@ def test_a_rerun_never_destroys_an_interrupted_runs_checkpoints(workdir, capsys,
 
 def _damage(path, how):
     data = path.read_bytes()
-    if how == "zeroed":  # tensor bytes zeroed, header intact
+    if how == "swapped":  # a valid file of the same kind, from the previous checkpoint of the same run
+        shutil.copyfile(path.parent.with_name("step-0000004") / path.name, path)
+    elif how == "edited":  # valid JSON, another data position: the step is not the one the weights were saved at
+        meta = json.loads(data)
+        meta["step"] = 3
+        path.write_text(json.dumps(meta))
+    elif how == "zeroed":  # tensor bytes zeroed, header intact
         path.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
     elif how == "truncated":
         path.write_bytes(data[: len(data) // 3])
@@ -133,7 +139,9 @@ def _damage(path, how):
 
 
 @pytest.mark.parametrize("file,how", [("trainable.safetensors", "zeroed"), ("optim.pt", "truncated"),
-                                      ("meta.json", "garbled"), ("trainable.safetensors", "truncated")])
+                                      ("meta.json", "garbled"), ("trainable.safetensors", "truncated"),
+                                      ("optim.pt", "swapped"), ("trainable.safetensors", "swapped"),
+                                      ("meta.json", "edited")])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(workdir, monkeypatch, capsys, file, how):
     r = recipe_from_dict(recipe_dict(workdir))
     run_recipe(r, progress=False)
@@ -154,6 +162,41 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(workdir
     resumed = load_file(str(workdir / "out" / "model.safetensors"))
     for k in reference:
         torch.testing.assert_close(resumed[k], reference[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+class _RunsCode:
+    """A pickle that runs code when unpickled (what a shared run folder could hold)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_checkpoint_holding_a_pickle_that_runs_code_is_refused_without_running_it(workdir, monkeypatch, capsys):
+    import hashlib
+
+    path = write_recipe(workdir)
+    monkeypatch.setattr(trainer, "_BEFORE_STEP", crash_at("distill", 5))
+    assert run(capsys, "run", path, "--no-progress")[0] == 130
+    monkeypatch.setattr(trainer, "_BEFORE_STEP", None)
+    ckpt = workdir / "out.run" / "checkpoints" / "distill" / "step-0000005"
+    marker = workdir / "code-ran"
+    good = torch.load(ckpt / "optim.pt", weights_only=True)
+    torch.save({**good, "optimizer": _RunsCode(marker)}, ckpt / "optim.pt")
+    # whoever shares the folder can also update every checksum in meta.json
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["sha256"]["optim.pt"] = hashlib.sha256((ckpt / "optim.pt").read_bytes()).hexdigest()
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    meta["meta_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    code, out, err = run(capsys, "run", path, "--no-progress", "--resume")
+    assert code == 2 and not marker.exists()
+    one_line(err, f"refusing {ckpt / 'optim.pt'}: it holds pickled objects other than tensors", "run")
+    assert not (workdir / "out" / "model.safetensors").exists()
 
 
 def test_when_every_checkpoint_is_damaged_the_run_stops_clearly(workdir, monkeypatch):

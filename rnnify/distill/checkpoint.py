@@ -4,14 +4,21 @@ end of each finished stage.
 Every write goes to a temporary name first, then one rename, so an interrupted run always leaves the previous
 checkpoint intact. Every file carries its SHA-256 (a checkpoint's in its ``meta.json``, a finished stage's weights
 in ``state.json``), verified before it is used: a damaged checkpoint (zeroed bytes, truncated file, garbled JSON)
-is never resumed from silently. ``resume_point`` falls back to the newest checkpoint that verifies and says which it
-skipped and why.
+is never resumed from silently. ``meta.json`` itself (the step, i.e. the data position, and the run's layout) is
+covered by a checksum of its own fields. ``resume_point`` falls back to the newest checkpoint that verifies and says
+which it skipped and why.
+
+``optim.pt`` (optimizer, scheduler, RNG state) is read with ``torch.load(weights_only=True)``: a run folder is
+something people copy and share, and loading one must never run code from it. A file that holds any other pickled
+object is refused outright (``UnsafeCheckpoint``), not skipped for an older checkpoint of the same folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +35,16 @@ _FILES = ("trainable.safetensors", "optim.pt")
 
 class DamagedCheckpoint(RnnifyError):
     """A checkpoint or run-state file that does not verify."""
+
+
+class UnsafeCheckpoint(RnnifyError):
+    """A checkpoint file that holds pickled objects other than tensors and plain values (loading it could run code)."""
+
+
+def _meta_digest(meta: dict) -> str:
+    """SHA-256 of a checkpoint's metadata fields (all but the digest itself), in a canonical JSON form."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -132,8 +149,9 @@ class RunState:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         torch.save({**optimizer_state, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
                    tmp / "optim.pt")
-        sums = {f: sha256(tmp / f) for f in _FILES}
-        (tmp / "meta.json").write_text(json.dumps({"step": step, **extra, "sha256": sums}, indent=2))
+        meta = {"step": step, **extra, "sha256": {f: sha256(tmp / f) for f in _FILES}}
+        meta["meta_sha256"] = _meta_digest(meta)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -148,6 +166,9 @@ class RunState:
         sums = meta.get("sha256")
         if not isinstance(sums, dict) or not isinstance(meta.get("step"), int):
             raise DamagedCheckpoint(f"checkpoint {path}: meta.json lacks its step or checksums")
+        if meta.get("meta_sha256") != _meta_digest(meta):
+            raise DamagedCheckpoint(f"checkpoint {path}: meta.json is damaged or edited (its checksum does not match "
+                                    "its step and settings)")
         for f in _FILES:
             if not (path / f).is_file():
                 raise DamagedCheckpoint(f"checkpoint {path}: {f} is missing")
@@ -155,7 +176,16 @@ class RunState:
                 raise DamagedCheckpoint(f"checkpoint {path}: {f} is damaged (checksum mismatch)")
         try:
             trainable = load_file(str(path / "trainable.safetensors"))
-            optim = torch.load(path / "optim.pt", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a file that verified but does not load is damaged all the same
+            raise DamagedCheckpoint(f"checkpoint {path} does not load ({type(e).__name__}: {e})") from None
+        try:
+            optim = torch.load(path / "optim.pt", weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as e:
+            if "weights only" in str(e).lower() or "weights_only" in str(e):
+                raise UnsafeCheckpoint(f"refusing {path / 'optim.pt'}: it holds pickled objects other than tensors "
+                                       "and plain values, and loading it could run code; accepted: an optim.pt "
+                                       "written by rnnify (restart the stage with --fresh)") from None
+            raise DamagedCheckpoint(f"checkpoint {path} does not load (UnpicklingError: {e})") from None
         except Exception as e:  # noqa: BLE001 - a file that verified but does not load is damaged all the same
             raise DamagedCheckpoint(f"checkpoint {path} does not load ({type(e).__name__}: {e})") from None
         return meta, trainable, optim
@@ -167,7 +197,7 @@ class RunState:
         for path in reversed(self.checkpoints(stage)):
             try:
                 meta, trainable, optim = self.read_checkpoint(path)
-            except DamagedCheckpoint as e:
+            except DamagedCheckpoint as e:  # (UnsafeCheckpoint is not skipped: it stops the run)
                 damaged.append(str(e))
                 log(f"warning: {e}; trying the previous checkpoint")
                 continue
