@@ -142,3 +142,48 @@ def test_too_little_data_is_a_clear_error(tmp_path):
         PackedBlocks(DataSpec(path=str(tmp_path / "d.txt")), make_tokenizer(128), 4096, root=tmp_path / "c").ensure(1)
     with pytest.raises(RnnifyError, match="fewer than 4096 tokens"):
         pack_tokens(DataSpec(path=str(tmp_path / "d.txt")), make_tokenizer(128), 4096)
+
+
+def _with_eos(eos: str):
+    """The test tokenizer with another EOS token: the same vocabulary and serialisation, other packed ids."""
+    tok = make_tokenizer(128)
+    tok.eos_token = eos
+    return tok
+
+
+def test_tokenizers_that_differ_only_in_their_eos_id_never_share_a_cache(tmp_path):
+    lines = _lines(200)
+    (tmp_path / "d.txt").write_text("\n".join(lines) + "\n")
+    spec = DataSpec(path=str(tmp_path / "d.txt"))
+    first, second = make_tokenizer(128), _with_eos("<pad>")
+    assert first.eos_token_id == 2 and second.eos_token_id == 3
+    a = PackedBlocks(spec, first, 16, root=tmp_path / "c").ensure(10**9)
+    b = PackedBlocks(spec, second, 16, root=tmp_path / "c").ensure(10**9)
+    assert a.dir != b.dir
+    got = b[torch.arange(len(b))]
+    assert torch.equal(got, _reference(lines, second, 16))  # each document ends in the second tokenizer's EOS
+    assert (got == 3).sum() > 100 and not (got == 2).any()
+
+
+@pytest.mark.parametrize("how", ["zeroed", "truncated", "one byte changed"])
+def test_a_damaged_cache_is_packed_again_and_never_trained_on(tmp_path, how):
+    lines = _lines(400)
+    (tmp_path / "d.txt").write_text("\n".join(lines) + "\n")
+    spec, tok = DataSpec(path=str(tmp_path / "d.txt")), make_tokenizer(128)
+    ref = _reference(lines, tok, 16)
+    a = PackedBlocks(spec, tok, 16, root=tmp_path / "c").ensure(10**9)
+    raw = a.data_file.read_bytes()
+    if how == "zeroed":  # same size, every byte zero
+        a.data_file.write_bytes(bytes(len(raw)))
+    elif how == "truncated":
+        a.data_file.write_bytes(raw[: len(raw) // 3])
+    else:
+        a.data_file.write_bytes(raw[:100] + bytes([raw[100] ^ 1]) + raw[101:])
+    said = []
+    b = PackedBlocks(spec, tok, 16, root=tmp_path / "c", log=said.append)
+    assert b.dir == a.dir and len(said) == 1 and f"token cache {a.dir}: blocks.bin" in said[0], said
+    assert ("holds" in said[0]) == (how == "truncated") and said[0].endswith("packing " + spec.path + " again")
+    b.ensure(10**9)
+    assert b.complete and torch.equal(b[torch.arange(len(b))], ref)
+    assert PackedBlocks(spec, tok, 16, root=tmp_path / "c", log=said.append).ensure(10**9) and len(said) == 2
+    assert "packed" in said[1]  # the rebuild's own message; opening the rebuilt cache said nothing more

@@ -6,7 +6,11 @@ serialisation, so a cache from another tokenizer is never reused) and ``seq_len`
 
 - ``blocks.bin``: the blocks so far, row-major, as uint16 when the vocabulary fits (uint32 otherwise);
 - ``progress.json``: how many blocks are valid, how many rows they came from, the tokens carried into the next
-  block, and whether the data is exhausted.
+  block, whether the data is exhausted, and the SHA-256 of the valid bytes of ``blocks.bin``.
+
+A cache is verified when it is opened (``blocks.bin`` at least as long as the recorded blocks, and their bytes
+matching the checksum): one that does not verify (zeroed, truncated, edited) is packed again, with a message, never
+trained on.
 
 Packing appends a batch of rows at a time and then updates ``progress.json`` by one rename, so memory stays one
 batch of rows however large the data, and an interrupted pack continues where it stopped (bytes past the recorded
@@ -33,7 +37,27 @@ from ..recipe import DataSpec, resolve_path
 from .data import local_file, pack_stream
 
 CACHE_ENV = "RNNIFY_TOKEN_CACHE"
-_FORMAT = 1
+_FORMAT = 2  # 2: progress.json carries the checksum of blocks.bin
+_HASH_CHUNK = 1 << 24
+
+
+def _prefix_hash(path: Path, nbytes: int):
+    """A running SHA-256 of the first ``nbytes`` of ``path`` (None when the file is shorter)."""
+    h = hashlib.sha256()
+    if nbytes == 0:
+        return h
+    try:
+        with open(path, "rb") as f:
+            left = nbytes
+            while left:
+                chunk = f.read(min(left, _HASH_CHUNK))
+                if not chunk:
+                    return None
+                h.update(chunk)
+                left -= len(chunk)
+    except FileNotFoundError:
+        return None
+    return h
 
 
 def cache_root() -> Path:
@@ -96,7 +120,9 @@ class PackedBlocks:
         meta = self.dir / "key.json"
         if not meta.exists():
             meta.write_text(json.dumps(key, indent=2, default=str) + "\n")
-        self._progress = self._read_progress()
+        with self._lock():
+            self._progress = self._read_progress()
+            self._hasher = (self._progress["blocks"], self._verified_hash(self._progress))
 
     # ---- state ---------------------------------------------------------------------------------------------
     @property
@@ -112,6 +138,27 @@ class PackedBlocks:
             pass
         return {"blocks": 0, "rows": 0, "carry": [], "complete": False, "seq_len": self.seq_len,
                 "dtype": np.dtype(self.dtype).name}
+
+    def _verified_hash(self, p: dict):
+        """The running hash of the recorded blocks when ``blocks.bin`` verifies against ``p``; otherwise the cache
+        is reset (said in one line) and packing starts again from the first row. Call with the lock held."""
+        nbytes = p["blocks"] * self.seq_len * np.dtype(self.dtype).itemsize
+        h = _prefix_hash(self.data_file, nbytes)
+        if h is not None and (nbytes == 0 or h.hexdigest() == p.get("sha256")):
+            return h
+        size = self.data_file.stat().st_size if self.data_file.exists() else 0
+        why = (f"blocks.bin holds {size:,} bytes, {nbytes:,} recorded" if h is None
+               else "blocks.bin does not match its checksum")
+        self.log(f"token cache {self.dir}: {why}; packing {self.spec.path} again")
+        fresh = {"blocks": 0, "rows": 0, "carry": [], "complete": False, "seq_len": self.seq_len,
+                 "dtype": np.dtype(self.dtype).name, "sha256": hashlib.sha256().hexdigest()}
+        with open(self.data_file, "wb"):
+            pass
+        self._write_progress(fresh)
+        p.clear()
+        p.update(fresh)
+        self._stream = None
+        return hashlib.sha256()
 
     def _write_progress(self, p: dict) -> None:
         write_json_atomic(self.dir / "progress.json", p, indent=None)
@@ -155,6 +202,8 @@ class PackedBlocks:
             if p["blocks"] >= n or p["complete"]:
                 self._mm = None
                 return self
+            # the running hash this process holds, if it is at the recorded count; else read and verify the file
+            h = self._hasher[1] if self._hasher[0] == p["blocks"] else self._verified_hash(p)
             item = np.dtype(self.dtype).itemsize
             with open(self.data_file, "ab") as f:
                 f.truncate(p["blocks"] * self.seq_len * item)  # bytes of an interrupted pack past the last record
@@ -165,9 +214,12 @@ class PackedBlocks:
             with open(self.data_file, "ab") as f:
                 for blocks, rows, carry in self._stream[0]:
                     if len(blocks):
-                        f.write(blocks.astype(self.dtype).tobytes())
+                        data = blocks.astype(self.dtype).tobytes()
+                        f.write(data)
                         f.flush()
-                    p = {**p, "blocks": p["blocks"] + len(blocks), "rows": rows, "carry": carry}
+                        h.update(data)
+                    p = {**p, "blocks": p["blocks"] + len(blocks), "rows": rows, "carry": carry,
+                         "sha256": h.hexdigest()}
                     self._write_progress(p)
                     self._stream[1] = p["blocks"]
                     if not announced and time.time() - t0 > 10:
@@ -179,7 +231,7 @@ class PackedBlocks:
                     p = {**p, "complete": True, "carry": []}
                     self._write_progress(p)
                     self._stream = None
-            self._progress, self._mm = p, None
+            self._progress, self._mm, self._hasher = p, None, (p["blocks"], h)
             if p["blocks"] > first and not self.lazy:
                 self.log(f"packed {p['blocks'] - first:,} blocks of {self.seq_len} tokens from {self.spec.path} in "
                          f"{time.time() - t0:.1f}s (token cache {self.dir})")
