@@ -2,14 +2,36 @@
 
 Every area is derived data that the next run rebuilds (a dequantized GGUF in ~40 s, packed tokens, layer scores),
 so clearing one never loses finished work: trained models live in output folders, never here.
+
+A cache folder can be one the user named (``RNNIFY_TOKEN_CACHE=scratch``) and may hold their own files: sizes and
+clearing count only the entries rnnify makes there, recognised by their names (and, for packed tokens, the
+``key.json`` inside), and the folder itself is never removed.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 from .errors import RnnifyError
+
+# What rnnify writes in each area (an atomic write's temporary name is ".<name>.<random>.tmp"; an output folder's
+# ".<name>.partial-<random>" or ".<name>.old-<pid>").
+_TMP = r"(\..+\.tmp|\..+\.(partial|old)-[\w-]+)"
+_ENTRIES = {
+    "sources": re.compile(rf"^(digests\.json|.+-[0-9a-f]{{12}}|{_TMP})$"),  # models.gguf_digest / _dequantized_dir
+    "tokens": re.compile(r"^[0-9a-f]{20}$"),  # token_cache.PackedBlocks.dir, holding key.json
+    "layer_scores": re.compile(rf"^([0-9a-f]{{24}}\.json|{_TMP})$"),  # layer_select.cached_scores
+}
+
+
+def made_by_rnnify(area: str, entry: Path) -> bool:
+    if not _ENTRIES[area].match(entry.name):
+        return False
+    if area == "tokens":
+        return entry.is_dir() and (entry / "key.json").is_file()
+    return True
 
 
 def areas() -> dict[str, tuple[Path, str]]:
@@ -24,24 +46,33 @@ def areas() -> dict[str, tuple[Path, str]]:
     }
 
 
-def folder_bytes(path: Path) -> tuple[int, int]:
-    """(bytes, entries) of a folder's files; entries are its top-level items."""
+def entries(area: str, path: Path) -> tuple[list[Path], list[Path]]:
+    """(rnnify's entries, everything else) at the top of an area's folder."""
     if not path.is_dir():
-        return 0, 0
-    total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
-    return total, sum(1 for _ in path.iterdir())
+        return [], []
+    items = sorted(path.iterdir())
+    ours = [p for p in items if made_by_rnnify(area, p)]
+    return ours, [p for p in items if p not in ours]
+
+
+def entry_bytes(entry: Path) -> int:
+    if entry.is_symlink() or entry.is_file():
+        return entry.lstat().st_size
+    return sum(f.stat().st_size for f in entry.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def usage() -> list[dict]:
     out = []
     for name, (path, what) in areas().items():
-        size, entries = folder_bytes(path)
-        out.append({"area": name, "path": str(path), "bytes": size, "entries": entries, "holds": what})
+        ours, other = entries(name, path)
+        out.append({"area": name, "path": str(path), "bytes": sum(map(entry_bytes, ours)), "entries": len(ours),
+                    "other": len(other), "holds": what})
     return out
 
 
 def clear(names: list[str]) -> list[tuple[str, int]]:
-    """Remove the named areas ('all' for every one); returns (area, bytes freed)."""
+    """Remove rnnify's entries from the named areas ('all' for every one); returns (area, bytes freed, entries
+    kept because rnnify did not make them)."""
     known = areas()
     unknown = [n for n in names if n != "all" and n not in known]
     if unknown:
@@ -49,9 +80,13 @@ def clear(names: list[str]) -> list[tuple[str, int]]:
     chosen = list(known) if "all" in names else list(dict.fromkeys(names))
     freed = []
     for name in chosen:
-        path = known[name][0]
-        size, _ = folder_bytes(path)
-        if path.is_dir():
-            shutil.rmtree(path)
-        freed.append((name, size))
+        ours, other = entries(name, known[name][0])
+        size = 0
+        for entry in ours:
+            size += entry_bytes(entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        freed.append((name, size, len(other)))
     return freed

@@ -244,11 +244,13 @@ def cmd_cache(args) -> None:
     from .eval.memory import human_bytes
 
     if args.clear:
-        for name, size in clear(args.clear):
-            print(f"cleared {name}: {human_bytes(size)} freed")
+        for name, size, kept in clear(args.clear):
+            print(f"cleared {name}: {human_bytes(size)} freed"
+                  + (f" ({kept} other item(s) in that folder kept: rnnify did not make them)" if kept else ""))
         return
     for row in usage():
-        print(f"{row['area']:<13} {human_bytes(row['bytes']):>10}  {row['entries']:>4} entries  {row['path']}")
+        other = f" (+{row['other']} not rnnify's)" if row["other"] else ""
+        print(f"{row['area']:<13} {human_bytes(row['bytes']):>10}  {row['entries']:>4} entries  {row['path']}{other}")
         print(f"{'':<13} {row['holds']}")
 
 

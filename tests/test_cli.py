@@ -116,9 +116,15 @@ def test_failed_convert_leaves_no_output(tiny_llama_dir, tmp_path, capsys, monke
 def test_cache_lists_and_clears_only_the_named_area(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RNNIFY_CACHE", str(tmp_path / "c"))
     monkeypatch.delenv("RNNIFY_TOKEN_CACHE", raising=False)
+    made = {"sources": "SmolLM2-135M-Instruct.Q4_1-b179c9523d0e", "tokens": "0123456789abcdef0123",
+            "layer_scores": "0123456789abcdef01234567.json"}
     for area, size in (("sources", 3000), ("tokens", 500), ("layer_scores", 20)):
-        (tmp_path / "c" / area / "entry").mkdir(parents=True)
-        (tmp_path / "c" / area / "entry" / "blob").write_bytes(b"x" * size)
+        (tmp_path / "c" / area).mkdir(parents=True)
+        if area == "layer_scores":
+            (tmp_path / "c" / area / made[area]).write_bytes(b"x" * size)
+        else:
+            (tmp_path / "c" / area / made[area]).mkdir()
+            (tmp_path / "c" / area / made[area] / "key.json").write_bytes(b"x" * size)
     code, out, _ = run(capsys, "cache")
     assert code == 0
     sizes = {line.split()[0]: line.split()[1:3] for line in out.splitlines() if not line.startswith(" ")}
@@ -126,10 +132,35 @@ def test_cache_lists_and_clears_only_the_named_area(tmp_path, capsys, monkeypatc
 
     code, out, _ = run(capsys, "cache", "--clear", "tokens")
     assert code == 0 and "cleared tokens: 500 B freed" in out
-    assert not (tmp_path / "c" / "tokens").exists() and (tmp_path / "c" / "sources" / "entry" / "blob").exists()
+    assert not any((tmp_path / "c" / "tokens").iterdir()) and (tmp_path / "c" / "sources" / made["sources"]).exists()
 
     code, _, err = run(capsys, "cache", "--clear", "weights")
     assert code != 0 and "unknown cache area(s) weights; accepted: sources, tokens, layer_scores, all" in err
     assert (tmp_path / "c" / "sources").exists()
     code, out, _ = run(capsys, "cache", "--clear", "all")
-    assert code == 0 and not any((tmp_path / "c").iterdir())
+    assert code == 0 and not any(f.is_file() for f in (tmp_path / "c").rglob("*"))
+
+
+def test_clearing_a_cache_folder_the_user_named_removes_only_what_rnnify_made(tmp_path, capsys, monkeypatch):
+    from rnnify.distill.token_cache import PackedBlocks
+    from rnnify.recipe import DataSpec
+
+    from .conftest import make_tokenizer
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "notes.txt").write_text("mine")
+    (scratch / "results").mkdir()
+    (scratch / "results" / "run.csv").write_text("1,2")
+    (scratch / "0123456789abcdef0123").mkdir()  # named like a cache entry, but not one (no key.json)
+    (tmp_path / "d.txt").write_text(" ".join(f"w{i % 50}" for i in range(400)) + "\n")
+    monkeypatch.setenv("RNNIFY_TOKEN_CACHE", str(scratch))
+    packed = PackedBlocks(DataSpec(path=str(tmp_path / "d.txt")), make_tokenizer(128), 16).ensure(10)
+    assert packed.dir.parent == scratch
+    code, out, _ = run(capsys, "cache")
+    assert code == 0 and f"{scratch} (+3 not rnnify's)" in out
+    code, out, _ = run(capsys, "cache", "--clear", "tokens")
+    assert code == 0 and "(3 other item(s) in that folder kept: rnnify did not make them)" in out
+    assert not packed.dir.exists()
+    assert sorted(p.name for p in scratch.iterdir()) == ["0123456789abcdef0123", "notes.txt", "results"]
+    assert (scratch / "results" / "run.csv").read_text() == "1,2"
