@@ -76,9 +76,17 @@ def test_step_decoding_equals_the_parallel_forward_for_every_memory(memory, T):
 
 def _reference_layer(m, h, cos, sin):
     """The AHN formulas as a plain token loop, from the module docstring: window + sinks softmax per query, and a
-    memory written with the token at t - W (never a sink), gates from that token's hidden state."""
+    memory written with the token at t - W (never a sink), gates from that token's hidden state. With merged heads
+    (StateX) the memory is one head of H*D keys and values whose write gates are the heads' gates averaged; its read
+    is split back into H heads of D for the norm, the read gate and the output projection."""
     T = h.shape[1]
     H, D, S, W = m.num_heads, m.head_dim, m.sinks, m.window
+    M = 1 if m.merged else H  # memory heads
+    Dm = H * D // M
+
+    def per_memory_head(x):  # [H] per-head gate values -> [M]
+        return x.mean(-1, keepdim=True) if m.merged else x
+
     rep = H // m.num_kv_heads
     q = (h @ m.q_proj.weight.T).view(1, T, H, D)
     k = (h @ m.k_proj.weight.T).view(1, T, -1, D)
@@ -86,30 +94,32 @@ def _reference_layer(m, h, cos, sin):
     q, k = apply_rope(q, cos, sin)[0], apply_rope(k, cos, sin).repeat_interleave(rep, 2)[0]
     gates = h[0] @ m.write_gates.weight.T + m.write_gates.bias  # [T, G*H]
     read = torch.sigmoid(h[0] @ m.read_gate.weight.T + m.read_gate.bias)  # [T, H]
-    state = torch.zeros(H, D, D)
+    state = torch.zeros(M, Dm, Dm)
     outs = []
     for t in range(T):
         s = t - W  # the token leaving the window as query t arrives
         if s >= S:
-            ks, vs, gs = k[s], v[s], gates[s]
+            ks, vs, gs = k[s].reshape(M, Dm), v[s].reshape(M, Dm), gates[s]
             if m.memory_kind == "mamba2":
                 dt = F.softplus(gs + m.dt_bias)
-                decay = torch.exp(-torch.exp(m.A_log) * dt)
+                decay = torch.exp(per_memory_head(-torch.exp(m.A_log) * dt))
+                dt = per_memory_head(dt)
                 state = decay[:, None, None] * state + ks[:, :, None] * (dt[:, None] * vs)[:, None, :]
             else:
                 ks = ks / torch.sqrt((ks * ks).sum(-1, keepdim=True) + 1e-6)
-                beta = torch.sigmoid(gs[:H])
-                decay = torch.ones(H) if m.memory_kind == "deltanet" else \
-                    torch.exp(-torch.exp(m.A_log) * F.softplus(gs[H:] + m.dt_bias))
+                beta = per_memory_head(torch.sigmoid(gs[:H]))
+                decay = torch.ones(M) if m.memory_kind == "deltanet" else \
+                    torch.exp(per_memory_head(-torch.exp(m.A_log) * F.softplus(gs[H:] + m.dt_bias)))
                 state = decay[:, None, None] * state
                 err = vs - torch.einsum("hk,hkv->hv", ks, state)
                 state = state + beta[:, None, None] * ks[:, :, None] * err[:, None, :]
-        qt = q[t]
+        qt = q[t].reshape(M, Dm)
         if m.memory_kind == "mamba2":
             o = torch.einsum("hk,hkv->hv", qt, state)
         else:
             qt = qt / torch.sqrt((qt * qt).sum(-1, keepdim=True) + 1e-6)
-            o = torch.einsum("hk,hkv->hv", qt, state) / math.sqrt(D)
+            o = torch.einsum("hk,hkv->hv", qt, state) / math.sqrt(Dm)
+        o = o.reshape(H, D)
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + m.norm_eps) * m.norm_weight
         mem = torch.einsum("hd,hde->he", o * read[t][:, None], m.out_heads)
         keys = [j for j in range(t + 1) if j < S or j > t - W]
@@ -131,6 +141,36 @@ def test_each_memory_matches_a_token_loop_of_the_ahn_formulas(memory):
         out, _ = m(h, position_embeddings=(cos, sin))
         ref = _reference_layer(m, h, cos, sin)
     torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+@pytest.mark.parametrize("init", ["keep", "paper"])
+def test_statex_merged_memory_matches_a_token_loop_of_the_merged_formulas(memory, init):
+    """StateX on an AHN model: every layer's memory becomes one head of H*D (gates averaged over the heads); the
+    layer's output against the plain loop, with every parameter moved off its initial value."""
+    ahn = convert(tiny_model("llama"), "ahn", options={**SMALL, "memory": memory})
+    merged = convert(ahn, "statex", options={"layers": "all", "init": init})
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, mixer in merged.mixers():
+            for name in ("write_gates.weight", "write_gates.bias", "read_gate.weight", "out_heads", "norm_weight",
+                         "A_log", "dt_bias"):
+                if hasattr(mixer, name.split(".")[0]):
+                    p = mixer.get_parameter(name)
+                    p.add_(0.5 * torch.randn(p.shape, generator=g))
+    m = merged.model.layers[2].self_attn
+    assert m.merged and m.num_heads == 4
+    T = 21
+    h = torch.randn(1, T, merged.config.hidden_size, generator=g)
+    cos, sin = merged.model.rotary_emb(h, torch.arange(T)[None])
+    with torch.no_grad():
+        out, _ = m(h, position_embeddings=(cos, sin))
+        ref = _reference_layer(m, h, cos, sin)
+        m.merged = False  # the same weights read per head: a different function (the test can tell them apart)
+        per_head = m(h, position_embeddings=(cos, sin))[0]
+        m.merged = True
+    torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)
+    assert (per_head[0] - ref).abs().max() > 1e-2
 
 
 def test_sinks_never_enter_the_memory_and_a_token_is_written_when_it_leaves():
@@ -243,3 +283,42 @@ def test_window_and_sinks_are_drawn_per_step_by_the_ahn_rule():
         SelfDistillSettings(max_steps=1, seq_len=16, window_choices=[64])
     with pytest.raises(ValueError, match="cannot run as the source attention"):
         SelfDistillObjective(convert(tiny_model("llama"), "supra"), s)
+
+
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+def test_self_distillation_loss_equals_an_independent_computation_against_the_source_model(kl):
+    """The objective's KL, CE and per-layer MSE, recomputed from the untouched source model (full causal softmax)
+    and the student's own forward, on the positions a query sees an evicted token (t >= window + sinks) only."""
+    from rnnify.distill.settings import SelfDistillSettings
+    from rnnify.distill.stages import SelfDistillObjective
+
+    teacher = tiny_model("llama")
+    student = trained_like(convert(tiny_model("llama"), "ahn", options={"window": 4, "sinks": 2, "chunk_size": 8}))
+    s = SelfDistillSettings(max_steps=1, seq_len=24, temperature=2.0, kl=kl, ce_weight=0.3, layer_mse_weight=0.5)
+    obj = SelfDistillObjective(student, s)
+    obj.set_step(0, 0)
+    x = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        loss, metrics = obj(x)
+
+        def pre_o_proj(model, modules):
+            kept, hooks = [], [m.o_proj.register_forward_hook(lambda mod, a, out: kept.append(a[0])) for m in modules]
+            logits = model(x).logits
+            for h in hooks:
+                h.remove()
+            return logits, kept
+
+        t_logits, t_in = pre_o_proj(teacher, [layer.self_attn for layer in teacher.model.layers])
+        s_logits, s_in = pre_o_proj(student, [m for _, m in student.mixers()])
+    cut, T = 6, 2.0  # window + sinks: earlier queries see every token, student == teacher there
+    lt, ls = (torch.log_softmax(z[:, cut:] / T, -1) for z in (t_logits, s_logits))
+    p, q = (lt, ls) if kl == "forward" else (ls, lt)
+    kl_ref = (p.exp() * (p - q)).sum(-1).mean() * T**2
+    ce_ref = F.cross_entropy(s_logits[:, cut - 1:-1].reshape(-1, 128), x[:, cut:].reshape(-1))
+    mse_ref = torch.stack([(F.normalize(a[:, cut:], dim=-1) - F.normalize(b[:, cut:], dim=-1)).pow(2).mean()
+                           for a, b in zip(s_in, t_in)]).mean()
+    assert kl_ref > 1e-3 and mse_ref > 1e-4  # the memory moved the student away from its teacher
+    assert metrics["kl"] == pytest.approx(float(kl_ref), rel=1e-4)
+    assert metrics["ce"] == pytest.approx(float(ce_ref), rel=1e-4)
+    assert metrics["layer_mse"] == pytest.approx(float(mse_ref), rel=1e-4)
+    assert float(loss) == pytest.approx(float(kl_ref + 0.3 * ce_ref + 0.5 * mse_ref), rel=1e-4)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import transformers
 
 from rnnify.cli import main
 from rnnify.convert import convert
@@ -46,10 +47,21 @@ def test_passkey_prompt_hides_the_key_at_the_requested_length():
 
 
 def test_decode_speed_reports_the_real_cache():
+    import time
+
     student = convert(tiny_model("llama"), "lolcats", "0", {"window": 8, "sinks": 2})
-    r = decode_speed(student, 40, new_tokens=5, warmup=2)
-    assert r["decode_tokens_per_s"] > 0 and r["timed_steps"] == 5
-    assert r["cache_tokens"] == 47 and r["cache_bytes"] == cache_bytes(student, 47, kv_bytes=4)
+    calls = []
+    student.register_forward_pre_hook(lambda mod, args, kw: calls.append(tuple(kw["input_ids"].shape)),
+                                      with_kwargs=True)
+    t0 = time.perf_counter()
+    r = decode_speed(student, 40, new_tokens=5, batch=3, warmup=2)
+    wall = time.perf_counter() - t0
+    # the tokens counted are the tokens decoded: one prefill of 40, then 2 + 5 single-token steps of batch 3
+    assert calls == [(3, 40)] + [(3, 1)] * 7 and r["timed_steps"] == 5
+    # tokens/s is the batch over the median step, and 5 steps of which 3 took at least the median fit in the call
+    assert r["decode_tokens_per_s"] == pytest.approx(3 / (r["step_ms_median"] / 1e3))
+    assert 3 * r["step_ms_median"] / 1e3 <= wall and r["prefill_s"] + 3 * r["step_ms_median"] / 1e3 <= wall
+    assert r["cache_tokens"] == 47 and r["cache_bytes"] == cache_bytes(student, 47, batch=3, kv_bytes=4)
 
 
 def test_speed_figures_that_cannot_be_measured_are_not_printed():
@@ -85,7 +97,9 @@ def test_cli_eval(tiny_llama_dir, tmp_path, capsys):
     assert code == 0
     res = json.loads((out / "eval.json").read_text())
     assert set(res["perplexity"]) >= {"teacher", "student", "window_baseline"}
-    assert res["speed"]["32"]["student"]["cache_bytes"] > 0
+    speed = res["speed"]["32"]["student"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert speed["cache_bytes"] == cache_bytes(loaded, speed["cache_tokens"], kv_bytes=4)
     assert "| perplexity on" in (out / "README.md").read_text()
 
 

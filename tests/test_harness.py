@@ -123,3 +123,92 @@ def test_smollm2_on_the_local_tasks(task_dir, tmp_path):
     res = run_tasks(model, tok, ["rnnify_mc", "rnnify_gen"], include_path=str(task_dir))
     assert res["rnnify_mc"]["acc"] >= 0.5  # easy facts: a real pretrained model knows most
     assert 0 <= res["rnnify_gen"]["exact_match"] <= 1
+
+
+def _greedy_by_hand(model, prompt, n):
+    """Greedy continuation by full forwards without a cache (independent of generate())."""
+    ids = prompt.clone()
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids[None]).logits[0, -1].argmax()[None]])
+    return ids[prompt.numel():]
+
+
+def test_agreement_figures_equal_a_count_by_hand(tiny_llama_dir, tmp_path):
+    """Next-token agreement and continuation agreement (identical share, mean common prefix) against the same counts
+    made by hand, with a student close enough to its teacher that continuations part at different tokens."""
+    from rnnify import models
+    from rnnify.eval.agreement import continuation_agreement
+    from rnnify.eval.perplexity import windows
+    from rnnify.eval.report import evaluate
+    from rnnify.eval.spec import EvalSpec
+
+    teacher, tok = models.load_source(str(tiny_llama_dir))
+    student, _ = models.load_source(str(tiny_llama_dir))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        student.lm_head.weight.add_(0.002 * torch.randn(student.lm_head.weight.shape, generator=g))
+    tokens = torch.randint(4, 128, (300,), generator=torch.Generator().manual_seed(2))
+    prefixes = []
+    for i in range(8):  # the prompts spread over the text as the function documents: start i * (300 - 32) / 8
+        a = i * (300 - 32) // 8
+        s, t = (_greedy_by_hand(m, tokens[a:a + 32], 12) for m in (student, teacher))
+        differ = (s != t).nonzero()
+        prefixes.append(12 if differ.numel() == 0 else int(differ[0]))
+    assert 0 < sum(0 < p < 12 for p in prefixes) and 12 in prefixes  # parting mid-way, and agreeing throughout
+    r = continuation_agreement(student, teacher, tokens, prompts=8, prompt_len=32, new_tokens=12, pad_token_id=0)
+    assert r["mean_common_prefix"] == pytest.approx(sum(prefixes) / 8)
+    assert r["identical"] == pytest.approx(prefixes.count(12) / 8)
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{int(t)}" for t in tokens))
+    spec = EvalSpec(text=str(text), context_length=64, num_windows=3, passkey_lengths=[], speed_lengths=[],
+                    continuations=0, baseline=False)
+    res = evaluate(student, tok, spec, teacher=teacher, log=lambda m: None)
+    blocks = windows(tok(text.read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][0], 64, 3)
+    with torch.no_grad():
+        same = (student(blocks).logits.argmax(-1) == teacher(blocks).logits.argmax(-1)).float().mean()
+    assert 0.5 < float(same) < 1.0
+    assert res["agreement"]["student"]["next_token"] == pytest.approx(float(same))
+
+
+def _tiny_mc_task(folder, rng):
+    """A multiple-choice task in the tiny tokenizer's words (choices of 1-3 words), as a harness YAML + JSONL."""
+    rows = []
+    for _ in range(12):
+        question = " ".join(f"w{rng.randint(4, 120)}" for _ in range(rng.randint(3, 8)))
+        choices = [" " + " ".join(f"w{rng.randint(4, 120)}" for _ in range(rng.randint(1, 3))) for _ in range(3)]
+        rows.append({"question": question, "choices": choices, "label": rng.randint(0, 2)})
+    (folder / "tiny_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: tiny_mc.jsonl\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    return rows
+
+
+def test_task_accuracy_equals_an_independent_scoring_of_the_same_items(tiny_llama_dir, tmp_path, monkeypatch):
+    """acc of a multiple-choice task through the harness == the share of items whose gold choice has the highest
+    summed log-probability after the question, scored here with plain forwards."""
+    import random
+
+    from rnnify import models
+    from rnnify.eval.harness import run_tasks
+
+    monkeypatch.chdir(tmp_path)
+    rows = _tiny_mc_task(tmp_path, random.Random(3))
+    model, tok = models.load_source(str(tiny_llama_dir))
+    right = 0
+    with torch.no_grad():
+        for r in rows:
+            ctx = tok(r["question"], add_special_tokens=False)["input_ids"]
+            scores = []
+            for choice in r["choices"]:
+                cont = tok(choice, add_special_tokens=False)["input_ids"]
+                logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+                scores.append(sum(float(logp[len(ctx) - 1 + j, c]) for j, c in enumerate(cont)))
+            right += max(range(3), key=lambda i: scores[i]) == r["label"]
+    assert 0 < right < len(rows)
+    got = run_tasks(model, tok, ["tiny_mc"], include_path=str(tmp_path), log=lambda m: None)
+    assert got["tiny_mc"]["acc"] == pytest.approx(right / len(rows))

@@ -71,7 +71,7 @@ def test_scores_match_full_forward_passes():
             assert scores[i] == pytest.approx(base - kl(hybrid), rel=1e-4, abs=1e-6)
 
 
-def test_scores_are_deterministic_for_a_seed_and_cached(text, monkeypatch, tmp_path):
+def test_scores_and_new_weights_are_the_same_in_another_process_and_cached(text, monkeypatch, tmp_path):
     monkeypatch.setenv("RNNIFY_CACHE", str(tmp_path / "cache"))
     teacher, tok = tiny_model("llama"), make_tokenizer(128)
     logs = []
@@ -81,9 +81,37 @@ def test_scores_are_deterministic_for_a_seed_and_cached(text, monkeypatch, tmp_p
                          log=logs.append)
     assert a == b and any("from the cache" in m for m in logs)
     (tmp_path / "cache").rename(tmp_path / "gone")
-    c, _ = cached_scores(teacher, "lolcats", {"window": 8, "sinks": 2}, tok, text, tokens=96, seq_len=48,
-                         log=logs.append)
-    assert c == a  # recomputed, same seed: same scores
+    # recomputed in another process (another hash seed, an empty cache): the same scores and the same new weights.
+    # Same machine and code path, so only float rounding of a different thread split could differ: rel 1e-6.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    script = (
+        "import json, sys, torch\n"
+        "from safetensors.torch import save_file\n"
+        "from tests.conftest import tiny_model, make_tokenizer\n"
+        "from rnnify.convert.layer_select import cached_scores\n"
+        "s, student = cached_scores(tiny_model('llama'), 'lolcats', {'window': 8, 'sinks': 2}, make_tokenizer(128),\n"
+        "                           sys.argv[1], tokens=96, seq_len=48, log=lambda m: None)\n"
+        "save_file({k: v.contiguous() for k, v in student.state_dict().items()}, sys.argv[2])\n"
+        "print(json.dumps(s))\n")
+    env = {**os.environ, "RNNIFY_CACHE": str(tmp_path / "other"), "PYTHONHASHSEED": "12345"}
+    done = subprocess.run([sys.executable, "-c", script, text, str(tmp_path / "w.safetensors")], env=env,
+                          cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    c = json.loads(done.stdout.strip().splitlines()[-1])
+    assert c == pytest.approx(a, rel=1e-6, abs=1e-9) and not (tmp_path / "cache").exists()
+    _, student = cached_scores(teacher, "lolcats", {"window": 8, "sinks": 2}, tok, text, tokens=96, seq_len=48,
+                               log=logs.append)
+    theirs = load_file(str(tmp_path / "w.safetensors"))
+    assert theirs.keys() == student.state_dict().keys()
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(theirs[k], v, rtol=1e-6, atol=0, msg=k)
 
 
 def test_auto_n_gives_n_layers_through_convert(text, monkeypatch, tmp_path):

@@ -1,7 +1,8 @@
 """Generation-based checks against the teacher: what perplexity averages away shows up in what the model says.
 
 * next-token agreement: over held-out text, the share of positions where the student's greedy next token is the
-  teacher's (both read the same true prefix);
+  teacher's (both read the same true prefix); computed in ``report.evaluate`` from the argmax its perplexity pass
+  already keeps, so the text is read once;
 * continuation agreement: from prompts cut out of the held-out text, greedy continuations of N tokens by both; the
   share that are identical, and the mean length of their common prefix.
 """
@@ -9,17 +10,6 @@
 from __future__ import annotations
 
 import torch
-
-
-@torch.no_grad()
-def next_token_agreement(student, teacher, blocks: torch.Tensor) -> float:
-    same = total = 0
-    for b in blocks:
-        s = student(input_ids=b[None], use_cache=False).logits[0].argmax(-1)
-        t = teacher(input_ids=b[None], use_cache=False).logits[0].argmax(-1)
-        same += int((s == t).sum())
-        total += s.numel()
-    return same / total
 
 
 @torch.no_grad()
@@ -50,4 +40,4 @@ def continuation_agreement(student, teacher, tokens: torch.Tensor, prompts: int 
             "prompt_tokens": prompt_len, "new_tokens": new_tokens}
 
 
-__all__ = ["continuation_agreement", "greedy", "next_token_agreement"]
+__all__ = ["continuation_agreement", "greedy"]

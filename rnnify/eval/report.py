@@ -146,7 +146,8 @@ def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> di
         for name in measured:
             r = decode_speed(models[name], length, spec.speed_new_tokens)
             results["speed"].setdefault(str(length), {})[name] = {
-                "decode_tokens_per_s": r["decode_tokens_per_s"], "cache_bytes": r["cache_bytes"]}
+                "decode_tokens_per_s": r["decode_tokens_per_s"], "step_ms_median": r["step_ms_median"],
+                "cache_bytes": r["cache_bytes"], "cache_tokens": r["cache_tokens"]}
             speed = "could not be measured" if r["decode_tokens_per_s"] is None else \
                 f"{r['decode_tokens_per_s']:.1f} tok/s (median of {r['timed_steps']} steps)"
             log(f"decode @ {length}: {name} {speed}, cache {human_bytes(r['cache_bytes'])}")
