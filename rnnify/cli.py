@@ -264,8 +264,13 @@ def cmd_select_layers(args) -> None:
 
     if (args.budget_layers is None) == (args.budget_cache is None):
         raise RnnifyError("give one budget: --budget-layers N or --budget-cache P%@L (e.g. 10%@4096)")
+    if args.budget_cache is not None and "%" not in args.budget_cache:
+        raise RnnifyError(f"--budget-cache {args.budget_cache!r}: accepted: a share of the teacher's cache, P% or "
+                          "P%@L (e.g. 10% or 10%@4096); for a number of layers use --budget-layers N")
+    if args.budget_layers is not None and args.budget_layers < 0:
+        raise RnnifyError(f"--budget-layers {args.budget_layers}: accepted: a number of layers >= 0")
     spec = AutoSpec(layers=args.budget_layers) if args.budget_layers is not None \
-        else parse_auto(f"auto:{args.budget_cache}")
+        else parse_auto(f"auto:{args.budget_cache}", label=f"--budget-cache {args.budget_cache!r}")
     _, opts = validate(models.load_config(args.model, progress=_log), args.method, str(spec), options_from_args(args))
     teacher, tok = models.load_source(args.model, progress=_log)
     if tok is None:
@@ -350,6 +355,9 @@ def cmd_generate(args) -> None:
         raise RnnifyError(f"{args.model} has no tokenizer files; save one next to the model")
     text = args.prompt
     if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise RnnifyError(f"--chat: the tokenizer of {args.model} has no chat template; accepted: a model whose "
+                              "tokenizer_config.json or chat_template.jinja defines one, or the prompt without --chat")
         text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     enc = tok(text, return_tensors="pt")
     extra = {}
@@ -432,14 +440,14 @@ def cmd_validate(args) -> None:
         print(f"#   stage {stage.name} ({stage.type}): {steps} steps, "
               f"{steps * st.batch_size * st.grad_accum * st.seq_len:,} tokens, lr {st.lr:g}, seq_len {st.seq_len}")
     print(f"#   then {'evaluate and ' if recipe.eval else ''}save to {recipe.output.dir} (run state in {recipe.run_dir()})")
-    if args.plan or args.gpus or args.gpu_memory or args.source or args.strategy:
+    if args.plan or args.gpus is not None or args.gpu_memory or args.source or args.strategy:
         import torch
 
         from .distill.memory_plan import parse_bytes, plan_recipe
 
         gpus, memory = args.gpus, parse_bytes(args.gpu_memory) if args.gpu_memory else None
         if args.gpus is not None and args.gpus < 1:
-            raise RnnifyError(f"--gpus {args.gpus}: give 1 or more")
+            raise RnnifyError(f"--gpus {args.gpus}: accepted: a number of GPUs (processes) >= 1")
         if torch.cuda.is_available():
             gpus = gpus or torch.cuda.device_count()
             memory = memory or torch.cuda.get_device_properties(0).total_memory
@@ -585,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the most layers whose cache stays within P%% of the teacher's at L tokens, e.g. 10%%@4096")
     s.add_argument("--text", default="builtin:wikitext-2/valid.txt", help="text to score on (a .txt file)")
     s.add_argument("--tokens", type=int, default=4096, help="tokens of --text to score on")
-    s.add_argument("--seq-len", type=int, default=1024, help="sequence length the tokens are cut into")
+    s.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length the tokens are cut into (default: the smaller of --tokens and 1024)")
     s.add_argument("--mode", choices=["restore", "convert"], default="restore",
                    help="restore (default): KL fall when each layer alone is restored to attention in an "
                         "all-converted model (KL-guided selection: measures layers where the hybrid lives); "

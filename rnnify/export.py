@@ -19,7 +19,15 @@ def _check(student):
     cfg = student.config
     base = cfg.base_config
     problems = []
-    if any(m not in ("attention", "mamba2") for m in cfg.layer_mixers):
+    looped = list(getattr(student, "blocks", []))
+    if looped:  # retrofit: Bamba runs each layer once, in order, with nothing between them
+        spec = looped[0].spec
+        problems.append(f"a block of layers run {spec.loops} times with an input adapter (retrofitted recurrence: "
+                        "Bamba runs each layer once and has no adapter or loop count)")
+    if "dropped" in cfg.layer_mixers:
+        problems.append(f"dropped layers {[i for i, m in enumerate(cfg.layer_mixers) if m == 'dropped']} (Bamba runs "
+                        "every layer)")
+    if any(m not in ("attention", "mamba2", "dropped") for m in cfg.layer_mixers):
         problems.append(f"mixers {sorted(set(cfg.layer_mixers))} (Bamba has only attention and Mamba2 layers)")
     if base.model_type not in ("llama", "mistral", "qwen2"):
         problems.append(f"base architecture {base.model_type} (Bamba layers are Llama-shaped: no q/k norms)")
@@ -113,4 +121,22 @@ def to_bamba(student):
         if b.out_proj.bias is not None:
             b.out_proj.bias.copy_(m.out_proj.bias if m.out_proj.bias is not None else torch.zeros_like(b.out_proj.bias))
     bamba.generation_config = student.generation_config
+    check_same_logits(student, bamba)
     return bamba
+
+
+@torch.no_grad()
+def check_same_logits(student, exported, length: int = 48):
+    """Refuse an export whose logits are not the student's on a random sequence: whatever the checks above miss
+    (a setting the target cannot hold) shows here, before anything is written. Tolerance: float rounding of the
+    other kernel order (relative 1e-4 of the largest logit in float32, 2e-2 in 16-bit types)."""
+    param = next(student.parameters())
+    vocab = student.config.base_config.vocab_size
+    x = torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(0)).to(param.device)
+    a = student(input_ids=x, use_cache=False).logits.float()
+    b = exported(input_ids=x, use_cache=False).logits.float()
+    rel = 1e-4 if param.dtype == torch.float32 else 2e-2
+    diff, scale = float((a - b).abs().max()), float(a.abs().max())
+    if not diff <= rel * scale + 1e-5:
+        raise RnnifyError(f"cannot export to {type(exported).__name__}: its logits differ from the model's by up to "
+                          f"{diff:.3g} (largest logit {scale:.3g}); the target cannot hold this model")

@@ -45,10 +45,7 @@ def check_model_folder(folder) -> list[str]:
     code = sorted(remote_code_sources()) if cfg.get("program") is not None else sorted(_V01_REMOTE_CODE)
     missing = [f for f in code if not (folder / f).is_file()]
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing += [s for s in shards if not (folder / s).is_file()]
-    elif not (folder / "model.safetensors").is_file():
+    if not index.is_file() and not (folder / "model.safetensors").is_file():
         missing.append("model.safetensors (or model.safetensors.index.json + shards)")
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         missing.append("tokenizer files (tokenizer.json / tokenizer_config.json)")
@@ -58,6 +55,9 @@ def check_model_folder(folder) -> list[str]:
     if missing or partial:
         raise RnnifyError(f"{folder} is not a complete rnnify model: missing {', '.join(missing) or '-'}"
                           + (f"; unfinished files {partial}" if partial else ""))
+    from .models import check_weights
+
+    check_weights(folder)  # a garbled shard index, a missing shard, a truncated or zero-headed safetensors file
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 

@@ -237,8 +237,11 @@ def check_weights(folder: Path) -> None:
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise RnnifyError(f"{index} is damaged ({type(e).__name__}: {e}); re-save the model") from None
+            if not all(isinstance(s, str) and s for s in shards):
+                raise TypeError("weight_map values are not file names")
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise RnnifyError(f"{index} is damaged ({type(e).__name__}: {e}); accepted: the index save_pretrained "
+                              "writes ({{\"weight_map\": {{tensor: shard file}}}}); re-save the model") from None
     else:
         shards = ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
     for shard in shards:

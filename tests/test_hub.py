@@ -80,6 +80,8 @@ def test_card_front_matter_and_sections(converted):
         ("user/x", "drop_code", "missing mixers.py"),
         ("user/x", "drop_weights", "missing model.safetensors"),
         ("user/x", "partial", "unfinished files"),
+        ("user/x", "truncated_weights", "is damaged or truncated"),
+        ("user/x", "garbled_index", "model.safetensors.index.json is damaged"),
     ],
 )
 def test_nothing_is_sent_when_validation_fails(converted, monkeypatch, repo, setup, needle):
@@ -97,6 +99,12 @@ def test_nothing_is_sent_when_validation_fails(converted, monkeypatch, repo, set
         (converted / "model.safetensors").unlink()
     elif setup == "partial":
         (converted / "model.safetensors.tmp").write_text("x")
+    elif setup == "truncated_weights":
+        data = (converted / "model.safetensors").read_bytes()
+        (converted / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif setup == "garbled_index":
+        (converted / "model.safetensors").rename(converted / "model-00001-of-00001.safetensors")
+        (converted / "model.safetensors.index.json").write_text('{"weight_map": ["model-00001-of-00001')
     api = RecordingApi()
     with pytest.raises(RnnifyError, match=needle):
         push(converted, repo, api=api)

@@ -185,3 +185,18 @@ def test_export_refuses_what_does_not_map():
         to_bamba(convert(tiny_model("mistral"), "mamba_in_llama", options=OPTS))
     with pytest.raises(RnnifyError, match="base architecture gemma3_text"):
         to_bamba(convert(tiny_model("gemma3_text"), "mamba_in_llama", options=OPTS))
+    # a looped (retrofitted) model: every layer is attention, but the adapter and loop count have no place in Bamba
+    looped = convert(tiny_model("llama"), "retrofit", options={"prelude": "0", "block": "1-2", "coda": "3"})
+    with pytest.raises(RnnifyError, match="a block of layers run 4 times with an input adapter"):
+        to_bamba(looped)
+
+
+def test_an_export_whose_logits_differ_is_refused():
+    from rnnify.export import check_same_logits, to_bamba
+
+    student = convert(tiny_model("llama"), "mamba_in_llama", keep_attention="1", options=OPTS)
+    bamba = to_bamba(student)  # passes its own check
+    with torch.no_grad():
+        bamba.model.layers[2].mamba.D.add_(0.5)  # one weight the mapping could have missed
+    with pytest.raises(RnnifyError, match="cannot export to BambaForCausalLM: its logits differ"):
+        check_same_logits(student, bamba)

@@ -468,3 +468,74 @@ def test_atomic_writes_replace_whole_files_with_the_usual_permissions(tmp_path):
     assert (tmp_path / "card.md").read_text() == "second"
     assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o644}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "card.md"]  # no temp file left behind
+
+
+# ----------------------------------------------------------------------- bad input found by trying as a user
+@pytest.fixture
+def user_files(tiny_llama_dir, tmp_path, capsys):
+    """A text to score, a retrofitted and a Mamba-in-the-Llama model, and a JSONL whose 'n' column holds numbers."""
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 100}" for j in range(50)) for i in range(100)) + "\n")
+    assert run(capsys, "convert", tiny_llama_dir, "--method", "retrofit", "--prelude", "0", "--block", "1-2",
+               "--coda", "3", "--out", tmp_path / "loop")[0] == 0
+    assert run(capsys, "convert", tiny_llama_dir, "--method", "mamba_in_llama", "--out", tmp_path / "mil")[0] == 0
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": "w1 w2 w3 " * 8, "n": i}) + "\n"
+                                                 for i in range(40)))
+    return tmp_path
+
+
+CASES = {  # command -> (argv after the command, one-line error it must end in)
+    "budget-cache-no-percent": ("select-layers", ["{src}", "--method", "lolcats", "--budget-cache", "2", "--text",
+                                                  "{d}/text.txt", "--tokens", "512"],
+                                "--budget-cache '2': accepted: a share of the teacher's cache, P% or P%@L"),
+    "budget-cache-at-0": ("select-layers", ["{src}", "--method", "lolcats", "--budget-cache", "10%@0"],
+                          "--budget-cache '10%@0': the cache is measured at L tokens; accepted: L >= 1"),
+    "keep-attention-at-0": ("convert", ["{src}", "--method", "lolcats", "--keep-attention", "auto:10%@0", "--out",
+                                        "{d}/x"],
+                            "keep-attention 'auto:10%@0': the cache is measured at L tokens; accepted: L >= 1"),
+    "seq-len-over-tokens": ("select-layers", ["{src}", "--method", "lolcats", "--budget-layers", "2", "--text",
+                                              "{d}/text.txt", "--tokens", "512", "--seq-len", "1024"],
+                            "scoring on 512 tokens in sequences of 1024: accepted: a sequence length at most"),
+    "huge-state-multiplier": ("convert", ["{d}/mil", "--method", "statex", "--state-multiplier", "1000000000",
+                                          "--out", "{d}/x"],
+                              "state_multiplier=1000000000 is not accepted; accepted: an integer >= 2 and <= 64"),
+    "export-looped": ("export", ["{d}/loop", "--to", "bamba", "--out", "{d}/x"],
+                      "cannot export to Bamba: a block of layers run 4 times with an input adapter"),
+    "chat-without-template": ("generate", ["{d}/mil", "w1 w2", "--chat"],
+                              "--chat: the tokenizer of {d}/mil has no chat template"),
+    "validate-gpus-0": ("validate", ["{d}/r.yaml", "--gpus", "0"], "--gpus 0: accepted: a number of GPUs"),
+    "text-field-not-text": ("run", ["{d}/r.yaml", "--no-progress"],
+                            "text_field 'n' is a column of Value('int64'), not text; accepted: a text column (text)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_ends_in_one_line_naming_it(user_files, tiny_llama_dir, capsys, case):
+    import yaml
+
+    d = user_files
+    (d / "r.yaml").write_text(yaml.safe_dump({
+        "name": "t", "model": {"source": str(tiny_llama_dir)}, "conversion": {"method": "supra"},
+        "datasets": {"d": {"path": str(d / "rows.jsonl"), "text_field": "n"}},
+        "stages": [{"type": "distill", "max_steps": 2, "seq_len": 16}], "output": {"dir": str(d / "rout")}}))
+    command, argv, needle = CASES[case]
+    fill = {"src": str(tiny_llama_dir), "d": str(d)}
+    before = snapshot(d)
+    code, _, err = run(capsys, command, *[a.format(**fill) for a in argv])
+    assert code == 2
+    one_line(err, needle.format(**fill), command)
+    assert not (d / "x").exists() and not (d / "rout" / "model.safetensors").exists()
+    assert {k: v for k, v in snapshot(d).items() if k in before} == before  # nothing there was changed
+
+
+def test_push_of_a_truncated_model_stops_before_the_network(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    called = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda *a, **k: called.append(a) or pytest.fail("network"))
+    assert run(capsys, "convert", tiny_llama_dir, "--method", "supra", "--out", tmp_path / "m")[0] == 0
+    _damage(tmp_path / "m" / "model.safetensors", "truncated")
+    code, _, err = run(capsys, "push", tmp_path / "m", "user/x")
+    assert code == 2 and not called
+    one_line(err, f"weights file {tmp_path / 'm' / 'model.safetensors'} is damaged or truncated", "push")

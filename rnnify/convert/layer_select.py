@@ -66,20 +66,26 @@ class AutoSpec:
         return f"auto:{self.cache_fraction * 100:g}%@{self.cache_length}"
 
 
-def parse_auto(value) -> AutoSpec | None:
-    """An ``auto:...`` keep-attention value, or None for anything else (an explicit list)."""
+def parse_auto(value, label: str | None = None) -> AutoSpec | None:
+    """An ``auto:...`` keep-attention value, or None for anything else (an explicit list). ``label`` names the input
+    in errors (default: keep-attention '<value>')."""
     if not isinstance(value, str) or not value.strip().startswith("auto"):
         return None
+    label = label or f"keep-attention {value!r}"
     m = _AUTO.fullmatch(value.strip())
     if not m:
-        raise RnnifyError(f"keep-attention {value!r}: accepted auto forms are auto:N (N layers chosen by measurement) "
+        raise RnnifyError(f"{label}: accepted auto forms are auto:N (N layers chosen by measurement) "
                           "and auto:P%@L (the cache at most P% of the teacher's at L tokens), e.g. auto:4, auto:10%@4096")
     if m.group("n") is not None:
         return AutoSpec(layers=int(m.group("n")))
     pct = float(m.group("pct"))
     if not 0 < pct <= 100:
-        raise RnnifyError(f"keep-attention {value!r}: the cache budget must be in (0, 100]%")
-    return AutoSpec(cache_fraction=pct / 100, cache_length=int(m.group("len") or 4096))
+        raise RnnifyError(f"{label}: the cache budget must be in (0, 100]%")
+    length = int(m.group("len") or 4096)
+    if length < 1:
+        raise RnnifyError(f"{label}: the cache is measured at L tokens; accepted: L >= 1, "
+                          "e.g. auto:10%@4096")
+    return AutoSpec(cache_fraction=pct / 100, cache_length=length)
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -217,6 +223,9 @@ def text_ids(tokenizer, text: str = DEFAULT_TEXT, tokens: int = 4096, seq_len: i
     if tokens < MIN_SCORE_TOKENS or seq_len < 1:
         raise RnnifyError(f"scoring on {tokens} tokens in sequences of {seq_len}: accepted: at least "
                           f"{MIN_SCORE_TOKENS} tokens and a sequence length >= 1")
+    if seq_len > tokens:
+        raise RnnifyError(f"scoring on {tokens} tokens in sequences of {seq_len}: accepted: a sequence length at "
+                          f"most the token count (leave it out for min(tokens, {SCORE_SEQ_LEN}))")
 
     path = Path(resolve_path(text))
     if not path.is_file():

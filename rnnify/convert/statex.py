@@ -37,8 +37,9 @@ INITS = {"merge": ("paper", "keep"), "mamba2": ("paper", "merge_copy", "merge_ze
 class StatexOptions(MethodOptions):
     layers: str | None = Field(None, description="which recurrent layers: every:K, all, or a list like 5,11 (default: "
                                                  "every 6th; all for transformers' Mamba2)")
-    state_multiplier: int | None = Field(None, ge=2, description="Mamba2 layers: multiply d_state by this (default 4);"
-                                                                 " merged heads grow by the head count")
+    state_multiplier: int | None = Field(
+        None, ge=2, le=64, description="Mamba2 layers: multiply d_state by this (default 4, at most 64: the state and the "
+                                       "new B/C rows grow with it); merged heads grow by the head count")
     init: Literal["paper", "keep", "merge_copy", "merge_zero", "preserve"] = Field(
         "paper", description="initialisation of the expanded layers (see `rnnify ls`: paper, keep for merged heads; "
                              "paper, merge_copy, merge_zero, preserve for Mamba2)")

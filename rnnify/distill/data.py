@@ -81,6 +81,13 @@ def load_rows(spec: DataSpec):
         for field in fields:
             if field not in columns:
                 raise RnnifyError(f"data {spec.path}: no column {field!r}; columns: {', '.join(columns)}")
+    if spec.template is None and not spec.messages_field and getattr(ds, "features", None):
+        kind = ds.features.get(spec.text_field)
+        if kind is not None and getattr(kind, "dtype", None) not in ("string", "large_string"):
+            text_cols = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+            raise RnnifyError(f"data {spec.path}: text_field {spec.text_field!r} is a column of {kind}, not text; "
+                              f"accepted: a text column ({', '.join(text_cols) or 'none here'}), or a template: "
+                              "that formats several columns")
     if spec.max_rows is not None:
         ds = ds.take(spec.max_rows) if spec.streaming else ds.select(range(min(spec.max_rows, len(ds))))
     return ds
@@ -93,6 +100,9 @@ def _row_text(row: dict, spec: DataSpec, tokenizer) -> str | None:
     if spec.template is not None:
         return spec.template.format(**row)
     text = row[spec.text_field]
+    if text is not None and not isinstance(text, str):
+        raise RnnifyError(f"data {spec.path}: text_field {spec.text_field!r} holds {type(text).__name__} values, not "
+                          "text; accepted: a column of strings, or a template: that formats several columns")
     return text if text and text.strip() else None
 
 
