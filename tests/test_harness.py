@@ -54,6 +54,8 @@ def test_the_harness_runs_offline_on_local_tasks_next_to_the_teacher(two_student
     assert set(res["tasks"]) == {"rnnify_mc", "rnnify_gen"}
     for task, metric in (("rnnify_mc", "acc"), ("rnnify_gen", "exact_match")):
         values = res["tasks"][task][metric]
+        # wiring: both models scored (the scores themselves are checked against an independent scoring in
+        # test_task_accuracy_equals_an_independent_scoring_of_the_same_items)
         assert set(values) == {"teacher", "student"} and all(0 <= v <= 1 for v in values.values())
     table = capsys.readouterr().out
     assert "| rnnify_mc (acc) |" in table and "| rnnify_gen (exact_match) |" in table
