@@ -40,7 +40,7 @@ def recipe_dict(source, method, stage, seq_len, batch, out):
 def child(path: str):
     from data import PeakRSS  # benchmarks/data.py
 
-    from rnnify.distill.runner import run_recipe
+    from rnnify.pipeline.runner import run_recipe
     from rnnify.recipe import load_recipe
 
     recipe = load_recipe(path, [])
@@ -61,7 +61,7 @@ def main():
         return
     import yaml
 
-    from rnnify.distill.memory_plan import fmt, plan_recipe
+    from rnnify.pipeline.memory_plan import fmt, plan_recipe
     from rnnify.recipe import load_recipe
 
     print(f"{args.source}, {args.batch} x {args.seq_len} tokens per step, float32, one process on CPU\n")

@@ -33,7 +33,7 @@ OPTIONS = {"lolcats": {"window": 64, "sinks": 4}, "mamba_in_llama": {}, "supra":
 
 
 def _blocks(tok, text, context, windows):
-    from rnnify.distill.data import tokenize_text_file
+    from rnnify.eval.perplexity import tokenize_text_file
     from rnnify.eval.perplexity import windows as cut
 
     return cut(tokenize_text_file(text, tok), context, windows)

@@ -20,10 +20,9 @@ import yaml
 
 import rnnify  # noqa: F401
 from rnnify import models
+from rnnify.cache_size import cache_bytes, human_bytes
 from rnnify.convert import convert
-from rnnify.distill.data import tokenize_text_file
-from rnnify.eval.memory import cache_bytes, human_bytes
-from rnnify.eval.perplexity import perplexity, windows
+from rnnify.eval.perplexity import perplexity, tokenize_text_file, windows
 from rnnify.eval.report import window_baseline
 
 
@@ -36,7 +35,7 @@ def main():
     ap.add_argument("--windows", type=int, default=4)
     args = ap.parse_args()
     if args.recipe:
-        from rnnify.distill.runner import run_recipe
+        from rnnify.pipeline.runner import run_recipe
         from rnnify.recipe import load_recipe
 
         recipe = load_recipe(args.recipe, ["output.overwrite=true"])

@@ -16,9 +16,8 @@ import rnnify  # noqa: F401
 from rnnify import models
 from rnnify.convert import convert
 from rnnify.convert.retrofit import default_split
-from rnnify.distill.data import tokenize_text_file
 from rnnify.eval.flops import flops_per_token
-from rnnify.eval.perplexity import perplexity, windows
+from rnnify.eval.perplexity import perplexity, tokenize_text_file, windows
 
 
 def span(layers):

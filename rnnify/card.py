@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from .eval.memory import attention_cache_bytes, cache_bytes, human_bytes
+from .cache_size import attention_cache_bytes, cache_bytes, human_bytes
 
 
 def teacher_cache_bytes(student, seq_len: int, kv_bytes: int = 2) -> int:

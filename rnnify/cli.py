@@ -21,9 +21,9 @@ def cmd_inspect(args) -> None:
     from transformers import AutoModelForCausalLM
 
     from . import models
+    from .cache_size import cache_bytes, human_bytes
     from .convert import SUPPORTED_MODEL_TYPES
     from .convert.flags import options_from_args
-    from .eval.memory import cache_bytes, human_bytes
     from .modeling import RnnifyConfig
     from .modeling.layer_program import describe
 
@@ -123,8 +123,8 @@ def _plan(config, args, options, kv_bytes) -> dict:
     """Layer program and cache size of a conversion, built on the meta device (no weights)."""
     import torch
 
+    from .cache_size import cache_bytes
     from .convert import get_method, validate
-    from .eval.memory import cache_bytes
     from .modeling import RnnifyConfig, RnnifyForCausalLM
     from .modeling.layer_program import describe
 
@@ -182,11 +182,11 @@ def _ranges_by_value(values: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------- convert
 def cmd_convert(args) -> None:
     from . import __version__, models
+    from .cache_size import cache_bytes, human_bytes
     from .card import model_card
     from .convert import convert, get_method, validate
     from .convert.base import count_new_parameters
     from .convert.flags import options_from_args
-    from .eval.memory import cache_bytes, human_bytes
     from .io import atomic_output_dir, check_output_dir
 
     method = get_method(args.method)
@@ -241,7 +241,7 @@ def cmd_convert(args) -> None:
 
 def cmd_cache(args) -> None:
     from .cache_dirs import clear, usage
-    from .eval.memory import human_bytes
+    from .cache_size import human_bytes
 
     if args.clear:
         for name, size, kept in clear(args.clear):
@@ -256,10 +256,10 @@ def cmd_cache(args) -> None:
 
 def cmd_select_layers(args) -> None:
     from . import models
+    from .cache_size import human_bytes
     from .convert import validate
     from .convert.flags import options_from_args
     from .convert.layer_select import AutoSpec, cached_scores, choose, parse_auto, plan_cache_bytes, teacher_cache_bytes
-    from .eval.memory import human_bytes
     from .io import write_json_atomic
 
     if (args.budget_layers is None) == (args.budget_cache is None):
@@ -383,7 +383,7 @@ def cmd_ls(args) -> None:
     from .convert import METHODS
     from .convert.method import describe_options
     from .distill.stages import STAGES
-    from .recipe import RECIPES_DIR
+    from .paths import RECIPES_DIR
 
     print("recipes:")
     for p in sorted(RECIPES_DIR.glob("*.yaml")):
@@ -403,7 +403,8 @@ def cmd_ls(args) -> None:
 
 
 def cmd_cp(args) -> None:
-    from .recipe import RECIPES_DIR, find_recipe
+    from .paths import RECIPES_DIR
+    from .recipe import find_recipe
 
     src = find_recipe(args.name)
     if src.parent != RECIPES_DIR:
@@ -443,7 +444,7 @@ def cmd_validate(args) -> None:
     if args.plan or args.gpus is not None or args.gpu_memory or args.source or args.strategy:
         import torch
 
-        from .distill.memory_plan import parse_bytes, plan_recipe
+        from .pipeline.memory_plan import parse_bytes, plan_recipe
 
         gpus, memory = args.gpus, parse_bytes(args.gpu_memory) if args.gpu_memory else None
         if args.gpus is not None and args.gpus < 1:
@@ -459,7 +460,7 @@ def cmd_validate(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from .distill.runner import run_recipe
+    from .pipeline.runner import run_recipe
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -499,7 +500,7 @@ def cmd_eval(args) -> None:
         err = e.errors()[0]
         flag = flags.get(str(err["loc"][0]), str(err["loc"][0]))
         raise RnnifyError(f"{flag} {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}") from None
-    from .recipe import resolve_path
+    from .paths import resolve_path
 
     if not Path(resolve_path(spec.text)).is_file():
         raise RnnifyError(f"--text {spec.text}: no such file; accepted: a text file or builtin:wikitext-2/test.txt")

@@ -13,13 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .distill.settings import Strict
+from .distill.settings import DataSpec, Strict
 from .errors import RnnifyError
 from .eval.spec import EvalSpec
-
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-DATA_DIR = Path(__file__).resolve().parent / "data"
-BUILTIN_PREFIX = "builtin:"
+from .paths import RECIPES_DIR
 
 
 class ModelSpec(Strict):
@@ -77,20 +74,6 @@ class ConversionSpec(Strict):
             raise ValueError(f"select_after: {self.select_after!r} chooses the kept layers by measurement after that "
                              f"stage; keep_attention must then be auto:N or auto:P%@L, not {self.keep_attention!r}")
         return self
-
-
-class DataSpec(Strict):
-    """A local text/jsonl/json/parquet file (or ``builtin:...``), or a Hub dataset name."""
-
-    path: str
-    name: str | None = None  # Hub dataset configuration
-    split: str = "train"
-    text_field: str = "text"
-    messages_field: str | None = None  # chat data: apply the tokenizer's chat template to this field
-    template: str | None = None  # text built from several columns, e.g. "{instruction}\n{input}\n{output}"
-    format: Literal["auto", "text", "json", "parquet", "hub"] = "auto"
-    max_rows: int | None = None
-    streaming: bool = False  # read rows as training needs them (Hub: no full download first); first epoch in order
 
 
 class StageSpec(Strict):
@@ -369,17 +352,6 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
         return Recipe(**data)
     except ValidationError as e:
         raise RnnifyError(_format_errors(e, source)) from None
-
-
-def resolve_path(path: str) -> str:
-    """``builtin:wikitext-2/valid.txt`` -> the copy shipped inside the package; other paths unchanged."""
-    if path.startswith(BUILTIN_PREFIX):
-        p = DATA_DIR / path[len(BUILTIN_PREFIX):]
-        if not p.exists():
-            shipped = ", ".join(sorted(str(x.relative_to(DATA_DIR)) for x in DATA_DIR.rglob("*.txt")))
-            raise RnnifyError(f"{path}: no such built-in file; shipped: {shipped}")
-        return str(p)
-    return path
 
 
 def dump_recipe(recipe: Recipe) -> str:

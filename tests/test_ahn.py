@@ -222,7 +222,7 @@ def test_self_distillation_trains_only_the_memory_and_lowers_its_loss(tmp_path):
 
     from safetensors.torch import load_file
 
-    from rnnify.distill.runner import run_recipe
+    from rnnify.pipeline.runner import run_recipe
     from rnnify.recipe import recipe_from_dict
 
     from .conftest import make_tokenizer

@@ -7,10 +7,10 @@ import pytest
 import torch
 import transformers
 
+from rnnify.cache_size import cache_bytes
 from rnnify.cli import main
 from rnnify.convert import convert
 from rnnify.errors import RnnifyError
-from rnnify.eval.memory import cache_bytes
 from rnnify.eval.passkey import make_prompt
 from rnnify.eval.perplexity import perplexity, windows
 from rnnify.eval.report import results_table, write_eval

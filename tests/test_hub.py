@@ -164,7 +164,7 @@ def test_sharded_folder_loads_in_a_fresh_venv_without_rnnify(tiny_llama_dir, tmp
 def test_recipe_pushes_after_saving(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from rnnify.distill.runner import run_recipe
+    from rnnify.pipeline.runner import run_recipe
 
     from .test_training import recipe
 
@@ -185,7 +185,7 @@ def test_recipe_pushes_after_saving(tmp_path, monkeypatch):
 def test_recipe_push_without_token_fails_before_training(tmp_path, monkeypatch):
     import huggingface_hub.constants as C
 
-    from rnnify.distill.runner import run_recipe
+    from rnnify.pipeline.runner import run_recipe
 
     from .test_training import recipe
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from rnnify.cache_size import cache_bytes, measured_cache_bytes
 from rnnify.convert import convert
-from rnnify.eval.memory import cache_bytes, measured_cache_bytes
 
 from .conftest import tiny_model
 

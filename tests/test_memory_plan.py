@@ -13,10 +13,10 @@ import transformers as tr
 import yaml
 
 from rnnify.cli import main
-from rnnify.distill import runner
-from rnnify.distill.memory_plan import parse_bytes, plan_recipe, trace_activations
 from rnnify.distill.stages import STAGES, build_objective
 from rnnify.errors import RnnifyError
+from rnnify.pipeline import runner
+from rnnify.pipeline.memory_plan import parse_bytes, plan_recipe, trace_activations
 from rnnify.recipe import recipe_from_dict
 
 from .conftest import make_tokenizer
@@ -50,11 +50,11 @@ def test_plan_arithmetic_matches_the_bytes_of_a_real_step(tmp_path, stage):
     plan = plan_recipe(recipe, devices=1, cuda=False).stages[0]
 
     from rnnify import models
-    from rnnify.distill.runner import build_student, stage_model
     from rnnify.distill.trainer import make_optimizer
+    from rnnify.pipeline.student import recipe_student, stage_model
 
     teacher, _ = models.load_source(str(tmp_path / "src"), progress=lambda *_: None)
-    student = build_student(recipe, teacher)
+    student = recipe_student(recipe, teacher)
     settings = recipe.stage_settings(0)
     spec = STAGES[stage["type"]]
     model, trainable, active = stage_model(student, settings, spec, student.new_parameter_names())
@@ -90,7 +90,7 @@ def test_planned_activations_against_measured_memory(tmp_path):
     script = textwrap.dedent(f"""
         import json, threading, torch
         from rnnify.recipe import load_recipe
-        from rnnify.distill.runner import build_student, stage_model
+        from rnnify.pipeline.student import recipe_student, stage_model
         from rnnify.distill.stages import STAGES, build_objective
         from rnnify import models
         def rss():
@@ -99,7 +99,7 @@ def test_planned_activations_against_measured_memory(tmp_path):
                     return int(line.split()[1]) * 1024
         recipe = load_recipe({str(tmp_path / 'r.yaml')!r}, [])
         teacher, _ = models.load_source({str(tmp_path / 'src')!r}, progress=lambda *_: None)
-        student = build_student(recipe, teacher)
+        student = recipe_student(recipe, teacher)
         del teacher
         s = recipe.stage_settings(0)
         model, _, active = stage_model(student, s, STAGES["finetune"], student.new_parameter_names())
@@ -189,7 +189,8 @@ def test_run_warns_before_weights_load_when_the_plan_does_not_fit(tmp_path, monk
 
 
 def test_every_shipped_recipe_with_a_local_source_has_a_plan():
-    from rnnify.recipe import RECIPES_DIR, load_recipe
+    from rnnify.paths import RECIPES_DIR
+    from rnnify.recipe import load_recipe
 
     planned = 0
     for path in sorted(RECIPES_DIR.glob("*.yaml")):

@@ -17,8 +17,8 @@ import torch
 import transformers
 from transformers import DynamicCache
 
+from rnnify.cache_size import cache_bytes, measured_cache_bytes
 from rnnify.convert import METHODS, convert
-from rnnify.eval.memory import cache_bytes, measured_cache_bytes
 
 from .conftest import FAMILIES, tiny_model
 

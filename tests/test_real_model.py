@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from rnnify import models
+from rnnify.cache_size import cache_bytes
 from rnnify.convert import convert
-from rnnify.distill.data import tokenize_text_file
-from rnnify.eval.memory import cache_bytes
-from rnnify.eval.perplexity import perplexity, windows
+from rnnify.eval.perplexity import perplexity, tokenize_text_file, windows
 
 pytestmark = [
     pytest.mark.slow,

@@ -5,7 +5,8 @@ import yaml
 
 from rnnify.convert import METHODS
 from rnnify.errors import RnnifyError
-from rnnify.recipe import RECIPES_DIR, apply_overrides, load_recipe, recipe_from_dict
+from rnnify.paths import RECIPES_DIR
+from rnnify.recipe import apply_overrides, load_recipe, recipe_from_dict
 
 BASE = {
     "model": {"source": "tiny"},

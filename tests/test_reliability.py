@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from rnnify.cli import main
 from rnnify.distill import trainer
-from rnnify.distill.runner import run_recipe
 from rnnify.errors import RnnifyError
+from rnnify.pipeline.runner import run_recipe
 from rnnify.recipe import recipe_from_dict
 
 from .conftest import make_tokenizer, tiny_model
@@ -421,9 +421,9 @@ def test_gradient_accumulation_gives_the_weights_of_the_whole_batch(workdir):
 
 
 def test_model_card_cache_rows_are_computed_at_their_lengths():
+    from rnnify.cache_size import cache_bytes, human_bytes
     from rnnify.card import cache_table, teacher_cache_bytes
     from rnnify.convert import convert
-    from rnnify.eval.memory import cache_bytes, human_bytes
 
     student = convert(tiny_model("llama"), "lolcats", keep_attention="0")  # the kept layer's KV grows with length
     table = cache_table(student)

@@ -155,7 +155,7 @@ def test_a_recurrence_stage_with_muon_trains_and_resumes(tmp_path):
     import random
 
     from rnnify.distill import trainer
-    from rnnify.distill.runner import run_recipe
+    from rnnify.pipeline.runner import run_recipe
     from rnnify.recipe import recipe_from_dict
 
     from .conftest import make_tokenizer

@@ -8,10 +8,10 @@ import torch
 import transformers
 from transformers import DynamicCache
 
+from rnnify.cache_size import cache_bytes, measured_cache_bytes
 from rnnify.cli import main
 from rnnify.convert import convert
 from rnnify.errors import RnnifyError
-from rnnify.eval.memory import cache_bytes, measured_cache_bytes
 
 from .conftest import tiny_model
 from .test_methods import perturb, stepwise_logits

@@ -13,8 +13,8 @@ import yaml
 from safetensors.torch import load_file
 
 from rnnify.distill import trainer
-from rnnify.distill.runner import run_recipe
 from rnnify.errors import RnnifyError
+from rnnify.pipeline.runner import run_recipe
 from rnnify.recipe import DataSpec, recipe_from_dict
 
 from .conftest import make_tokenizer, tiny_model
@@ -239,12 +239,12 @@ def test_batches_are_deterministic_and_cover_the_data():
 
 def test_lora_adapters_train_with_extra_patterns():
     from rnnify.convert import convert
-    from rnnify.distill.runner import _apply_lora
     from rnnify.distill.settings import LoraSpec
     from rnnify.distill.stages import select_trainable
+    from rnnify.pipeline.student import apply_lora
 
     student = convert(tiny_model("llama"), "lolcats")
-    model = _apply_lora(student, LoraSpec(r=4))
+    model = apply_lora(student, LoraSpec(r=4))
     names = select_trainable(model, ["@new"], student.new_parameter_names(), keep_existing=True)
     assert sum("lora_" in n for n in names) == 32  # q/k/v/o x A/B x 4 layers
     assert sum("feature_map" in n for n in names) == 16
@@ -313,7 +313,7 @@ def test_shipped_accelerate_fsdp_config_runs_every_stage_kind(workdir, tmp_path)
     """`accelerate launch --config_file recipes/accelerate/fsdp.yaml` on CPU: the recipe does not ask for FSDP, the
     launch config does. Attention transfer (mixers called directly), stepwise distillation in bf16 (teacher
     attentions inside the student) and a LoRA fine-tune all train sharded, and the saved model loads."""
-    from rnnify.recipe import RECIPES_DIR
+    from rnnify.paths import RECIPES_DIR
 
     stages = [{"type": "attention_transfer", "max_steps": 2, "lr": 0.05},
               {"type": "distill", "max_steps": 2, "dtype": "bfloat16", "active_layers": [0]},

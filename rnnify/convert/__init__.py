@@ -7,39 +7,13 @@ ls``, model cards, the test matrix) reads this registry.
 
 from __future__ import annotations
 
-import importlib
-
 from ..errors import RnnifyError
+from .auto_spec import parse_auto
 from .base import SUPPORTED_MODEL_TYPES, build_student, check_supported, parse_layer_list, text_config
+from .build import build_converted
+from .layer_select import DEFAULT_TEXT, resolve_auto
 from .method import Method
-
-# The registry: one line per method; the name is the module under rnnify/convert/ that defines METHOD.
-_REGISTERED = (
-    "supra",
-    "lolcats",
-    "mamba_in_llama",
-    "window",
-    "ahn",
-    "retrofit",
-    "statex",
-)
-
-METHODS: dict[str, Method] = {}
-for _name in _REGISTERED:
-    _method = importlib.import_module(f".{_name}", __name__).METHOD
-    assert _method.name == _name, f"rnnify/convert/{_name}.py registers {_method.name!r}"
-    METHODS[_name] = _method
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise RnnifyError(f"unknown method {name!r}; accepted: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
-
-
-def resolve_options(method: str, options: dict | None) -> dict:
-    """Fill defaults and reject settings the method does not have."""
-    return get_method(method).resolve_options(options)
+from .registry import METHODS, get_method, resolve_options
 
 
 def spread_layers(num_layers: int, fraction: float) -> list[int]:
@@ -80,14 +54,16 @@ def validate(source_config, method: str, keep_attention=None, options: dict | No
                               "drop --keep-attention / --attention-fraction / --attention-every")
         m.check_source(source_config)
         return [], opts
+    if getattr(text_config(source_config), "model_type", None) == "rnnify":
+        transforms = ", ".join(n for n, x in METHODS.items() if x.transform) or "none yet"
+        raise RnnifyError("the source is already an rnnify model; convert its base model instead, or give a "
+                          f"transform method (transforms: {transforms})")
     check_supported(source_config)
     m.check_source(source_config)
     if not m.keeps_attention and any(x is not None and x != "" for x in (keep_attention, attention_fraction, attention_every)):
         raise RnnifyError(f"method {method!r} does not keep attention layers; drop --keep-attention / "
                           "--attention-fraction / --attention-every")
     n = text_config(source_config).num_hidden_layers
-    from .layer_select import parse_auto
-
     auto = parse_auto(keep_attention)
     if auto is not None:  # chosen by measurement when the weights are here (convert); checked for shape now
         if attention_fraction is not None or attention_every is not None:
@@ -109,8 +85,6 @@ def convert(teacher, method: str, keep_attention=None, options: dict | None = No
     chosen by measurement on ``select_tokens`` tokens of ``select_text`` with ``tokenizer``, see layer_select.py),
     ``attention_fraction`` or ``attention_every``."""
     keep, opts = validate(teacher.config, method, keep_attention, options, attention_fraction, attention_every)
-    from .layer_select import DEFAULT_TEXT, parse_auto, resolve_auto
-
     auto = parse_auto(keep_attention)
     if auto is not None and not next(teacher.parameters()).is_meta:
         if tokenizer is None:
@@ -121,10 +95,7 @@ def convert(teacher, method: str, keep_attention=None, options: dict | None = No
     m = get_method(method)
     if m.transform:
         return transform(teacher, method, opts)
-    plan = m.plan(teacher.config, keep, opts)
-    student = build_student(teacher, plan, method)
-    m.finish(student, opts)
-    return student
+    return build_converted(teacher, method, keep, opts)
 
 
 def transform(model, method: str, options: dict | None = None):

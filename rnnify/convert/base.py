@@ -24,11 +24,8 @@ def check_supported(config) -> None:
     cfg = text_config(config)
     mt = getattr(cfg, "model_type", None)
     if mt == "rnnify":
-        from . import METHODS
-
-        transforms = ", ".join(n for n, m in METHODS.items() if m.transform) or "none yet"
         raise RnnifyError("the source is already an rnnify model; convert its base model instead, or give a "
-                          f"transform method (transforms: {transforms})")
+                          "transform method (see rnnify ls)")
     if mt not in SUPPORTED_MODEL_TYPES:
         arch = ",".join(getattr(config, "architectures", None) or [mt or "?"])
         raise RnnifyError(

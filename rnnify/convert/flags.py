@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from . import METHODS
 from .method import option_type
+from .registry import METHODS
 
 RESERVED = {"keep_attention", "attention_fraction", "attention_every", "dtype", "out", "overwrite", "method",
             "max_shard_size", "json", "model"}

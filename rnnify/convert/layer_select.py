@@ -35,57 +35,26 @@ import contextlib
 import hashlib
 import json
 import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .. import models
+from ..cache_size import attention_cache_bytes, cache_bytes
 from ..errors import RnnifyError
 from ..io import write_json_atomic
+from ..modeling.configuration_rnnify import base_layer_types
+from ..paths import resolve_path
+from .auto_spec import AutoSpec, parse_auto  # noqa: F401  (callers of layer selection read budgets here too)
+from .build import build_converted
+from .registry import get_method
+from .teacher_attention import TeacherAttention
 
 MODES = ("restore", "convert")
 DEFAULT_TEXT = "builtin:wikitext-2/valid.txt"
 SCORE_SEQ_LEN = 1024  # scoring sequences: long enough for the window/memory mixers to differ from attention
 MIN_SCORE_TOKENS = 64
-_AUTO = re.compile(r"auto:(?:(?P<n>\d+)|(?P<pct>\d+(?:\.\d+)?)%(?:@(?P<len>\d+))?)")
-
-
-@dataclass(frozen=True)
-class AutoSpec:
-    """``auto:N`` (N layers) or ``auto:P%@L`` (a cache at most P% of the teacher's at L tokens; L 4096 by default)."""
-
-    layers: int | None = None
-    cache_fraction: float | None = None
-    cache_length: int = 4096
-
-    def __str__(self):
-        if self.layers is not None:
-            return f"auto:{self.layers}"
-        return f"auto:{self.cache_fraction * 100:g}%@{self.cache_length}"
-
-
-def parse_auto(value, label: str | None = None) -> AutoSpec | None:
-    """An ``auto:...`` keep-attention value, or None for anything else (an explicit list). ``label`` names the input
-    in errors (default: keep-attention '<value>')."""
-    if not isinstance(value, str) or not value.strip().startswith("auto"):
-        return None
-    label = label or f"keep-attention {value!r}"
-    m = _AUTO.fullmatch(value.strip())
-    if not m:
-        raise RnnifyError(f"{label}: accepted auto forms are auto:N (N layers chosen by measurement) "
-                          "and auto:P%@L (the cache at most P% of the teacher's at L tokens), e.g. auto:4, auto:10%@4096")
-    if m.group("n") is not None:
-        return AutoSpec(layers=int(m.group("n")))
-    pct = float(m.group("pct"))
-    if not 0 < pct <= 100:
-        raise RnnifyError(f"{label}: the cache budget must be in (0, 100]%")
-    length = int(m.group("len") or 4096)
-    if length < 1:
-        raise RnnifyError(f"{label}: the cache is measured at L tokens; accepted: L >= 1, "
-                          "e.g. auto:10%@4096")
-    return AutoSpec(cache_fraction=pct / 100, cache_length=length)
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -147,8 +116,6 @@ def _kl(teacher_logp, logits) -> float:
 def score_layers(teacher, student, ids: torch.Tensor, mode: str = "restore", progress=None) -> list[float]:
     """Per layer, the KL change of converting it (``convert``) or restoring it (``restore``); higher = keep it as
     attention. ``student``: ``teacher`` converted with every layer converted; ``ids``: ``[sequences, length]``."""
-    from ..distill.stages import TeacherAttention
-
     if mode not in MODES:
         raise RnnifyError(f"layer score mode {mode!r}; accepted: {', '.join(MODES)}")
     n = len(teacher.model.layers)
@@ -179,9 +146,6 @@ def score_layers(teacher, student, ids: torch.Tensor, mode: str = "restore", pro
 # ------------------------------------------------------------------------------------------------ plans
 def plan_cache_bytes(student, keep: list[int], seq_len: int, kv_bytes: int = 2) -> int:
     """Cache bytes at ``seq_len`` of the hybrid keeping ``keep`` as attention (``student``: all converted)."""
-    from ..eval.memory import attention_cache_bytes
-    from ..modeling.configuration_rnnify import base_layer_types
-
     base = student.config.base_config
     types = base_layer_types(base)
     total = 0
@@ -217,8 +181,6 @@ def choose(scores: list[float], spec: AutoSpec, student=None, teacher_cache: int
 def text_ids(tokenizer, text: str = DEFAULT_TEXT, tokens: int = 4096, seq_len: int | None = None) -> torch.Tensor:
     """``tokens`` tokens of ``text`` (a file or builtin:...) as ``[tokens // seq_len, seq_len]`` (``seq_len``: the
     smaller of ``tokens`` and ``SCORE_SEQ_LEN`` unless given)."""
-    from ..recipe import resolve_path
-
     seq_len = min(tokens, SCORE_SEQ_LEN) if seq_len is None else seq_len
     if tokens < MIN_SCORE_TOKENS or seq_len < 1:
         raise RnnifyError(f"scoring on {tokens} tokens in sequences of {seq_len}: accepted: at least "
@@ -270,13 +232,10 @@ def cached_scores(teacher, method: str, options: dict, tokenizer, text: str = DE
                   tokens: int = 4096, seq_len: int | None = None, log=print, seed: int = 0) -> tuple[list[float], object]:
     """(per-layer scores, the all-converted student), from the on-disk cache when this source, method, options,
     text and mode were scored before."""
-    from .. import models
-    from . import convert, get_method
-
     options = get_method(method).resolve_options(options)  # the same choice keys the same cache entry
     ids = text_ids(tokenizer, text, tokens, seq_len)
     torch.manual_seed(seed)  # the new parameters' initialisation: the scores are deterministic for a seed
-    student = convert(teacher, method, keep_attention=[], options=options)
+    student = build_converted(teacher, method, [], options)
     path = models.cache_root() / "layer_scores" / f"{_fingerprint(teacher, method, options, ids, mode + str(seed))}.json"
     if path.is_file():
         try:
@@ -295,8 +254,6 @@ def cached_scores(teacher, method: str, options: dict, tokenizer, text: str = DE
 
 
 def teacher_cache_bytes(teacher, seq_len: int) -> int:
-    from ..eval.memory import cache_bytes
-
     return cache_bytes(teacher, seq_len)
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from ..errors import RnnifyError
-from ..recipe import DataSpec, resolve_path
+from ..paths import resolve_path
+from .settings import DataSpec
 
 _FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -152,11 +153,3 @@ def pack_tokens(spec: DataSpec, tokenizer, seq_len: int, max_blocks: int | None 
     if not n:
         raise RnnifyError(f"data {spec.path}: fewer than {seq_len} tokens; lower seq_len or add data")
     return torch.from_numpy(np.concatenate(out)[:max_blocks])
-
-
-def tokenize_text_file(path: str, tokenizer) -> torch.Tensor:
-    """All tokens of a text file as one 1-D stream (for perplexity)."""
-    p = Path(resolve_path(path))
-    if not p.is_file():
-        raise RnnifyError(f"text file {path} does not exist")
-    return torch.tensor(tokenizer(p.read_text(), add_special_tokens=False)["input_ids"], dtype=torch.long)

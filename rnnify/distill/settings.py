@@ -120,5 +120,20 @@ class SelfDistillSettings(StageSettings):
         return self
 
 
-__all__ = ["AttentionTransferSettings", "DistillSettings", "FinetuneSettings", "LoraSpec", "RecurrenceSpec",
+class DataSpec(Strict):
+    """A local text/jsonl/json/parquet file (or ``builtin:...``), or a Hub dataset name."""
+
+    path: str
+    name: str | None = None  # Hub dataset configuration
+    split: str = "train"
+    text_field: str = "text"
+    messages_field: str | None = None  # chat data: apply the tokenizer's chat template to this field
+    template: str | None = None  # text built from several columns, e.g. "{instruction}\n{input}\n{output}"
+    format: Literal["auto", "text", "json", "parquet", "hub"] = "auto"
+    max_rows: int | None = None
+    streaming: bool = False  # read rows as training needs them (Hub: no full download first); first epoch in order
+
+
+
+__all__ = ["AttentionTransferSettings", "DataSpec", "DistillSettings", "FinetuneSettings", "LoraSpec", "RecurrenceSpec",
            "SelfDistillSettings", "StageSettings", "Strict"]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..convert.teacher_attention import TeacherAttention
 from ..errors import RnnifyError
 from .losses import kl_distill_loss, next_token_ce
 from .settings import AttentionTransferSettings, DistillSettings, FinetuneSettings, SelfDistillSettings, StageSettings
@@ -75,22 +76,6 @@ class AttentionTransferObjective(Objective):
             losses.append(torch.mean((out.float() - target.float()) ** 2))
         loss = torch.stack(losses).mean()
         return loss, {"mse_first": losses[0].item(), "mse_last": losses[-1].item()}
-
-
-class TeacherAttention(nn.Module):
-    """A frozen teacher attention standing in for a converted layer that is not active yet (stepwise
-    distillation). It builds its own causal mask: the student makes none for converted layers."""
-
-    def __init__(self, attn):
-        super().__init__()
-        self.attn = [attn]  # a list, so the teacher's weights are not registered (nor trained, nor saved) here
-
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
-        T = hidden_states.shape[1]
-        mask = torch.full((T, T), float("-inf"), device=hidden_states.device, dtype=hidden_states.dtype).triu(1)
-        kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
-        return self.attn[0](hidden_states, position_embeddings=position_embeddings, attention_mask=mask[None, None],
-                            **kwargs)
 
 
 class DistillObjective(Objective):

@@ -33,8 +33,9 @@ import torch
 
 from ..errors import RnnifyError
 from ..io import write_json_atomic
-from ..recipe import DataSpec, resolve_path
+from ..paths import resolve_path
 from .data import local_file, pack_stream
+from .settings import DataSpec
 
 CACHE_ENV = "RNNIFY_TOKEN_CACHE"
 _FORMAT = 2  # 2: progress.json carries the checksum of blocks.bin

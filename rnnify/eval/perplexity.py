@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import RnnifyError
+from ..paths import resolve_path
+
+
+def tokenize_text_file(path: str, tokenizer) -> torch.Tensor:
+    """All tokens of a text file (or ``builtin:...``) as one 1-D stream."""
+    p = Path(resolve_path(path))
+    if not p.is_file():
+        raise RnnifyError(f"text file {path} does not exist")
+    return torch.tensor(tokenizer(p.read_text(), add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
 def windows(tokens: torch.Tensor, context_length: int, num_windows: int) -> torch.Tensor:
     """The first ``num_windows`` non-overlapping windows of ``context_length`` tokens: ``[N, L]``."""
     n = min(num_windows, tokens.numel() // context_length)
     if n == 0:
-        from ..errors import RnnifyError
-
         raise RnnifyError(f"the text has {tokens.numel()} tokens, fewer than one context of {context_length}")
     return tokens[: n * context_length].view(n, context_length)
 

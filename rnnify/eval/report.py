@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .memory import cache_bytes, human_bytes
+from ..cache_size import cache_bytes, human_bytes
 from .passkey import passkey_accuracy
-from .perplexity import perplexity, windows
+from .perplexity import perplexity, tokenize_text_file, windows
 from .spec import EvalSpec
 from .speed import decode_speed
 
@@ -40,8 +40,6 @@ def _has_mixers(model) -> bool:
 
 def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> dict:
     """``students``: a model, or {name: model} for several side by side (the first names the window baseline)."""
-    from ..distill.data import tokenize_text_file
-
     if not isinstance(students, dict):
         students = {"student": students}
     names = list(students)

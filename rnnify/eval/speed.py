@@ -14,8 +14,8 @@ import time
 import torch
 from transformers import DynamicCache
 
+from ..cache_size import measured_cache_bytes
 from ..modeling.generation_cache import cache_keyword
-from .memory import measured_cache_bytes
 
 
 def _sync(device) -> None:

@@ -26,7 +26,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import models
+from ..distill.sharding import decoder_layers, fsdp_requested
+from ..distill.stages import STAGES, build_objective
+from ..distill.trainer import total_steps
 from ..errors import RnnifyError
+from .student import recipe_student, stage_model
 
 GiB = 2**30
 CUDA_OVERHEAD = 2 * GiB
@@ -216,8 +221,6 @@ def trace_activations(objective, batch: int, seq_len: int, device="meta") -> tup
     per-layer gradient checkpointing. The larger of the forward's peak and the backward's start (what the forward
     holds, plus the largest saved tensor's gradient and a temporary of its size). On ``meta`` nothing is computed
     or allocated."""
-    from .sharding import decoder_layers
-
     rec = SavedTensors()
     layers = decoder_layers(objective.student)
     inputs: dict[int, int] = {}
@@ -269,16 +272,13 @@ def meta_models(recipe, source: str | None = None):
     """(teacher, student) of the recipe on the meta device, from the source's config alone."""
     from transformers import AutoModelForCausalLM
 
-    from .. import models
-    from .runner import build_student
-
     name = source or recipe.model.source
     config = models.load_config(name, progress=lambda *_: None)
     dtype = models.parse_dtype(recipe.model.dtype) or torch.float32
     with torch.device("meta"):
         teacher = AutoModelForCausalLM.from_config(config, dtype=dtype)
     teacher.eval()
-    student = build_student(recipe, teacher)
+    student = recipe_student(recipe, teacher)
     return teacher, student
 
 
@@ -287,18 +287,12 @@ def _numel(params) -> int:
 
 
 def _largest_layer(model) -> int:
-    from .sharding import decoder_layers
-
     return max(_numel(layer.parameters()) for layer in decoder_layers(model))
 
 
 def plan_recipe(recipe, *, devices: int = 1, device_memory: int | None = None, source: str | None = None,
                 strategy: str | None = None, cuda: bool = True) -> MemoryPlan:
     """The memory per device of each stage of ``recipe`` on ``devices`` processes (see the module docstring)."""
-    from .sharding import decoder_layers, fsdp_requested
-    from .stages import STAGES, build_objective
-    from .trainer import total_steps
-
     strategy = strategy or ("fsdp" if fsdp_requested(recipe.distributed.strategy) else "ddp")
     teacher, student = meta_models(recipe, source)
     dtype = next(teacher.parameters()).dtype
@@ -307,8 +301,6 @@ def plan_recipe(recipe, *, devices: int = 1, device_memory: int | None = None, s
     teacher_layers = sum(_numel(layer.parameters()) for layer in decoder_layers(teacher))
     plans = []
     for i, stage in enumerate(recipe.stages):
-        from .runner import stage_model
-
         settings = recipe.stage_settings(i)
         spec = STAGES[stage.type]
         model, trainable, active = stage_model(student, settings, spec, new_names)

@@ -12,15 +12,19 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..convert import convert, transform
+from ..card import model_card
+from ..distill.checkpoint import RunState
+from ..distill.data import check_data_files
+from ..distill.stages import STAGES, build_objective
+from ..distill.token_cache import PackedBlocks
+from ..distill.trainer import total_steps, train_stage
 from ..errors import RnnifyError
+from ..eval.report import evaluate, write_eval
+from ..hub import push, resolve_token
 from ..io import atomic_output_dir, check_output_dir
 from ..recipe import Recipe, dump_recipe
-from .checkpoint import RunState
-from .data import check_data_files
-from .stages import STAGES, active_layers, build_objective, select_trainable
-from .token_cache import PackedBlocks
-from .trainer import total_steps, train_stage
+from .memory_plan import fmt, plan_recipe
+from .student import recipe_student, select_after_training, stage_model
 
 
 def _log(accelerator, msg):
@@ -37,49 +41,6 @@ def make_accelerator():
     return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
-def build_student(recipe: Recipe, teacher, tokenizer=None, log=None, selected: list[int] | None = None):
-    """The recipe's conversion of ``teacher``, then its transforms in order. With ``conversion.select_after`` every
-    layer is converted until that stage has chosen the kept layers; ``selected`` is its choice once made."""
-    c = recipe.conversion
-    keep = c.keep_attention if c.select_after is None else (selected or [])
-    student = convert(teacher, c.method, keep_attention=keep, options=c.options,
-                      attention_fraction=c.attention_fraction, attention_every=c.attention_every,
-                      tokenizer=tokenizer, select_text=c.select_text, select_mode=c.select_mode,
-                      select_tokens=c.select_tokens, log=log)
-    for t in c.transforms:
-        student = transform(student, t.method, t.options)
-    return student
-
-
-def select_after_training(recipe: Recipe, teacher, tok, trained, log):
-    """``conversion.select_after``: score the layers of the trained all-converted model, and return (the hybrid that
-    keeps the chosen layers as the teacher's attention and every other trained weight, its kept layers, scores)."""
-    from ..convert.layer_select import parse_auto, select_trained
-
-    c = recipe.conversion
-    spec = parse_auto(c.keep_attention)
-    keep, scores = select_trained(teacher, trained, spec, tok, c.select_text, c.select_mode, c.select_tokens, log=log)
-    log(f"keep-attention {spec} after stage {c.select_after}: layers {keep or 'none'} chosen by {c.select_mode} "
-        "scores of the trained model: " + " ".join(f"{i}:{v:.3f}" for i, v in enumerate(scores)))
-    hybrid = build_student(recipe, teacher, selected=keep)
-    target = hybrid.state_dict()
-    restored = tuple(f"model.layers.{i}.self_attn." for i in keep)
-    for name, value in trained.state_dict().items():
-        if name in target:
-            target[name].copy_(value)
-        elif not name.startswith(restored):
-            raise RnnifyError(f"select_after: the trained weight {name} has no place in the hybrid")
-    hybrid.train(trained.training)
-    return hybrid, keep, scores
-
-
-def _apply_lora(student, lora):
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules))
-    return get_peft_model(student, cfg)
-
-
 def device_memory(device, processes: int) -> int:
     """Bytes one process may use: its GPU's memory, or on CPU the machine's RAM shared by the processes."""
     if device.type == "cuda":
@@ -89,8 +50,6 @@ def device_memory(device, processes: int) -> int:
 
 def check_memory(recipe: Recipe, processes: int, device, log) -> None:
     """Warn, before any weights load, when the memory plan of a stage exceeds what a process has."""
-    from .memory_plan import fmt, plan_recipe
-
     limit = device_memory(device, processes)
     try:
         plan = plan_recipe(recipe, devices=processes, device_memory=limit, cuda=device.type == "cuda")
@@ -101,23 +60,6 @@ def check_memory(recipe: Recipe, processes: int, device, log) -> None:
         worst = max(plan.stages, key=lambda s: s.total)
         log(f"warning: by its memory plan this run needs {fmt(worst.total)} per process in stage {worst.stage}, "
             f"and a process here has {fmt(limit)}; it may run out of memory:\n{plan.report()}")
-
-
-def stage_model(student, settings, spec, new_names):
-    """What a stage trains: (the model it wraps: the student or a LoRA wrapper of it, the trainable parameter names,
-    the converted layers active in it or None for all)."""
-    model = student
-    active = active_layers(student, settings)  # converted layers this stage trains (None: all)
-    lora = getattr(settings, "lora", None)
-    if lora is not None:
-        model = _apply_lora(student, lora)  # the adapters train; `trainable` adds more
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        if settings.trainable:
-            trainable = select_trainable(model, settings.trainable, new_names, keep_existing=True)
-    else:
-        stage_new = new_names if active is None else [n for n in new_names if int(n.split(".")[2]) in active]
-        trainable = select_trainable(model, settings.trainable or list(spec.trainable), stage_new)
-    return model, trainable, active
 
 
 def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = False, fresh: bool = False,
@@ -148,8 +90,6 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
         accelerator.wait_for_everyone()
     check_data_files(recipe.datasets)
     if recipe.hub.push:  # fail before hours of training, not after
-        from ..hub import resolve_token
-
         resolve_token()
     if accelerator.is_main_process:
         run.dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +118,7 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
     select_after = recipe.conversion.select_after
     # the weights saved by the select_after stage (and later ones) are those of the hybrid it chose
     selected = run.load()["stages"][select_after]["selected_layers"] if select_after in prior else None
-    student = build_student(recipe, teacher, tok, log=lambda m: _log(accelerator, m), selected=selected)
+    student = recipe_student(recipe, teacher, tok, log=lambda m: _log(accelerator, m), selected=selected)
     if selected is not None:
         _log(accelerator, f"layers {selected} kept as attention, as chosen after stage {select_after}")
     if not select_after and not any(STAGES[s.type].needs_teacher for s in recipe.stages):
@@ -265,8 +205,6 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
     student.eval()
     eval_results = None
     if recipe.eval is not None and accelerator.is_main_process:
-        from ..eval.report import evaluate
-
         if teacher_sharded:  # its layers are FSDP shards: the main process alone cannot run it
             teacher = None
         if teacher is None and recipe.eval.teacher:
@@ -280,8 +218,6 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
         save_output(student, tok, recipe, out, eval_results, run, tokens_trained)
         _log(accelerator, f"saved {out} ({time.time() - t_start:.0f}s in all)")
         if recipe.hub.push:
-            from ..hub import push
-
             summary["hub_url"] = push(out, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)
             _log(accelerator, f"pushed {out} to {summary['hub_url']}")
     accelerator.wait_for_everyone()
@@ -289,8 +225,6 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
 
 
 def save_output(student, tok, recipe: Recipe, out: Path, eval_results, run: RunState, tokens_trained: int):
-    from ..card import model_card
-
     with atomic_output_dir(out, overwrite=True) as tmp:
         student.save_pretrained(tmp, max_shard_size=recipe.output.max_shard_size)
         tok.save_pretrained(tmp)
@@ -301,6 +235,4 @@ def save_output(student, tok, recipe: Recipe, out: Path, eval_results, run: RunS
             student, source=recipe.model.source, recipe=recipe.model_dump(mode="json"), eval_results=eval_results,
             training=run.load().get("stages", {}), repo_id=recipe.hub.repo_id, name=recipe.name))
         if eval_results is not None:  # eval.json, the plots, and their links in the card's Evaluation section
-            from ..eval.report import write_eval
-
             write_eval(tmp, eval_results)

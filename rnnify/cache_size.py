@@ -1,6 +1,13 @@
-"""Cache memory per sequence, by layer type: what decoding has to keep after ``seq_len`` tokens."""
+"""Decoding cache size per sequence, by layer type: the bytes a model has to keep after ``seq_len`` tokens (planned
+from the config and mixers, or measured on a cache object), and the one byte formatter (binary units: KiB, MiB, GiB)."""
 
 from __future__ import annotations
+
+import torch
+
+from .modeling import RnnifyForCausalLM
+from .modeling.configuration_rnnify import base_layer_types
+from .modeling.layer_program import ATTENTION, Block
 
 
 def _geometry(cfg):
@@ -21,10 +28,6 @@ def attention_cache_bytes(cfg, layer_type: str, seq_len: int, batch: int = 1, kv
 def cache_bytes_per_layer(model, seq_len: int, batch: int = 1, kv_bytes: int = 2, recurrence: int | None = None) -> list[int]:
     """Bytes per executed step (cache slot) for a teacher (any transformers causal LM) or an rnnify model; a block
     counts once per loop (``recurrence`` loops, default the block's own count)."""
-    from ..modeling import RnnifyForCausalLM
-    from ..modeling.configuration_rnnify import base_layer_types
-    from ..modeling.layer_program import ATTENTION, Block
-
     if isinstance(model, RnnifyForCausalLM):
         base = model.config.base_config
 
@@ -56,8 +59,6 @@ def cache_bytes(model, seq_len: int, batch: int = 1, kv_bytes: int = 2, recurren
 def measured_cache_bytes(cache) -> int:
     """Bytes of keys, values and states actually held by a cache object (every floating tensor it references;
     boolean padding flags are bookkeeping and not counted)."""
-    import torch
-
     seen, total = set(), 0
 
     def add(t):
