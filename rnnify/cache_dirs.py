@@ -14,7 +14,9 @@ import re
 import shutil
 from pathlib import Path
 
+from .distill.token_cache import cache_root as token_root
 from .errors import RnnifyError
+from .models import cache_root
 
 # What rnnify writes in each area (an atomic write's temporary name is ".<name>.<random>.tmp"; an output folder's
 # ".<name>.partial-<random>" or ".<name>.old-<pid>").
@@ -36,9 +38,6 @@ def made_by_rnnify(area: str, entry: Path) -> bool:
 
 def areas() -> dict[str, tuple[Path, str]]:
     """name -> (folder, what it holds)."""
-    from .distill.token_cache import cache_root as token_root
-    from .models import cache_root
-
     return {
         "sources": (cache_root() / "sources", "GGUF checkpoints dequantized to safetensors, one per file content"),
         "tokens": (token_root(), "packed token ids of training texts, per tokenizer and sequence length"),

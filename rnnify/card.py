@@ -5,6 +5,9 @@ from __future__ import annotations
 import yaml
 
 from .cache_size import attention_cache_bytes, cache_bytes, human_bytes
+from .convert import METHODS
+from .eval.report import results_table
+from .modeling.layer_program import describe
 
 
 def teacher_cache_bytes(student, seq_len: int, kv_bytes: int = 2) -> int:
@@ -23,10 +26,6 @@ def cache_table(student, lengths=(4096, 32768)) -> str:
 
 def model_card(student, *, source: str, recipe: dict | None = None, eval_results: dict | None = None,
                training: dict | None = None, repo_id: str | None = None, name: str | None = None) -> str:
-    from .convert import METHODS
-    from .eval.report import results_table
-    from .modeling.layer_program import describe
-
     cfg = student.config
     if getattr(cfg, "model_type", None) != "rnnify":  # a transform of a model of another architecture (Mamba2)
         return _plain_card(student, source=source, recipe=recipe, name=name, repo_id=repo_id)
@@ -74,8 +73,6 @@ def model_card(student, *, source: str, recipe: dict | None = None, eval_results
 
 
 def _plain_card(model, *, source, recipe, name, repo_id) -> str:
-    from .convert import METHODS
-
     applied = [t["method"] for t in getattr(model.config, "transforms", [])]
     cite = ", ".join(f"**{m}** ([{METHODS[m].paper.title}]({METHODS[m].paper.url}))" for m in applied if m in METHODS)
     front = {"base_model": source, "library_name": "transformers", "pipeline_tag": "text-generation",

@@ -4,11 +4,53 @@ from __future__ import annotations
 
 import argparse
 import json
+import json as _json
+import os
 import sys
 import time
 from pathlib import Path
 
+import torch
+from pydantic import ValidationError
+from transformers import AutoModelForCausalLM, TextStreamer
+
+from . import __version__, models
+from .cache_dirs import clear, usage
+from .cache_size import cache_bytes, human_bytes
+from .card import model_card
+from .convert import METHODS, SUPPORTED_MODEL_TYPES, convert, get_method, validate
+from .convert.base import count_new_parameters
+from .convert.flags import add_method_flags, options_from_args
+from .convert.layer_select import (
+    DEFAULT_TEXT,
+    AutoSpec,
+    cached_scores,
+    choose,
+    parse_auto,
+    plan_cache_bytes,
+    resolve_auto,
+    teacher_cache_bytes,
+)
+from .convert.method import describe_options
+from .distill.data import check_data_files
+from .distill.stages import STAGES
+from .distill.trainer import total_steps
 from .errors import RnnifyError
+from .eval.flops import flops_per_token
+from .eval.harness import check_tasks
+from .eval.plots import bar_chart
+from .eval.report import _jsonable, evaluate, results_table, write_eval
+from .eval.spec import EvalSpec
+from .export import to_bamba
+from .hub import push
+from .io import atomic_output_dir, check_output_dir, write_json_atomic
+from .modeling import RnnifyConfig, RnnifyForCausalLM
+from .modeling.layer_program import describe
+from .models import ALIASES, DEFAULT_MODEL
+from .paths import RECIPES_DIR, resolve_path
+from .pipeline.memory_plan import parse_bytes, plan_recipe
+from .pipeline.runner import run_recipe
+from .recipe import dump_recipe, find_recipe, load_recipe
 
 
 def _log(msg: str) -> None:
@@ -17,16 +59,6 @@ def _log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- inspect
 def cmd_inspect(args) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from . import models
-    from .cache_size import cache_bytes, human_bytes
-    from .convert import SUPPORTED_MODEL_TYPES
-    from .convert.flags import options_from_args
-    from .modeling import RnnifyConfig
-    from .modeling.layer_program import describe
-
     t0 = time.time()
     src = models.local_path(args.model, progress=_log)
     config = models.read_config(src)
@@ -67,7 +99,6 @@ def cmd_inspect(args) -> None:
         info["transforms"] = config.transforms
         info["program"] = config.program
         info["layer_mixers"] = _ranges_by_value(config.layer_mixers)
-    from .eval.flops import flops_per_token
 
     if is_student and len(getattr(model, "blocks", [])):
         loops = sorted({1, 2, 4, 8, model.default_recurrence()})
@@ -121,24 +152,15 @@ def cmd_inspect(args) -> None:
 
 def _plan(config, args, options, kv_bytes) -> dict:
     """Layer program and cache size of a conversion, built on the meta device (no weights)."""
-    import torch
-
-    from .cache_size import cache_bytes
-    from .convert import get_method, validate
-    from .modeling import RnnifyConfig, RnnifyForCausalLM
-    from .modeling.layer_program import describe
-
     method = get_method(args.method)
     keep, opts = validate(config, args.method, args.keep_attention, options, args.attention_fraction,
                           args.attention_every)
     if method.transform:
         raise RnnifyError(f"inspect --method {args.method}: a transform's plan needs the model's weights; run "
                           f"`rnnify convert {args.model} --method {args.method} --out DIR`, then inspect DIR")
-    from .convert.layer_select import DEFAULT_TEXT, parse_auto, resolve_auto
 
     auto = parse_auto(args.keep_attention)
     if auto is not None:  # the choice needs the weights: load them and score (cached per source, method, text)
-        from . import models
 
         source, tok = models.load_source(args.model, progress=_log)
         keep, _ = resolve_auto(source, args.method, auto, opts, tok, args.select_text or DEFAULT_TEXT,
@@ -181,14 +203,6 @@ def _ranges_by_value(values: list[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------- convert
 def cmd_convert(args) -> None:
-    from . import __version__, models
-    from .cache_size import cache_bytes, human_bytes
-    from .card import model_card
-    from .convert import convert, get_method, validate
-    from .convert.base import count_new_parameters
-    from .convert.flags import options_from_args
-    from .io import atomic_output_dir, check_output_dir
-
     method = get_method(args.method)
     options = options_from_args(args)
     dtype = models.parse_dtype(args.dtype)
@@ -240,9 +254,6 @@ def cmd_convert(args) -> None:
 
 
 def cmd_cache(args) -> None:
-    from .cache_dirs import clear, usage
-    from .cache_size import human_bytes
-
     if args.clear:
         for name, size, kept in clear(args.clear):
             print(f"cleared {name}: {human_bytes(size)} freed"
@@ -255,13 +266,6 @@ def cmd_cache(args) -> None:
 
 
 def cmd_select_layers(args) -> None:
-    from . import models
-    from .cache_size import human_bytes
-    from .convert import validate
-    from .convert.flags import options_from_args
-    from .convert.layer_select import AutoSpec, cached_scores, choose, parse_auto, plan_cache_bytes, teacher_cache_bytes
-    from .io import write_json_atomic
-
     if (args.budget_layers is None) == (args.budget_cache is None):
         raise RnnifyError("give one budget: --budget-layers N or --budget-cache P%@L (e.g. 10%@4096)")
     if args.budget_cache is not None and "%" not in args.budget_cache:
@@ -297,7 +301,6 @@ def cmd_select_layers(args) -> None:
               "tokens": args.tokens, "budget": str(spec), "scores": scores, "keep_attention": keep,
               "cache_bytes": {str(n): cache[n] for n in lengths}, "teacher_cache_bytes": {str(n): t_cache[n] for n in lengths}}
     write_json_atomic(out / "layer_scores.json", record, indent=2)
-    from .eval.plots import bar_chart
 
     bar_chart(out / "layer_scores.png", [str(i) for i in range(len(scores))], scores,
               highlight=keep, title=f"{args.model} {args.method}: layer scores ({args.mode})", xlabel="layer",
@@ -308,11 +311,6 @@ def cmd_select_layers(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from . import models
-    from .export import to_bamba
-    from .io import atomic_output_dir, check_output_dir
-    from .modeling import RnnifyForCausalLM
-
     if args.to != "bamba":
         raise RnnifyError(f"--to {args.to!r}: accepted: bamba")
     out = check_output_dir(args.out, args.overwrite)
@@ -328,19 +326,12 @@ def cmd_export(args) -> None:
 
 
 def cmd_push(args) -> None:
-    from .hub import push
-
     url = push(args.folder, args.repo_id, private=args.private, revision=args.revision, commit_message=args.message)
     print(f"pushed {args.folder} -> {url}")
 
 
 # ---------------------------------------------------------------------------------------------- generate
 def cmd_generate(args) -> None:
-    import torch
-    from transformers import TextStreamer
-
-    from . import models
-
     if not args.prompt.strip():
         raise RnnifyError("the prompt is empty; give some text to continue, e.g. \"The capital of France is\"")
     if args.max_new_tokens < 1:
@@ -380,11 +371,6 @@ def cmd_generate(args) -> None:
 
 # ---------------------------------------------------------------------------------------------- recipes
 def cmd_ls(args) -> None:
-    from .convert import METHODS
-    from .convert.method import describe_options
-    from .distill.stages import STAGES
-    from .paths import RECIPES_DIR
-
     print("recipes:")
     for p in sorted(RECIPES_DIR.glob("*.yaml")):
         first = next((line[1:].strip() for line in p.read_text().splitlines() if line.startswith("#")), "")
@@ -403,9 +389,6 @@ def cmd_ls(args) -> None:
 
 
 def cmd_cp(args) -> None:
-    from .paths import RECIPES_DIR
-    from .recipe import find_recipe
-
     src = find_recipe(args.name)
     if src.parent != RECIPES_DIR:
         raise RnnifyError(f"{args.name!r} is not a shipped recipe; see `rnnify ls`")
@@ -421,10 +404,6 @@ def cmd_cp(args) -> None:
 
 
 def cmd_validate(args) -> None:
-    from .distill.data import check_data_files
-    from .distill.trainer import total_steps
-    from .recipe import dump_recipe, load_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)
     check_data_files(recipe.datasets)
     print(f"# {args.recipe}: valid. Resolved recipe:")
@@ -442,10 +421,6 @@ def cmd_validate(args) -> None:
               f"{steps * st.batch_size * st.grad_accum * st.seq_len:,} tokens, lr {st.lr:g}, seq_len {st.seq_len}")
     print(f"#   then {'evaluate and ' if recipe.eval else ''}save to {recipe.output.dir} (run state in {recipe.run_dir()})")
     if args.plan or args.gpus is not None or args.gpu_memory or args.source or args.strategy:
-        import torch
-
-        from .pipeline.memory_plan import parse_bytes, plan_recipe
-
         gpus, memory = args.gpus, parse_bytes(args.gpu_memory) if args.gpu_memory else None
         if args.gpus is not None and args.gpus < 1:
             raise RnnifyError(f"--gpus {args.gpus}: accepted: a number of GPUs (processes) >= 1")
@@ -460,16 +435,11 @@ def cmd_validate(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from .pipeline.runner import run_recipe
-    from .recipe import load_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)
     t0 = time.time()
     summary = run_recipe(recipe, only_stage=args.stage, resume=args.resume, fresh=args.fresh,
                          progress=not args.no_progress)
     if summary.get("finished") and "eval" in summary:
-        from .eval.report import results_table
-
         print(results_table(summary["eval"]))
     elif not summary.get("finished"):
         print(f"stages run: {', '.join(summary['stages']) or 'none'}; the recipe has more (run them with --resume)")
@@ -477,12 +447,6 @@ def cmd_run(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from pydantic import ValidationError
-
-    from . import models
-    from .eval.report import evaluate, results_table, write_eval
-    from .eval.spec import EvalSpec
-
     flags = {"context_length": "--context-length", "num_windows": "--num-windows", "passkey_lengths": "--passkey",
              "speed_lengths": "--speed", "text": "--text", "recurrence": "--recurrence", "mqar_pairs": "--mqar",
              "tasks": "--tasks", "task_limit": "--limit", "continuations": "--continuations"}
@@ -500,14 +464,12 @@ def cmd_eval(args) -> None:
         err = e.errors()[0]
         flag = flags.get(str(err["loc"][0]), str(err["loc"][0]))
         raise RnnifyError(f"{flag} {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}") from None
-    from .paths import resolve_path
 
     if not Path(resolve_path(spec.text)).is_file():
         raise RnnifyError(f"--text {spec.text}: no such file; accepted: a text file or builtin:wikitext-2/test.txt")
     if args.include_path and not Path(args.include_path).is_dir():
         raise RnnifyError(f"--include-path {args.include_path}: not a folder (of lm-evaluation-harness task YAMLs)")
     if tasks:  # an unknown task fails before any model loads
-        from .eval.harness import check_tasks
 
         check_tasks(tasks, args.include_path)
     students, tok = {}, None
@@ -527,10 +489,6 @@ def cmd_eval(args) -> None:
         _log(f"wrote {folder / 'eval.json'}, the README's Evaluation section" + (f" and {', '.join(plots)}" if plots
                                                                                   else ""))
     if args.json:
-        import json as _json
-
-        from .eval.report import _jsonable
-
         print(_json.dumps(results, indent=2, default=_jsonable))
     else:
         print(results_table(results))
@@ -538,11 +496,6 @@ def cmd_eval(args) -> None:
 
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .convert import METHODS
-    from .convert.flags import add_method_flags
-    from .models import ALIASES, DEFAULT_MODEL
-
     p = _Parser(prog="rnnify", description="Convert pretrained transformers into recurrent and hybrid models.")
     p.add_argument("--version", action="version", version=f"rnnify {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks (also RNNIFY_DEBUG=1)")
@@ -715,8 +668,6 @@ def main(argv=None) -> int:
     """The error boundary: a user's mistake (RnnifyError) or an environment failure (OSError: disk full, no
     permission) ends in one line naming it; anything else is a bug and says so (--debug or RNNIFY_DEBUG=1 shows
     every traceback)."""
-    import os
-
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)

@@ -11,6 +11,7 @@ conv over repeated channels gives the same values. Bamba's attention gets the fu
 from __future__ import annotations
 
 import torch
+from transformers import BambaConfig, BambaForCausalLM
 
 from .errors import RnnifyError
 
@@ -50,8 +51,6 @@ def _check(student):
 
 
 def bamba_config(student):
-    from transformers import BambaConfig
-
     cfg, base = student.config, student.config.base_config
     heads, kv = base.num_attention_heads, base.num_key_value_heads
     head_dim = getattr(base, "head_dim", None) or base.hidden_size // heads
@@ -81,8 +80,6 @@ def _expand_heads(rows: torch.Tensor, kv: int, rep: int) -> torch.Tensor:
 @torch.no_grad()
 def to_bamba(student):
     """A ``BambaForCausalLM`` with the student's weights (raises RnnifyError when they do not map)."""
-    from transformers import BambaForCausalLM
-
     _check(student)
     config = bamba_config(student)
     bamba = BambaForCausalLM(config).to(next(student.parameters()).dtype).eval()

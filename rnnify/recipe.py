@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
+from .convert import get_method
+from .convert.layer_select import parse_auto
 from .distill.settings import DataSpec, Strict
+from .distill.stages import STAGES
 from .errors import RnnifyError
 from .eval.spec import EvalSpec
+from .hub import check_repo_id, check_revision
 from .paths import RECIPES_DIR
 
 
@@ -32,8 +36,6 @@ class TransformSpec(Strict):
 
     @model_validator(mode="after")
     def _known_transform(self):
-        from .convert import get_method
-
         try:
             m = get_method(self.method)
             if not m.transform:
@@ -61,9 +63,6 @@ class ConversionSpec(Strict):
 
     @model_validator(mode="after")
     def _known_method(self):
-        from .convert import get_method
-        from .convert.layer_select import parse_auto
-
         try:
             m = get_method(self.method)  # a transform here rewrites a source that is already converted
             m.resolve_options(self.options)
@@ -99,8 +98,6 @@ class StageSpec(Strict):
     @field_validator("type")
     @classmethod
     def _known_stage(cls, v):
-        from .distill.stages import STAGES
-
         if v not in STAGES:
             raise ValueError(f"unknown stage type {v!r}; accepted: {', '.join(sorted(STAGES))}")
         return v
@@ -108,8 +105,6 @@ class StageSpec(Strict):
 
 def _stage_keys() -> dict[str, list[str]]:
     """setting -> the stage types that accept it."""
-    from .distill.stages import STAGES
-
     keys: dict[str, list[str]] = {}
     for name, stage in STAGES.items():
         for key in stage.settings.model_fields:
@@ -119,10 +114,6 @@ def _stage_keys() -> dict[str, list[str]]:
 
 def _train_defaults_model():
     """The ``train:`` block: every stage type's settings, all optional (a stage takes those its type accepts)."""
-    from pydantic import create_model
-
-    from .distill.stages import STAGES
-
     fields = {}
     for stage in STAGES.values():
         for key, info in stage.settings.model_fields.items():
@@ -148,11 +139,8 @@ class HubSpec(Strict):
 
     @model_validator(mode="after")
     def _repo(self):
-        from .hub import check_repo_id
-
         if self.push and not self.repo_id:
             raise ValueError("push is true but repo_id is not set")
-        from .hub import check_revision
 
         try:
             check_revision(self.revision)
@@ -230,7 +218,6 @@ class Recipe(Strict):
             if s.name == after and lora is not None and not lora.merge:
                 raise ValueError(f"stage {s.name!r} is conversion.select_after: its LoRA adapters must be merged "
                                  "(lora.merge: true) before the layers are scored and the hybrid rebuilt")
-            from .convert import get_method
 
             try:
                 method = get_method(self.conversion.method)
@@ -245,8 +232,6 @@ class Recipe(Strict):
                 s.name = s.type if [t.type for t in self.stages].count(s.type) == 1 else f"{s.type}{i}"
 
     def _settings_model(self, i: int):
-        from .distill.stages import STAGES
-
         return STAGES[self.stages[i].type].settings
 
     def stage_settings(self, i: int):

@@ -162,15 +162,14 @@ def test_sharded_folder_loads_in_a_fresh_venv_without_rnnify(tiny_llama_dir, tmp
 
 
 def test_recipe_pushes_after_saving(tmp_path, monkeypatch):
-    import huggingface_hub
-
+    import rnnify.hub
     from rnnify.pipeline.runner import run_recipe
 
     from .test_training import recipe
 
     wd = _workdir(tmp_path)
     recorded = RecordingApi()
-    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: recorded)
+    monkeypatch.setattr(rnnify.hub, "HfApi", lambda token=None: recorded)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     r = recipe(wd, [{"type": "distill", "max_steps": 1}], hub={"repo_id": "user/tiny-run", "push": True})
     summary = run_recipe(r, progress=False)

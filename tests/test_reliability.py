@@ -322,10 +322,10 @@ def test_generate_arguments(tiny_llama_dir, capsys, argv, needle):
 
 
 def test_push_checks_locally(tiny_llama_dir, tmp_path, capsys, monkeypatch):
-    import huggingface_hub
+    import rnnify.hub
 
     calls = []
-    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: calls.append("api") or pytest.fail("network"))
+    monkeypatch.setattr(rnnify.hub, "HfApi", lambda token=None: calls.append("api") or pytest.fail("network"))
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     assert run(capsys, "convert", tiny_llama_dir, "--method", "supra", "--out", tmp_path / "m")[0] == 0
     code, _, err = run(capsys, "push", tmp_path / "m", "user/x", "--revision", "bad name..x")
@@ -529,11 +529,11 @@ def test_bad_input_ends_in_one_line_naming_it(user_files, tiny_llama_dir, capsys
 
 
 def test_push_of_a_truncated_model_stops_before_the_network(tiny_llama_dir, tmp_path, capsys, monkeypatch):
-    import huggingface_hub
+    import rnnify.hub
 
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     called = []
-    monkeypatch.setattr(huggingface_hub, "HfApi", lambda *a, **k: called.append(a) or pytest.fail("network"))
+    monkeypatch.setattr(rnnify.hub, "HfApi", lambda *a, **k: called.append(a) or pytest.fail("network"))
     assert run(capsys, "convert", tiny_llama_dir, "--method", "supra", "--out", tmp_path / "m")[0] == 0
     _damage(tmp_path / "m" / "model.safetensors", "truncated")
     code, _, err = run(capsys, "push", tmp_path / "m", "user/x")

@@ -25,8 +25,11 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from transformers import Mamba2ForCausalLM
 
 from ..errors import RnnifyError
+from ..modeling import RnnifyConfig, RnnifyForCausalLM
+from ..modeling.mixer_window import WindowMixer
 from .base import parse_layer_list
 from .method import Method, MethodOptions, Paper
 
@@ -161,8 +164,6 @@ class Statex(Method):
     def apply(self, model, options):
         if model.config.model_type == "mamba2":
             return self._native_mamba2(model, options)
-        from ..modeling import RnnifyConfig, RnnifyForCausalLM
-        from ..modeling.mixer_window import WindowMixer
 
         n_layers = model.config.base_config.num_hidden_layers
         kinds = {i: _kind(m) for i, m in model.mixers()}
@@ -254,8 +255,6 @@ class Statex(Method):
 
     def _native_mamba2(self, model, options):
         """transformers' Mamba2ForCausalLM: one state size for every layer (B/C per group ``n_groups``)."""
-        from transformers import Mamba2ForCausalLM
-
         cfg = model.config
         n = cfg.num_hidden_layers
         if options["layers"] not in (None, "all") and choose(list(range(n)), options["layers"], n) != list(range(n)):

@@ -3,8 +3,11 @@ the source model's tokenizer and packed into fixed-length blocks."""
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
+import datasets
+import numpy as np
 import torch
 
 from ..errors import RnnifyError
@@ -40,8 +43,6 @@ def check_data_files(datasets: dict[str, DataSpec]) -> None:
 
 def load_rows(spec: DataSpec):
     """A ``datasets.Dataset`` of raw rows for ``spec``."""
-    import datasets
-
     path = resolve_path(spec.path)
     fmt = spec.format
     if fmt == "auto":
@@ -72,8 +73,6 @@ def load_rows(spec: DataSpec):
         raise RnnifyError(f"data {spec.path}: datasets could not load it as {fmt} ({type(cause).__name__}: "
                           f"{first})") from e
     if spec.template is not None:
-        import string
-
         fields = [f for _, f, _, _ in string.Formatter().parse(spec.template) if f]
     else:
         fields = [spec.messages_field or spec.text_field]
@@ -112,8 +111,6 @@ def pack_stream(spec: DataSpec, tokenizer, seq_len: int, *, skip_rows: int = 0, 
     rows at a time: yields ``(blocks [n, seq_len] int64 numpy, rows consumed so far, tokens carried over)`` after each
     batch, so memory stays one batch of rows however large the data. ``skip_rows`` and ``carry`` continue an earlier
     pass exactly where it stopped (the blocks are a pure function of the row stream)."""
-    import numpy as np
-
     if spec.messages_field and getattr(tokenizer, "chat_template", None) is None:
         raise RnnifyError(f"data {spec.path}: messages_field is set but the tokenizer has no chat template")
     ds = load_rows(spec)
@@ -142,8 +139,6 @@ def pack_stream(spec: DataSpec, tokenizer, seq_len: int, *, skip_rows: int = 0, 
 def pack_tokens(spec: DataSpec, tokenizer, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
     """All blocks (or the first ``max_blocks``) in memory, for small data (the trainer reads its data through the
     on-disk ``token_cache.PackedBlocks`` instead)."""
-    import numpy as np
-
     out, n = [], 0
     for blocks, _, _ in pack_stream(spec, tokenizer, seq_len):
         out.append(blocks)

@@ -24,7 +24,13 @@ import functools
 import os
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import RnnifyError
 
@@ -52,8 +58,6 @@ def _attention(layer: nn.Module):
 
 
 def _is_sharded(module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(module, FSDPModule)
 
 
@@ -62,10 +66,6 @@ class ShardedStage:
 
     def __init__(self, objective, *, device, bf16: bool, reshard_after_forward: bool = True,
                  shard_teacher: bool = True, world: int):
-        import torch.distributed as dist
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         if not dist.is_initialized():
             raise RnnifyError("distributed.strategy fsdp needs several processes: launch with `accelerate launch "
                               "--config_file recipes/accelerate/fsdp.yaml -m rnnify run ...` or `torchrun "
@@ -121,8 +121,6 @@ class ShardedStage:
 
     def load_trainable(self, weights: dict[str, torch.Tensor]) -> None:
         """Full tensors (the same on every process) into this process's shards."""
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
         named = {n: p for n, p in self.root.named_parameters() if p.requires_grad}
         with torch.no_grad():
             for n, p in named.items():
@@ -135,14 +133,10 @@ class ShardedStage:
 
     def optimizer_state(self, optimizer) -> dict:
         """The optimizer's state with full tensors keyed by parameter name (on the main process; a collective)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         return get_optimizer_state_dict(self.root, optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_optimizer_state(self, optimizer, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         set_optimizer_state_dict(self.root, optimizer, optim_state_dict=state,
                                  options=StateDictOptions(full_state_dict=True))
 
@@ -157,14 +151,10 @@ class ShardedStage:
 
 
 def _local(p):
-    from torch.distributed.tensor import DTensor
-
     return p.to_local() if isinstance(p, DTensor) else p
 
 
 def _full(p):
-    from torch.distributed.tensor import DTensor
-
     return p.full_tensor() if isinstance(p, DTensor) else p
 
 
@@ -177,7 +167,6 @@ def activation_checkpointing(model: nn.Module, enabled: bool):
     if not enabled:
         yield
         return
-    from torch.utils.checkpoint import checkpoint
 
     layers = decoder_layers(model)
     originals = [layer.forward for layer in layers]

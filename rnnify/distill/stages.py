@@ -4,6 +4,7 @@ token blocks to ``(loss, metrics)``, so the generic loop (and DDP) wraps it whol
 from __future__ import annotations
 
 import fnmatch
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,9 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..convert import spread_layers
 from ..convert.teacher_attention import TeacherAttention
 from ..errors import RnnifyError
+from ..modeling import RnnifyForCausalLM
 from .losses import kl_distill_loss, next_token_ce
+from .recurrence import forward_kwargs
 from .settings import AttentionTransferSettings, DistillSettings, FinetuneSettings, SelfDistillSettings, StageSettings
 
 
@@ -32,8 +36,6 @@ class Objective(nn.Module):
     def set_step(self, seed: int, step: int) -> None:
         """Called by the trainer before each optimizer step: per-step choices (loop counts, windows) are drawn from
         (seed, step), so every process draws the same."""
-        from .recurrence import forward_kwargs
-
         self.seed, self.step = seed, step
         self.student_kwargs = forward_kwargs(self.recurrence, seed, step, self.total_steps)
 
@@ -143,8 +145,6 @@ class SelfDistillObjective(Objective):
         self.window0 = [(m.window, m.sinks) for m in self.mixers]
 
     def draw(self, L: int) -> tuple[int | None, int | None]:
-        import random
-
         if self.s.window_choices is None and self.s.sink_choices is None:
             return None, None
         rng = random.Random(self.seed * 1_000_003 + self.step)
@@ -247,8 +247,6 @@ def build_objective(stage_type: str, student, teacher, settings, active=None, to
     objective = get_stage(stage_type).objective(student, teacher, settings, active)
     spec = getattr(settings, "recurrence", None)
     if spec is not None:
-        from ..modeling import RnnifyForCausalLM
-
         model = next((m for m in student.modules() if isinstance(m, RnnifyForCausalLM)), None)  # through peft
         if model is None or not len(model.blocks):
             raise RnnifyError(f"stage {stage_type}: recurrence is set but the model has no recurrent block (convert "
@@ -259,8 +257,6 @@ def build_objective(stage_type: str, student, teacher, settings, active=None, to
 
 def active_layers(student, settings) -> list[int] | None:
     """The converted layers a stage trains (None: all of them)."""
-    from ..convert import spread_layers
-
     converted = [i for i, _ in student.mixers()]
     chosen = getattr(settings, "active_layers", None)
     fraction = getattr(settings, "active_attention_fraction", None)

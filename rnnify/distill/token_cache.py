@@ -33,6 +33,7 @@ import torch
 
 from ..errors import RnnifyError
 from ..io import write_json_atomic
+from ..models import cache_root as rnnify_cache
 from ..paths import resolve_path
 from .data import local_file, pack_stream
 from .settings import DataSpec
@@ -64,8 +65,6 @@ def _prefix_hash(path: Path, nbytes: int):
 def cache_root() -> Path:
     """Where packed tokens live: ``$RNNIFY_TOKEN_CACHE``, else ``tokens/`` in rnnify's cache (``$RNNIFY_CACHE``,
     default ``~/.cache/rnnify``)."""
-    from ..models import cache_root as rnnify_cache
-
     return Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else rnnify_cache() / "tokens"
 
 
@@ -186,7 +185,7 @@ class PackedBlocks:
     @contextlib.contextmanager
     def _lock(self):
         with open(self.dir / "lock", "a+") as f:
-            try:
+            try:  # optional: fcntl is POSIX-only
                 import fcntl
 
                 fcntl.flock(f, fcntl.LOCK_EX)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import RnnifyError
 from .checkpoint import RunState
@@ -210,8 +211,6 @@ def train_stage(*, accelerator, objective, blocks, settings, stage_name, stage_i
     tokens_per_step = settings.batch_size * settings.grad_accum * settings.seq_len
     bar = None
     if progress and accelerator.is_main_process:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=steps, initial=start, desc=stage_name, unit="step", dynamic_ncols=True)
     model.train()
     t0, done_tokens, loss_value = time.time(), 0, float("nan")

@@ -9,6 +9,10 @@ written once (4 x heads x state size).
 
 from __future__ import annotations
 
+from ..modeling import RnnifyForCausalLM
+from ..modeling.layer_program import ATTENTION, Block
+from ..modeling.mixer_window import WindowMixer
+
 
 def _matmul_params(module) -> int:
     return sum(p.numel() for p in module.parameters() if p.ndim >= 2)
@@ -19,10 +23,6 @@ def _attention_keys(context: int, window: int | None) -> float:
 
 
 def flops_per_token(model, context: int, recurrence: int | None = None) -> float:
-    from ..modeling import RnnifyForCausalLM
-    from ..modeling.layer_program import ATTENTION, Block
-    from ..modeling.mixer_window import WindowMixer
-
     head = 2 * model.get_output_embeddings().weight.numel()
     if not isinstance(model, RnnifyForCausalLM):
         cfg = model.config.get_text_config(decoder=True)

@@ -11,7 +11,7 @@ FIND_TASKS = ("list the harness's tasks with `lm-eval ls tasks` (or `python -m l
 
 
 def _harness():
-    try:
+    try:  # optional: lm-evaluation-harness (pip install 'rnnify[eval]')
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager

@@ -6,6 +6,7 @@ from pathlib import Path
 
 
 def _pyplot():
+    # optional at import time: matplotlib loads only when a plot is drawn, after choosing its headless backend
     import matplotlib
 
     matplotlib.use("Agg")

@@ -13,8 +13,16 @@ from pathlib import Path
 import torch
 
 from ..cache_size import cache_bytes, human_bytes
+from ..convert import convert
+from ..errors import RnnifyError
+from ..io import write_json_atomic, write_text_atomic
+from .agreement import continuation_agreement
+from .flops import flops_per_token
+from .harness import run_tasks
 from .passkey import passkey_accuracy
 from .perplexity import perplexity, tokenize_text_file, windows
+from .plots import write_plots
+from .recall import mqar_accuracy
 from .spec import EvalSpec
 from .speed import decode_speed
 
@@ -24,8 +32,6 @@ BASELINE = "window_baseline"
 def window_baseline(student, teacher):
     """The teacher with the student's window + sinks softmax and no memory of older tokens (same kept layers):
     the ``window`` method with the student's settings, or 64 + 4."""
-    from ..convert import convert
-
     settings = student.config.mixer_config
     window = settings.get("window", 64)
     sinks = settings.get("sinks", 4)
@@ -85,8 +91,6 @@ def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> di
         results["agreement"] = {n: {"next_token": float((argmax[n] == argmax["teacher"]).float().mean())}
                                 for n in models if n != "teacher"}
         if spec.continuations:
-            from .agreement import continuation_agreement
-
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
             for n in models:
                 if n != "teacher":
@@ -98,8 +102,6 @@ def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> di
 
     looped = [n for n in names if len(getattr(students[n], "blocks", []))]
     if spec.recurrence and looped:
-        from .flops import flops_per_token
-
         student = students[looped[0]]
         blocks = windows(tokens, lengths[0], spec.num_windows)
         results["recurrence"] = {}
@@ -112,14 +114,10 @@ def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> di
             results["recurrence_teacher"] = {"ppl": results["perplexity"]["teacher"],
                                              "flops_per_token": flops_per_token(teacher, lengths[0])}
     elif spec.recurrence:
-        from ..errors import RnnifyError
-
         raise RnnifyError("--recurrence: the model has no recurrent block (convert with --method retrofit)")
 
     measured = [n for n in models if n != BASELINE]
     if spec.mqar_pairs:
-        from .recall import mqar_accuracy
-
         results["mqar"] = {}
         for n in spec.mqar_pairs:
             row = {}
@@ -151,8 +149,6 @@ def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> di
             log(f"decode @ {length}: {name} {speed}, cache {human_bytes(r['cache_bytes'])}")
 
     if spec.tasks:
-        from .harness import run_tasks
-
         results["tasks"] = {}
         for name in measured:
             for task, metrics in run_tasks(models[name], tokenizer, spec.tasks, spec.include_path, spec.task_limit,
@@ -232,9 +228,6 @@ def results_table(results: dict) -> str:
 def write_eval(folder, results: dict) -> list[str]:
     """Write eval.json, the plots next to it, and replace the README's Evaluation section (each file atomically).
     Returns the plot file names."""
-    from ..io import write_json_atomic, write_text_atomic
-    from .plots import write_plots
-
     folder = Path(folder)
     write_json_atomic(folder / "eval.json", results, indent=2, default=_jsonable)
     plots = write_plots(results, folder)

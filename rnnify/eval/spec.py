@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .recall import KEYS
+
 
 class EvalSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -48,8 +50,6 @@ class EvalSpec(BaseModel):
     @field_validator("mqar_pairs")
     @classmethod
     def _pairs(cls, v):
-        from .recall import KEYS
-
         bad = [n for n in v if not 1 <= n <= len(KEYS)]
         if bad:
             raise ValueError(f"numbers of pairs {bad}: accepted: 1 to {len(KEYS)}")

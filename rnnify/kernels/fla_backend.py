@@ -18,7 +18,7 @@ def _per_token_decay(g, B, T, H):
 
 def chunk_linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, chunk_size=64,
                            cu_seqlens=None):
-    from fla.ops.simple_gla import chunk_simple_gla
+    from fla.ops.simple_gla import chunk_simple_gla  # optional: pip install 'rnnify[fla]'
 
     B, T, H, _ = q.shape
     g_tok, g_gamma = _per_token_decay(g, B, T, H)
@@ -27,7 +27,7 @@ def chunk_linear_attention(q, k, v, g=None, scale=None, initial_state=None, outp
 
 
 def linear_attention_step(q, k, v, g, state, scale=None):
-    from fla.ops.simple_gla import fused_recurrent_simple_gla
+    from fla.ops.simple_gla import fused_recurrent_simple_gla  # optional: pip install 'rnnify[fla]'
 
     B, H, _ = q.shape
     g_tok, g_gamma = _per_token_decay(g if g is None or g.dim() == 1 else g.unsqueeze(1), B, 1, H)
@@ -38,7 +38,7 @@ def linear_attention_step(q, k, v, g, state, scale=None):
 
 def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False, chunk_size=64,
                      cu_seqlens=None):
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # optional: pip install 'rnnify[fla]'
 
     B, T, H, _ = q.shape
     g = torch.zeros(B, T, H, device=q.device) if g is None else g.float().expand(B, T, H)
@@ -47,7 +47,7 @@ def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, outp
 
 
 def delta_rule_step(q, k, v, beta, g, state, scale=None):
-    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule  # optional: pip install 'rnnify[fla]'
 
     B, H, _ = q.shape
     g = torch.zeros(B, H, device=q.device) if g is None else g.float().expand(B, H)

@@ -20,6 +20,7 @@ Only transformers and sibling files are imported here: this file is copied next 
 from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import ALLOWED_ATTN_LAYER_TYPES
 
 from .layer_program import ATTENTION, every_step, from_layer_mixers, parse, to_json
 from .layer_program import layer_mixers as program_layer_mixers
@@ -141,8 +142,6 @@ class RnnifyConfig(PretrainedConfig):
 
     def validate_layer_type(self):
         """transformers' check, extended with the layer types rnnify adds."""
-        from transformers.configuration_utils import ALLOWED_ATTN_LAYER_TYPES
-
         allowed = set(ALLOWED_ATTN_LAYER_TYPES) | set(RNNIFY_LAYER_TYPES)
         bad = [t for t in (getattr(self, "layer_types", None) or []) if t not in allowed]
         if bad:

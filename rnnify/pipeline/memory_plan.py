@@ -22,9 +22,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import re
+import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx.experimental._config as fx_config
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from transformers import AutoModelForCausalLM
 
 from .. import models
 from ..distill.sharding import decoder_layers, fsdp_requested
@@ -147,11 +152,6 @@ class LiveTensors:
         self.refs: dict[int, list] = {}  # storage key -> [tensors alive, bytes]
 
     def mode(self):
-        import weakref
-
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
         tracker = self
 
         def release(key):
@@ -188,8 +188,6 @@ def _meta_values():
     """Values read from meta tensors while tracing: ``.item()`` / ``.tolist()`` (an objective's metrics) give zeros
     ``int()`` 0, a truth test True (transformers asks ``(mask == 0).all()`` of unpacked sequences), instead of
     failing. Only the shapes matter to the plan."""
-    import torch.fx.experimental._config as fx_config
-
     item, tolist, as_bool, as_int = torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__
     nonzero = fx_config.meta_nonzero_assume_all_nonzero
 
@@ -270,8 +268,6 @@ def trace_activations(objective, batch: int, seq_len: int, device="meta") -> tup
 # ------------------------------------------------------------------------------------------------ planning
 def meta_models(recipe, source: str | None = None):
     """(teacher, student) of the recipe on the meta device, from the source's config alone."""
-    from transformers import AutoModelForCausalLM
-
     name = source or recipe.model.source
     config = models.load_config(name, progress=lambda *_: None)
     dtype = models.parse_dtype(recipe.model.dtype) or torch.float32

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 
 from .. import models
 from ..card import model_card
@@ -33,9 +35,6 @@ def _log(accelerator, msg):
 
 
 def make_accelerator():
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
     # accelerate only sets up a multi-process CPU group (gloo) when told it runs on CPU
     cpu = not torch.cuda.is_available()
     return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])

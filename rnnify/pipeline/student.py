@@ -45,7 +45,7 @@ def select_after_training(recipe: Recipe, teacher, tok, trained, log):
 
 
 def apply_lora(student, lora):
-    from peft import LoraConfig, get_peft_model  # imported here: the module is only needed with lora: set
+    from peft import LoraConfig, get_peft_model  # optional at import time: only lora: stages need peft
 
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules))
     return get_peft_model(student, cfg)

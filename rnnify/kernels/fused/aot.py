@@ -22,7 +22,12 @@ import tempfile
 
 import torch
 import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler import compile as triton_compile
 from triton.runtime.jit import JITFunction
+
+from . import conv, delta_rule, linear_attention
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 
@@ -46,8 +51,6 @@ def recorded_launches():
 
 def run_every_op(D: int = 128, H: int = 16, T: int = 256, dtype=torch.bfloat16):
     """Forward and backward of every chunked op, every step and the conv, on CPU tensors (launches recorded)."""
-    from . import conv, delta_rule, linear_attention
-
     gen = torch.Generator().manual_seed(0)
 
     def t(*shape, dt=dtype):
@@ -71,10 +74,6 @@ def run_every_op(D: int = 128, H: int = 16, T: int = 256, dtype=torch.bfloat16):
 
 
 def compile_launch(fn, args, kwargs, arch: int = 90, num_warps: int | None = None):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.compiler import compile as triton_compile
-
     names = fn.arg_names
     signature, constexprs = {}, {}
     for name, a in zip(names, args):
