@@ -29,9 +29,9 @@ TEXTS = [ROOT.parent / "shared/data/wikitext-2/valid.txt", ROOT.parent / "shared
 def _tokenizer(name):
     from transformers import AutoTokenizer
 
-    from rnnify import models
+    from rnnify import sources
 
-    return AutoTokenizer.from_pretrained(models.local_path(name, progress=lambda *_: None).path)
+    return AutoTokenizer.from_pretrained(sources.local_path(name, progress=lambda *_: None).path)
 
 
 def _lists_packer(spec, tok, seq_len):

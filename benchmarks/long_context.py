@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import rnnify  # noqa: F401
-from rnnify import models
+from rnnify import sources
 from rnnify.cache_size import cache_bytes, human_bytes
 from rnnify.eval.passkey import passkey_accuracy
 from rnnify.eval.perplexity import tokenize_text_file, windows
@@ -72,8 +72,8 @@ def main():
     ap.add_argument("--json", default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
 
-    student, tok = models.load_source(args.student)
-    teacher, _ = models.load_source(args.teacher or source_of(Path(args.student)))
+    student, tok = sources.load_source(args.student)
+    teacher, _ = sources.load_source(args.teacher or source_of(Path(args.student)))
     baseline, label = window_baseline(student, teacher)
     mixers = student.mixers()
     window = min((getattr(m, "window", 0) for _, m in mixers), default=0)

@@ -127,13 +127,13 @@ def main():
         plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_name("pareto.png"), args.context)
         return
 
-    from rnnify import models
+    from rnnify import sources
     from rnnify.convert import convert, spread_layers
     from rnnify.convert.layer_select import AutoSpec, cached_scores, choose, plan_cache_bytes, teacher_cache_bytes
     from rnnify.eval.perplexity import perplexity
     from rnnify.io import write_json_atomic
 
-    teacher, tok = models.load_source(args.source, progress=lambda *_: None)
+    teacher, tok = sources.load_source(args.source, progress=lambda *_: None)
     n_layers = len(teacher.model.layers)
     texts = {k: v for k, v in TEXTS.items() if Path(v).exists() or v.startswith("builtin:")}
     blocks = {k: _blocks(tok, v, args.context, args.windows) for k, v in texts.items()}

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 import rnnify  # noqa: F401
-from rnnify import models
+from rnnify import sources
 from rnnify.cache_size import cache_bytes, human_bytes
 from rnnify.convert import convert
 from rnnify.eval.perplexity import perplexity, tokenize_text_file, windows
@@ -50,8 +50,8 @@ def main():
         recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
         conv = recipe["conversion"]
         if teacher is None:
-            teacher, _ = models.load_source(recipe["model"]["source"])
-        student, tok = models.load_source(str(folder))
+            teacher, _ = sources.load_source(recipe["model"]["source"])
+        student, tok = sources.load_source(str(folder))
         if blocks is None:
             blocks = windows(tokenize_text_file(args.text, tok), args.context_length, args.windows)
             rows.append(("teacher", recipe["model"]["source"], perplexity(teacher, blocks)["ppl"], None,

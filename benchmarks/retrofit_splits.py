@@ -13,7 +13,7 @@ import argparse
 import time
 
 import rnnify  # noqa: F401
-from rnnify import models
+from rnnify import sources
 from rnnify.convert import convert
 from rnnify.convert.retrofit import default_split
 from rnnify.eval.flops import flops_per_token
@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--windows", type=int, default=4)
     args = ap.parse_args()
-    teacher, tok = models.load_source(args.source)
+    teacher, tok = sources.load_source(args.source)
     n = teacher.config.num_hidden_layers
     blocks = windows(tokenize_text_file(args.text, tok), args.context, args.windows)
     pre, block, coda = default_split(n)

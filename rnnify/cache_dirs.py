@@ -16,13 +16,13 @@ from pathlib import Path
 
 from .distill.token_cache import cache_root as token_root
 from .errors import RnnifyError
-from .models import cache_root
+from .sources import cache_root
 
 # What rnnify writes in each area (an atomic write's temporary name is ".<name>.<random>.tmp"; an output folder's
 # ".<name>.partial-<random>" or ".<name>.old-<pid>").
 _TMP = r"(\..+\.tmp|\..+\.(partial|old)-[\w-]+)"
 _ENTRIES = {
-    "sources": re.compile(rf"^(digests\.json|.+-[0-9a-f]{{12}}|{_TMP})$"),  # models.gguf_digest / _dequantized_dir
+    "sources": re.compile(rf"^(digests\.json|.+-[0-9a-f]{{12}}|{_TMP})$"),  # sources.gguf_digest / _dequantized_dir
     "tokens": re.compile(r"^[0-9a-f]{20}$"),  # token_cache.PackedBlocks.dir, holding key.json
     "layer_scores": re.compile(rf"^([0-9a-f]{{24}}\.json|{_TMP})$"),  # layer_select.cached_scores
 }

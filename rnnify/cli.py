@@ -14,7 +14,7 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, TextStreamer
 
-from . import __version__, models
+from . import __version__, sources
 from .cache_dirs import clear, usage
 from .cache_size import cache_bytes, human_bytes
 from .card import model_card
@@ -46,11 +46,11 @@ from .hub import push
 from .io import atomic_output_dir, check_output_dir, write_json_atomic
 from .modeling import RnnifyConfig, RnnifyForCausalLM
 from .modeling.layer_program import describe
-from .models import ALIASES, DEFAULT_MODEL
 from .paths import RECIPES_DIR, resolve_path
 from .pipeline.memory_plan import parse_bytes, plan_recipe
 from .pipeline.runner import run_recipe
 from .recipe import dump_recipe, find_recipe, load_recipe
+from .sources import ALIASES, DEFAULT_MODEL
 
 
 def _log(msg: str) -> None:
@@ -60,8 +60,8 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------- inspect
 def cmd_inspect(args) -> None:
     t0 = time.time()
-    src = models.local_path(args.model, progress=_log)
-    config = models.read_config(src)
+    src = sources.local_path(args.model, progress=_log)
+    config = sources.read_config(src)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     is_student = isinstance(config, RnnifyConfig)
@@ -162,7 +162,7 @@ def _plan(config, args, options, kv_bytes) -> dict:
     auto = parse_auto(args.keep_attention)
     if auto is not None:  # the choice needs the weights: load them and score (cached per source, method, text)
 
-        source, tok = models.load_source(args.model, progress=_log)
+        source, tok = sources.load_source(args.model, progress=_log)
         keep, _ = resolve_auto(source, args.method, auto, opts, tok, args.select_text or DEFAULT_TEXT,
                                args.select_mode, args.select_tokens, log=_log)
     plan = method.plan(config, keep, opts)
@@ -205,14 +205,14 @@ def _ranges_by_value(values: list[str]) -> str:
 def cmd_convert(args) -> None:
     method = get_method(args.method)
     options = options_from_args(args)
-    dtype = models.parse_dtype(args.dtype)
-    models.parse_shard_size(args.max_shard_size)
+    dtype = sources.parse_dtype(args.dtype)
+    sources.parse_shard_size(args.max_shard_size)
     out = check_output_dir(args.out, args.overwrite)
     t0 = time.time()
     # everything that can be checked from the config fails here, before the weights load
-    keep, resolved = validate(models.load_config(args.model, progress=_log), args.method, args.keep_attention,
+    keep, resolved = validate(sources.load_config(args.model, progress=_log), args.method, args.keep_attention,
                               options, args.attention_fraction, args.attention_every)
-    source, tok = models.load_source(args.model, dtype="float32", progress=_log)
+    source, tok = sources.load_source(args.model, dtype="float32", progress=_log)
     _log(f"loaded {args.model} in {time.time() - t0:.1f}s")
     t1 = time.time()
     student = convert(source, args.method, keep_attention=args.keep_attention, options=options,
@@ -275,8 +275,8 @@ def cmd_select_layers(args) -> None:
         raise RnnifyError(f"--budget-layers {args.budget_layers}: accepted: a number of layers >= 0")
     spec = AutoSpec(layers=args.budget_layers) if args.budget_layers is not None \
         else parse_auto(f"auto:{args.budget_cache}", label=f"--budget-cache {args.budget_cache!r}")
-    _, opts = validate(models.load_config(args.model, progress=_log), args.method, str(spec), options_from_args(args))
-    teacher, tok = models.load_source(args.model, progress=_log)
+    _, opts = validate(sources.load_config(args.model, progress=_log), args.method, str(spec), options_from_args(args))
+    teacher, tok = sources.load_source(args.model, progress=_log)
     if tok is None:
         raise RnnifyError(f"{args.model}: no tokenizer found; scoring layers needs one to read --text")
     scores, student = cached_scores(teacher, args.method, opts, tok, args.text, args.mode, args.tokens, args.seq_len,
@@ -314,7 +314,7 @@ def cmd_export(args) -> None:
     if args.to != "bamba":
         raise RnnifyError(f"--to {args.to!r}: accepted: bamba")
     out = check_output_dir(args.out, args.overwrite)
-    student, tok = models.load_source(args.model, dtype=None, progress=_log)
+    student, tok = sources.load_source(args.model, dtype=None, progress=_log)
     if not isinstance(student, RnnifyForCausalLM):
         raise RnnifyError(f"{args.model} is not an rnnify model")
     bamba = to_bamba(student)
@@ -341,7 +341,7 @@ def cmd_generate(args) -> None:
     if args.recurrence is not None and args.recurrence < 1:
         raise RnnifyError(f"--recurrence {args.recurrence}: accepted: an integer >= 1 (loops of the recurrent block)")
     torch.manual_seed(args.seed)
-    model, tok = models.load_source(args.model, dtype=args.dtype)
+    model, tok = sources.load_source(args.model, dtype=args.dtype)
     if tok is None:
         raise RnnifyError(f"{args.model} has no tokenizer files; save one next to the model")
     text = args.prompt
@@ -474,13 +474,13 @@ def cmd_eval(args) -> None:
         check_tasks(tasks, args.include_path)
     students, tok = {}, None
     for i, name in enumerate(args.model):
-        model, t = models.load_source(name, dtype="float32", progress=_log)
+        model, t = sources.load_source(name, dtype="float32", progress=_log)
         if t is None:
             raise RnnifyError(f"{name} has no tokenizer files; save one next to the model")
         tok = tok or t
         label = "student" if len(args.model) == 1 else (Path(name).name or name)
         students[label if label not in students else f"{label}-{i}"] = model
-    teacher = models.load_source(args.teacher, dtype="float32", progress=_log)[0] if args.teacher else None
+    teacher = sources.load_source(args.teacher, dtype="float32", progress=_log)[0] if args.teacher else None
     results = evaluate(students, tok, spec, teacher=teacher, log=_log)
     if args.out is not None or (len(args.model) == 1 and Path(args.model[0]).is_dir()):
         folder = Path(args.out or args.model[0])

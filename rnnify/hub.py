@@ -10,7 +10,7 @@ from huggingface_hub import HfApi, get_token
 
 from .errors import RnnifyError
 from .modeling.remote_code import remote_code_sources
-from .models import check_weights
+from .sources import check_weights
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 

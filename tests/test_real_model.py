@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from rnnify import models
+from rnnify import sources
 from rnnify.cache_size import cache_bytes
 from rnnify.convert import convert
 from rnnify.eval.perplexity import perplexity, tokenize_text_file, windows
@@ -18,7 +18,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return models.load_source("smollm2-135m")
+    return sources.load_source("smollm2-135m")
 
 
 def test_smollm2_geometry_and_kv_cache(smollm2):

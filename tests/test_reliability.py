@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rnnify import sources
 from rnnify.cli import main
 from rnnify.distill import trainer
 from rnnify.errors import RnnifyError
@@ -300,9 +301,7 @@ def test_disk_full_while_writing_keeps_the_old_model(tiny_llama_dir, tmp_path, c
 
 
 def test_bad_shard_size_is_refused_before_loading(tiny_llama_dir, tmp_path, capsys, monkeypatch):
-    from rnnify import models
-
-    monkeypatch.setattr(models, "load_source", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    monkeypatch.setattr(sources, "load_source", lambda *a, **k: pytest.fail("weights loaded before the check"))
     code, _, err = run(capsys, "convert", tiny_llama_dir, "--method", "supra", "--max-shard-size", "banana",
                        "--out", tmp_path / "o")
     assert code == 2
@@ -375,12 +374,10 @@ def test_seq_len_beyond_the_sources_positions_warns(workdir, capsys):
 
 
 def test_a_bug_says_it_is_one_and_debug_shows_the_traceback(tiny_llama_dir, capsys, monkeypatch):
-    from rnnify import models
-
     def boom(*a, **k):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(models, "load_source", boom)
+    monkeypatch.setattr(sources, "load_source", boom)
     code, _, err = run(capsys, "generate", tiny_llama_dir, "w1")
     assert code == 1 and "internal error: ZeroDivisionError" in err and "--debug" in err
     with pytest.raises(ZeroDivisionError):

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import models
+from .. import sources
 from ..cache_size import attention_cache_bytes, cache_bytes
 from ..errors import RnnifyError
 from ..io import write_json_atomic
@@ -236,7 +236,7 @@ def cached_scores(teacher, method: str, options: dict, tokenizer, text: str = DE
     ids = text_ids(tokenizer, text, tokens, seq_len)
     torch.manual_seed(seed)  # the new parameters' initialisation: the scores are deterministic for a seed
     student = build_converted(teacher, method, [], options)
-    path = models.cache_root() / "layer_scores" / f"{_fingerprint(teacher, method, options, ids, mode + str(seed))}.json"
+    path = sources.cache_root() / "layer_scores" / f"{_fingerprint(teacher, method, options, ids, mode + str(seed))}.json"
     if path.is_file():
         try:
             data = json.loads(path.read_text())

@@ -33,8 +33,8 @@ import torch
 
 from ..errors import RnnifyError
 from ..io import write_json_atomic
-from ..models import cache_root as rnnify_cache
 from ..paths import resolve_path
+from ..sources import cache_root as rnnify_cache
 from .data import local_file, pack_stream
 from .settings import DataSpec
 

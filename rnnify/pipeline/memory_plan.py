@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM
 
-from .. import models
+from .. import sources
 from ..distill.sharding import decoder_layers, fsdp_requested
 from ..distill.stages import STAGES, build_objective
 from ..distill.trainer import total_steps
@@ -269,8 +269,8 @@ def trace_activations(objective, batch: int, seq_len: int, device="meta") -> tup
 def meta_models(recipe, source: str | None = None):
     """(teacher, student) of the recipe on the meta device, from the source's config alone."""
     name = source or recipe.model.source
-    config = models.load_config(name, progress=lambda *_: None)
-    dtype = models.parse_dtype(recipe.model.dtype) or torch.float32
+    config = sources.load_config(name, progress=lambda *_: None)
+    dtype = sources.parse_dtype(recipe.model.dtype) or torch.float32
     with torch.device("meta"):
         teacher = AutoModelForCausalLM.from_config(config, dtype=dtype)
     teacher.eval()

