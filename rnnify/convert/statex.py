@@ -29,12 +29,12 @@ from transformers import Mamba2ForCausalLM
 
 from ..errors import RnnifyError
 from ..modeling import RnnifyConfig, RnnifyForCausalLM
-from ..modeling.mixer_window import WindowMixer
+from ..modeling.mixers import MIXERS
 from .base import parse_layer_list
 from .method import Method, MethodOptions, Paper
 
-MERGEABLE = ("supra", "lolcats", "ahn")  # mixers whose heads merge (a linear-attention state per head)
-INITS = {"merge": ("paper", "keep"), "mamba2": ("paper", "merge_copy", "merge_zero", "preserve")}
+# the initialisations each kind of expansion (a mixer's ``state_expansion``) accepts
+INITS = {"merge_heads": ("paper", "keep"), "d_state": ("paper", "merge_copy", "merge_zero", "preserve")}
 
 
 class StatexOptions(MethodOptions):
@@ -49,11 +49,7 @@ class StatexOptions(MethodOptions):
 
 
 def _kind(mixer) -> str | None:
-    if mixer.name in MERGEABLE:
-        return "merge"
-    if mixer.name == "mamba2":
-        return "mamba2"
-    return None
+    return mixer.state_expansion
 
 
 def choose(candidates: list[int], spec: str | None, num_layers: int, default_every: int = 6) -> list[int]:
@@ -169,9 +165,9 @@ class Statex(Method):
         kinds = {i: _kind(m) for i, m in model.mixers()}
         candidates = [i for i, k in kinds.items() if k is not None]
         if not candidates:
+            expandable = ", ".join(sorted(n for n, cls in MIXERS.items() if cls.state_expansion))
             raise RnnifyError("nothing to expand: the model has no recurrent state (mixers: "
-                              f"{sorted({m for m in model.config.layer_mixers})}); statex expands supra, lolcats, ahn "
-                              "and mamba2 layers")
+                              f"{sorted({m for m in model.config.layer_mixers})}); statex expands {expandable} layers")
         chosen = choose(candidates, options["layers"], n_layers)
         mixers = dict(model.mixers())
         for i in chosen:
@@ -179,12 +175,12 @@ class Statex(Method):
             if options["init"] not in INITS[kind]:
                 raise RnnifyError(f"--init {options['init']}: layer {i} ({mixers[i].name}) accepts: "
                                   f"{', '.join(INITS[kind])}")
-            if kind == "merge" and mixers[i].merged:
+            if kind == "merge_heads" and mixers[i].merged:
                 raise RnnifyError(f"layer {i}'s heads are already merged into one; choose other layers with --layers")
-            if kind == "merge" and options["state_multiplier"] is not None:
+            if kind == "merge_heads" and options["state_multiplier"] is not None:
                 raise RnnifyError("--state-multiplier applies to Mamba2 layers; merging heads grows the state by the "
                                   "head count")
-            if kind == "mamba2" and getattr(mixers[i], "q_norm", None) is not None:
+            if kind == "d_state" and getattr(mixers[i], "q_norm", None) is not None:
                 raise RnnifyError(f"layer {i} normalises C/B with the source's q_norm/k_norm over head_dim: its "
                                   "d_state cannot grow (sources without q/k norms: llama, mistral, qwen2)")
         mult = options["state_multiplier"] or 4
@@ -193,7 +189,7 @@ class Statex(Method):
         def rewrite(step):
             if step.get("layer") in chosen:
                 settings = dict(step.get("settings", {}))
-                if kinds[step["layer"]] == "merge":
+                if kinds[step["layer"]] == "merge_heads":
                     settings["merge_heads"] = True
                 else:
                     settings["d_state"] = mixers[step["layer"]].d_state * mult
@@ -215,7 +211,7 @@ class Statex(Method):
         for i in chosen:
             prefix = f"model.layers.{i}.self_attn."
             new_mixer = out.model.layers[i].self_attn
-            if kinds[i] == "mamba2":
+            if kinds[i] == "d_state":
                 old = mixers[i]
                 new_w, new_b, new_cw, new_cb = expand_bc(
                     old.in_proj.weight.detach(), None if old.in_proj.bias is None else old.in_proj.bias.detach(),
@@ -227,8 +223,9 @@ class Statex(Method):
                     sd[prefix + "in_proj.bias"] = new_b
                 if new_cb is not None:
                     sd[prefix + "conv1d.bias"] = new_cb
-            elif new_mixer.name == "supra":  # one decay for the merged head (a buffer: same parameters)
-                sd[prefix + "log_decay"] = new_mixer.log_decay.detach().clone()
+            for name, buf in new_mixer.named_buffers():  # a buffer sized by the heads (supra's fixed decays):
+                if prefix + name in sd and sd[prefix + name].shape != buf.shape:  # the merged mixer's own
+                    sd[prefix + name] = buf.detach().clone()
         missing, unexpected = out.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise RnnifyError(f"statex: weights do not map (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -237,10 +234,10 @@ class Statex(Method):
                 m = out.model.layers[i].self_attn
                 if options["init"] != "paper":
                     continue
-                if kinds[i] == "mamba2":  # B/C are fresh already; the decay and the gated norm start anew
+                if kinds[i] == "d_state":  # B/C are fresh already; the decay and the gated norm start anew
                     reset_decay(m.A_log, m.dt_bias, g)
                     m.norm.weight.fill_(1.0)
-                elif isinstance(m, WindowMixer):  # the memory is the RNN: fresh; the window's attention stays
+                elif m.can_run_as_source:  # q/k/v/o also serve the softmax window: only the memory starts afresh
                     m.init_new_parameters()
                 else:  # the paper re-initialises a merged layer's mixer and its input norm
                     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -260,8 +257,8 @@ class Statex(Method):
         if options["layers"] not in (None, "all") and choose(list(range(n)), options["layers"], n) != list(range(n)):
             raise RnnifyError("transformers' Mamba2ForCausalLM has one state size for every layer: give --layers all "
                               "(or leave --layers out)")
-        if options["init"] not in INITS["mamba2"]:
-            raise RnnifyError(f"--init {options['init']}: Mamba2 layers accept: {', '.join(INITS['mamba2'])}")
+        if options["init"] not in INITS["d_state"]:
+            raise RnnifyError(f"--init {options['init']}: Mamba2 layers accept: {', '.join(INITS['d_state'])}")
         mult = options["state_multiplier"] or 4
         new_cfg = type(cfg).from_dict({**cfg.to_dict(), "state_size": cfg.state_size * mult})
         out = Mamba2ForCausalLM(new_cfg).to(next(model.parameters()).dtype)

@@ -48,6 +48,7 @@ _WRITE_GATES = {"gated_deltanet": 2, "deltanet": 1, "mamba2": 1}  # per head: (b
 
 class AhnMixer(WindowMixer):
     name = "ahn"
+    state_expansion = "merge_heads"
     layer_type = "hybrid_sliding_sink"
 
     def __init__(self, config, layer_idx, attn, settings):

@@ -80,6 +80,10 @@ class Mixer(nn.Module):
     # whether it can run as the source attention it replaced (``as_source``): its projections are the source's,
     # unchanged, so the model can be its own self-distillation teacher
     can_run_as_source: ClassVar[bool] = False
+    # how StateX (Shen et al. 2025) enlarges its recurrent state: "merge_heads" (a linear-attention state per head,
+    # heads merged into one head of H*D keys and values; the mixer reads settings["merge_heads"]), "d_state" (a
+    # Mamba2 state: d_state multiplied, the mixer reads settings["d_state"]), or None (nothing to expand)
+    state_expansion: ClassVar[str | None] = None
 
     def __init__(self, config, layer_idx: int, attn: nn.Module, settings: dict):
         super().__init__()

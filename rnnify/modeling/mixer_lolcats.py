@@ -54,6 +54,7 @@ class LolcatsMixer(WindowMixer):
     """
 
     name = "lolcats"
+    state_expansion = "merge_heads"
     layer_type = "hybrid_sliding_sink"
 
     def __init__(self, config, layer_idx, attn, settings):

@@ -51,6 +51,7 @@ class Mamba2Mixer(Mixer):
     """
 
     name = "mamba2"
+    state_expansion = "d_state"
     layer_type = "linear_attention"
     adopts = ("q_norm", "k_norm")  # act on C / B
     absorbs = ("q_proj", "k_proj", "v_proj", "o_proj")  # copied into in_proj / out_proj by init_from_attention

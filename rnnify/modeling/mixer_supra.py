@@ -25,6 +25,7 @@ class SupraMixer(Mixer):
     """
 
     name = "supra"
+    state_expansion = "merge_heads"
     layer_type = "linear_attention"
 
     def __init__(self, config, layer_idx, attn, settings):
