@@ -22,11 +22,12 @@ import torch.nn.functional as F
 
 import rnnify  # noqa: F401
 from rnnify import sources
-from rnnify.cache_size import cache_bytes, human_bytes
+from rnnify.cache_size import cache_bytes
 from rnnify.eval.passkey import passkey_accuracy
 from rnnify.eval.perplexity import tokenize_text_file, windows
 from rnnify.eval.report import window_baseline
 from rnnify.eval.speed import decode_speed
+from rnnify.units import human_bytes
 
 
 @torch.no_grad()

@@ -20,10 +20,11 @@ import yaml
 
 import rnnify  # noqa: F401
 from rnnify import sources
-from rnnify.cache_size import cache_bytes, human_bytes
+from rnnify.cache_size import cache_bytes
 from rnnify.convert import convert
 from rnnify.eval.perplexity import perplexity, tokenize_text_file, windows
 from rnnify.eval.report import window_baseline
+from rnnify.units import human_bytes
 
 
 def main():

@@ -1,5 +1,5 @@
 """Decoding cache size per sequence, by layer type: the bytes a model has to keep after ``seq_len`` tokens (planned
-from the config and mixers, or measured on a cache object), and the one byte formatter (binary units: KiB, MiB, GiB)."""
+from the config and mixers, or measured on a cache object), the formatter is units.human_bytes."""
 
 from __future__ import annotations
 
@@ -75,11 +75,3 @@ def measured_cache_bytes(cache) -> int:
             else:
                 add(val)
     return total
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import yaml
 
-from .cache_size import attention_cache_bytes, cache_bytes, human_bytes
+from .cache_size import attention_cache_bytes, cache_bytes
 from .convert import METHODS
 from .eval.report import results_table
 from .modeling.layer_program import describe
+from .units import human_bytes
 
 
 def teacher_cache_bytes(student, seq_len: int, kv_bytes: int = 2) -> int:

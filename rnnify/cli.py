@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, TextStreamer
 
 from . import __version__, sources
 from .cache_dirs import clear, usage
-from .cache_size import cache_bytes, human_bytes
+from .cache_size import cache_bytes
 from .card import model_card
 from .convert import METHODS, SUPPORTED_MODEL_TYPES, convert, get_method, validate
 from .convert.base import count_new_parameters
@@ -47,10 +47,11 @@ from .io import atomic_output_dir, check_output_dir, write_json_atomic
 from .modeling import RnnifyConfig, RnnifyForCausalLM
 from .modeling.layer_program import describe
 from .paths import RECIPES_DIR, resolve_path
-from .pipeline.memory_plan import parse_bytes, plan_recipe
+from .pipeline.memory_plan import plan_recipe
 from .pipeline.runner import run_recipe
 from .recipe import dump_recipe, find_recipe, load_recipe
 from .sources import ALIASES, DEFAULT_MODEL
+from .units import human_bytes, parse_bytes
 
 
 def _log(msg: str) -> None:
@@ -206,7 +207,7 @@ def cmd_convert(args) -> None:
     method = get_method(args.method)
     options = options_from_args(args)
     dtype = sources.parse_dtype(args.dtype)
-    sources.parse_shard_size(args.max_shard_size)
+    parse_bytes(args.max_shard_size, "--max-shard-size", bare_bytes=True)
     out = check_output_dir(args.out, args.overwrite)
     t0 = time.time()
     # everything that can be checked from the config fails here, before the weights load
@@ -421,7 +422,7 @@ def cmd_validate(args) -> None:
               f"{steps * st.batch_size * st.grad_accum * st.seq_len:,} tokens, lr {st.lr:g}, seq_len {st.seq_len}")
     print(f"#   then {'evaluate and ' if recipe.eval else ''}save to {recipe.output.dir} (run state in {recipe.run_dir()})")
     if args.plan or args.gpus is not None or args.gpu_memory or args.source or args.strategy:
-        gpus, memory = args.gpus, parse_bytes(args.gpu_memory) if args.gpu_memory else None
+        gpus, memory = args.gpus, parse_bytes(args.gpu_memory, "--gpu-memory") if args.gpu_memory else None
         if args.gpus is not None and args.gpus < 1:
             raise RnnifyError(f"--gpus {args.gpus}: accepted: a number of GPUs (processes) >= 1")
         if torch.cuda.is_available():
@@ -431,7 +432,7 @@ def cmd_validate(args) -> None:
                            strategy=args.strategy)
         print(plan.report())
         if memory is None:
-            print("(no GPU here and no --gpu-memory: give --gpu-memory 80GB for a verdict)")
+            print("(no GPU here and no --gpu-memory: give --gpu-memory 80GiB for a verdict)")
 
 
 def cmd_run(args) -> None:
@@ -534,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 for the saved weights")
     s.add_argument("--out", required=True, help="output folder (written atomically)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
-    s.add_argument("--max-shard-size", default="5GB", help="split weights into shards of at most this size")
+    s.add_argument("--max-shard-size", default="5GB", help="split weights into shards of at most this size (GB = 10^9 bytes, "
+                                                              "GiB = 2^30)")
     add_method_flags(s)
     s.set_defaults(func=cmd_convert)
 
@@ -594,7 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the memory per GPU of each stage (weights, gradients, optimizer, activations) from the "
                         "source's config alone, and whether it fits")
     s.add_argument("--gpus", type=int, default=None, help="processes / GPUs to plan for (default: the GPUs here, or 1)")
-    s.add_argument("--gpu-memory", default=None, help="memory of one GPU, e.g. 80GB (default: this machine's GPU)")
+    s.add_argument("--gpu-memory", default=None, help="memory of one GPU, e.g. 80GiB (GB = 10^9 bytes, GiB = 2^30; "
+                                                             "default: this machine's GPU)")
     s.add_argument("--strategy", choices=["ddp", "fsdp"], default=None,
                    help="plan for this distributed strategy instead of the recipe's")
     s.add_argument("--source", default=None,

@@ -21,6 +21,7 @@ from .errors import RnnifyError
 from .eval.spec import EvalSpec
 from .hub import check_repo_id, check_revision
 from .paths import RECIPES_DIR
+from .units import parse_bytes
 
 
 class ModelSpec(Strict):
@@ -128,7 +129,13 @@ class OutputSpec(Strict):
     dir: str
     run_dir: str | None = None  # checkpoints and logs; default: <dir>.run
     overwrite: bool = False
-    max_shard_size: str = "5GB"  # larger models are saved as shards + model.safetensors.index.json
+    max_shard_size: str = "5GB"  # larger models are saved as shards + model.safetensors.index.json (GB = 10^9 bytes)
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v):
+        parse_bytes(v, "max_shard_size", bare_bytes=True)  # refused here, before a run trains for hours
+        return v
 
 
 class HubSpec(Strict):

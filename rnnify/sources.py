@@ -19,7 +19,6 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.constants import HF_HUB_CACHE
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.utils.hub import convert_file_size_to_int
 
 from .errors import RnnifyError
 from .io import atomic_output_dir, file_sha256, holds_model, write_json_atomic
@@ -55,17 +54,6 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     if name not in DTYPES:
         raise RnnifyError(f"unknown dtype {name!r}; accepted: auto, {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def parse_shard_size(size: str | int) -> int:
-    """Bytes of a shard size like '5GB', '500MB', '1GiB' (checked before any weights load)."""
-    try:
-        n = convert_file_size_to_int(size if not str(size).isdigit() else int(size))
-    except (ValueError, TypeError):
-        n = 0
-    if n <= 0:
-        raise RnnifyError(f"shard size {size!r} is not a size; accepted: an integer and a unit, e.g. 5GB, 500MB, 1GiB")
-    return n
 
 
 def cache_root() -> Path:

@@ -16,8 +16,9 @@ from rnnify.cli import main
 from rnnify.distill.stages import STAGES, build_objective
 from rnnify.errors import RnnifyError
 from rnnify.pipeline import runner
-from rnnify.pipeline.memory_plan import parse_bytes, plan_recipe, trace_activations
+from rnnify.pipeline.memory_plan import plan_recipe, trace_activations
 from rnnify.recipe import recipe_from_dict
+from rnnify.units import parse_bytes
 
 from .conftest import make_tokenizer
 
@@ -156,7 +157,7 @@ def test_validate_plan_cli_from_a_config_alone(tmp_path, capsys):
     cfg = json.loads((tmp_path / "src" / "config.json").read_text())
     cfg.update(hidden_size=512, intermediate_size=1024, num_hidden_layers=6)
     (big / "config.json").write_text(json.dumps(cfg))
-    assert main(["validate", str(tmp_path / "r.yaml"), "--plan", "--gpus", "2", "--gpu-memory", "80GB",
+    assert main(["validate", str(tmp_path / "r.yaml"), "--plan", "--gpus", "2", "--gpu-memory", "80GiB",
                  "--source", str(big)]) == 0
     out = capsys.readouterr().out
     assert "memory plan for" in out and "on 2 device(s) of 80.00 GiB" in out and "fits" in out
@@ -164,12 +165,18 @@ def test_validate_plan_cli_from_a_config_alone(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "-> " in out
     assert main(["validate", str(tmp_path / "r.yaml"), "--plan", "--gpu-memory", "eighty"]) != 0
-    assert "memory size 'eighty'" in capsys.readouterr().err
+    assert "--gpu-memory 'eighty' is not a size; accepted: a number and a unit" in capsys.readouterr().err
 
 
 def test_parse_bytes():
-    assert parse_bytes("80GB") == 80 * 2**30 and parse_bytes("512 MiB") == 512 * 2**20 and parse_bytes("1.5T") > 0
-    with pytest.raises(RnnifyError, match="give a number with a unit"):
+    # GB/MB are powers of 1000 (as transformers reads max_shard_size), GiB/MiB of 1024: one parser for both flags
+    assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("80 GB") == 80 * 10**9
+    assert parse_bytes("512 MiB") == 512 * 2**20 and parse_bytes("1.5TB") == 1.5e12 and parse_bytes("5gb") == 5 * 10**9
+    assert parse_bytes(1000, bare_bytes=True) == 1000 and parse_bytes("1000", bare_bytes=True) == 1000
+    for bad in ("80", "1.5T", "0GB", "-1GB"):
+        with pytest.raises(RnnifyError, match="size|above zero"):
+            parse_bytes(bad)
+    with pytest.raises(RnnifyError, match="'lots' is not a size; accepted: a number and a unit"):
         parse_bytes("lots")
 
 
@@ -184,7 +191,7 @@ def test_run_warns_before_weights_load_when_the_plan_does_not_fit(tmp_path, monk
     monkeypatch.setattr(runner, "check_memory", lambda *a, **k: (order.append("plan"), real_check(*a, **k))[1])
     runner.run_recipe(recipe, progress=False)
     err = capsys.readouterr().err
-    assert "warning: by its memory plan this run needs" in err and "1.0 MiB" in err and "DOES NOT FIT" in err
+    assert "warning: by its memory plan this run needs" in err and "1.00 MiB" in err and "DOES NOT FIT" in err
     assert order[:2] == ["plan", "load"]
 
 
@@ -197,7 +204,7 @@ def test_every_shipped_recipe_with_a_local_source_has_a_plan():
         source = yaml.safe_load(path.read_text())["model"]["source"]
         if source != "smollm2-135m":
             continue  # a Hub model or another recipe's output: not here offline
-        plan = plan_recipe(load_recipe(str(path), []), devices=8, device_memory=parse_bytes("80GB"))
+        plan = plan_recipe(load_recipe(str(path), []), devices=8, device_memory=parse_bytes("80GiB"))
         assert all(s.total > 0 and s.activations > 0 for s in plan.stages), path
         planned += 1
     assert planned >= 5

@@ -305,7 +305,7 @@ def test_bad_shard_size_is_refused_before_loading(tiny_llama_dir, tmp_path, caps
     code, _, err = run(capsys, "convert", tiny_llama_dir, "--method", "supra", "--max-shard-size", "banana",
                        "--out", tmp_path / "o")
     assert code == 2
-    one_line(err, "shard size 'banana' is not a size; accepted: an integer and a unit, e.g. 5GB", "convert")
+    one_line(err, "--max-shard-size 'banana' is not a size; accepted: a number and a unit", "convert")
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -418,9 +418,10 @@ def test_gradient_accumulation_gives_the_weights_of_the_whole_batch(workdir):
 
 
 def test_model_card_cache_rows_are_computed_at_their_lengths():
-    from rnnify.cache_size import cache_bytes, human_bytes
+    from rnnify.cache_size import cache_bytes
     from rnnify.card import cache_table, teacher_cache_bytes
     from rnnify.convert import convert
+    from rnnify.units import human_bytes
 
     student = convert(tiny_model("llama"), "lolcats", keep_attention="0")  # the kept layer's KV grows with length
     table = cache_table(student)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ..cache_size import cache_bytes, human_bytes
+from ..cache_size import cache_bytes
 from ..convert import convert
 from ..errors import RnnifyError
 from ..io import write_json_atomic, write_text_atomic
+from ..units import human_bytes
 from .agreement import continuation_agreement
 from .flops import flops_per_token
 from .harness import run_tasks

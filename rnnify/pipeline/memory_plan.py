@@ -1,4 +1,4 @@
-"""A recipe's memory per device, before any weights load: ``rnnify validate RECIPE --plan --gpus 8 --gpu-memory 80GB``.
+"""A recipe's memory per device, before any weights load: ``rnnify validate RECIPE --plan --gpus 8 --gpu-memory 80GiB``.
 
 The teacher is built from its config on PyTorch's ``meta`` device (shapes, no data) and converted the way the run
 converts it, so parameter counts are exact for any architecture and method. Per stage:
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import re
 import weakref
 from dataclasses import dataclass, field
 
@@ -36,23 +35,15 @@ from ..distill.sharding import decoder_layers, fsdp_requested
 from ..distill.stages import STAGES, build_objective
 from ..distill.trainer import total_steps
 from ..errors import RnnifyError
+from ..units import human_bytes
 from .student import recipe_student, stage_model
 
 GiB = 2**30
 CUDA_OVERHEAD = 2 * GiB
 
 
-def parse_bytes(text: str) -> int:
-    """``80GB``, ``80GiB``, ``141 GB``, ``512MB`` -> bytes (GB read as GiB, as GPUs are sold)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise RnnifyError(f"memory size {text!r}: give a number with a unit, e.g. 80GB, 24GiB or 512MB")
-    unit = (m.group(2) or "G").upper()[0]
-    return int(float(m.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit])
-
-
 def fmt(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / 2**20:.1f} MiB"
+    return human_bytes(n, digits=2)
 
 
 @dataclass
