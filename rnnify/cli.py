@@ -31,7 +31,7 @@ from .convert.layer_select import (
     resolve_auto,
     teacher_cache_bytes,
 )
-from .convert.method import describe_options
+from .convert.method import Transform, describe_options
 from .distill.data import check_data_files
 from .distill.stages import STAGES
 from .distill.trainer import total_steps
@@ -156,7 +156,7 @@ def _plan(config, args, options, kv_bytes) -> dict:
     method = get_method(args.method)
     keep, opts = validate(config, args.method, args.keep_attention, options, args.attention_fraction,
                           args.attention_every)
-    if method.transform:
+    if isinstance(method, Transform):
         raise RnnifyError(f"inspect --method {args.method}: a transform's plan needs the model's weights; run "
                           f"`rnnify convert {args.model} --method {args.method} --out DIR`, then inspect DIR")
 
@@ -223,7 +223,7 @@ def cmd_convert(args) -> None:
     if dtype is not None:
         student = student.to(dtype)
         student.config.dtype = dtype
-    n_new = count_new_parameters(student) if not method.transform else \
+    n_new = count_new_parameters(student) if not isinstance(method, Transform) else \
         sum(p.numel() for p in student.parameters()) - sum(p.numel() for p in source.parameters())
     record = {
         "source": args.model,
@@ -242,12 +242,12 @@ def cmd_convert(args) -> None:
         (tmp / "README.md").write_text(model_card(student, source=args.model, recipe={"conversion": record},
                                                   name=Path(args.out).name))
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"{'transformed' if method.transform else 'converted'} {args.model} with {args.method} -> {out}  "
+    print(f"{'transformed' if isinstance(method, Transform) else 'converted'} {args.model} with {args.method} -> {out}  "
           f"({time.time() - t1:.1f}s)")
     print(f"  layers kept as attention: {record['keep_attention'] or 'none'}; "
-          f"{'parameters added' if method.transform else 'new parameters'} {n_new:,}")
+          f"{'parameters added' if isinstance(method, Transform) else 'new parameters'} {n_new:,}")
     print(f"  weights {size / 2**20:.1f} MiB ({record['dtype']})")
-    before = "before" if method.transform else "teacher KV"
+    before = "before" if isinstance(method, Transform) else "teacher KV"
     for n in (4096, 32768):
         s, t = cache_bytes(student, n), cache_bytes(source, n)
         ratio = f"{t / s:.1f}x less" if s <= t else f"{s / t:.2f}x more"
@@ -378,7 +378,7 @@ def cmd_ls(args) -> None:
         print(f"  {p.stem:<20} {first}")
     print("methods:")
     for name, m in sorted(METHODS.items()):
-        kind = " (transform: rewrites an rnnify model)" if m.transform else ""
+        kind = " (transform: rewrites an rnnify model)" if isinstance(m, Transform) else ""
         print(f"  {name:<20} {m.summary}{kind}")
         if m.paper:
             print(f"  {'':<20} {m.paper.title} {m.paper.url}")
@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="share of layers that stay attention, spread evenly (e.g. 0.5, 0.25, 0.125, 0)")
         s.add_argument("--attention-every", type=int, default=None, help="every k-th layer stays attention")
 
-    methods_help = ", ".join(f"{n}{' (transform)' if m.transform else ''}" for n, m in sorted(METHODS.items()))
+    methods_help = ", ".join(f"{n}{' (transform)' if isinstance(m, Transform) else ''}" for n, m in sorted(METHODS.items()))
     s = sub.add_parser("inspect", help="architecture, layers, heads, parameters and attention modules of a model")
     s.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     s.add_argument("--json", action="store_true", help="print JSON")

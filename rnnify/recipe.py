@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 
 from .convert import get_method
 from .convert.layer_select import parse_auto
+from .convert.method import Conversion, Transform
 from .distill.settings import DataSpec, Strict
 from .distill.stages import STAGES
 from .errors import RnnifyError
@@ -39,7 +40,7 @@ class TransformSpec(Strict):
     def _known_transform(self):
         try:
             m = get_method(self.method)
-            if not m.transform:
+            if not isinstance(m, Transform):
                 raise RnnifyError(f"method {self.method!r} is a conversion, not a transform; put it under "
                                   "conversion.method")
             m.resolve_options(self.options)
@@ -228,7 +229,8 @@ class Recipe(Strict):
 
             try:
                 method = get_method(self.conversion.method)
-                method.check_training(method.resolve_options(self.conversion.options), st.seq_len, s.name)
+                if isinstance(method, Conversion):  # a transform's options hold no window of its own
+                    method.check_training(method.resolve_options(self.conversion.options), st.seq_len, s.name)
             except RnnifyError as e:
                 raise ValueError(str(e)) from None
         return self

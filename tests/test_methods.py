@@ -19,11 +19,12 @@ from transformers import DynamicCache
 
 from rnnify.cache_size import cache_bytes, measured_cache_bytes
 from rnnify.convert import METHODS, convert
+from rnnify.convert.method import Transform
 
 from .conftest import FAMILIES, tiny_model
 
-CONVERSIONS = sorted(n for n, m in METHODS.items() if not m.transform)
-TRANSFORMS = sorted(n for n, m in METHODS.items() if m.transform)
+CONVERSIONS = sorted(n for n, m in METHODS.items() if not isinstance(m, Transform))
+TRANSFORMS = sorted(n for n, m in METHODS.items() if isinstance(m, Transform))
 ALL = CONVERSIONS + TRANSFORMS
 
 
@@ -42,7 +43,7 @@ def build(method, family="llama", keep="1", seed=0, options=None):
     """A converted tiny model for ``method`` (a transform runs on its test source's conversion)."""
     m = METHODS[method]
     teacher = tiny_model(family, seed=seed)
-    if m.transform:
+    if isinstance(m, Transform):
         source = perturb(convert(teacher, m.test_source, keep_attention=keep,
                                  options=METHODS[m.test_source].test_options))
         return perturb(convert(source, method, options={**m.test_options, **(options or {})}), seed=1), teacher

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import DynamicCache
 
 from rnnify.convert import METHODS, build_student, convert
-from rnnify.convert.method import Method, MethodOptions, Paper, Plan
+from rnnify.convert.method import MethodOptions, Paper, Plan, Transform
 from rnnify.errors import RnnifyError
 from rnnify.modeling import RnnifyConfig
 from rnnify.modeling.layer_program import describe, parse
@@ -176,13 +176,12 @@ def test_a_0_1_config_becomes_a_program_with_per_layer_settings():
 
 
 # ------------------------------------------------------------------------------------------------ transforms
-class WindowEveryAttention(Method):
+class WindowEveryAttention(Transform):
     """A test transform: every layer an rnnify model kept as attention becomes a sliding window."""
 
     name = "window_kept"
     summary = "test transform"
     paper = Paper("none", "https://example.org")
-    transform = True
 
     class Options(MethodOptions):
         window: int = 4

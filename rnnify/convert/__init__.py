@@ -12,7 +12,7 @@ from .auto_spec import parse_auto
 from .base import SUPPORTED_MODEL_TYPES, build_student, check_supported, parse_layer_list, text_config
 from .build import build_converted
 from .layer_select import DEFAULT_TEXT, resolve_auto
-from .method import Method
+from .method import Conversion, Method, Transform
 from .registry import METHODS, get_method, resolve_options
 
 
@@ -44,9 +44,9 @@ def validate(source_config, method: str, keep_attention=None, options: dict | No
     """Check a conversion request against the source's config (no weights): returns (layers kept, options)."""
     m = get_method(method)
     opts = m.resolve_options(options)
-    if m.transform:
+    if isinstance(m, Transform):
         if not m.accepts(source_config):
-            conversions = ", ".join(n for n, x in METHODS.items() if not x.transform)
+            conversions = ", ".join(n for n, x in METHODS.items() if not isinstance(x, Transform))
             raise RnnifyError(f"method {method!r} transforms an rnnify model; convert the source first "
                               f"(with one of: {conversions}) and give the converted folder")
         if any(x is not None and x != "" for x in (keep_attention, attention_fraction, attention_every)):
@@ -55,7 +55,7 @@ def validate(source_config, method: str, keep_attention=None, options: dict | No
         m.check_source(source_config)
         return [], opts
     if getattr(text_config(source_config), "model_type", None) == "rnnify":
-        transforms = ", ".join(n for n, x in METHODS.items() if x.transform) or "none yet"
+        transforms = ", ".join(n for n, x in METHODS.items() if isinstance(x, Transform)) or "none yet"
         raise RnnifyError("the source is already an rnnify model; convert its base model instead, or give a "
                           f"transform method (transforms: {transforms})")
     check_supported(source_config)
@@ -93,7 +93,7 @@ def convert(teacher, method: str, keep_attention=None, options: dict | None = No
                                tokens=select_tokens, log=log or (lambda *_: None))
         (log or (lambda *_: None))(f"keep-attention {auto}: layers {keep or 'none'} chosen by {select_mode} scores")
     m = get_method(method)
-    if m.transform:
+    if isinstance(m, Transform):
         return transform(teacher, method, opts)
     return build_converted(teacher, method, keep, opts)
 
@@ -101,7 +101,7 @@ def convert(teacher, method: str, keep_attention=None, options: dict | None = No
 def transform(model, method: str, options: dict | None = None):
     """Rewrite the rnnify ``model`` with the transform ``method``; the result records it in ``config.transforms``."""
     m = get_method(method)
-    if not m.transform:
+    if not isinstance(m, Transform):
         raise RnnifyError(f"method {method!r} converts a source model; it is not a transform")
     opts = m.resolve_options(options)
     validate(model.config, method, options=opts)
@@ -110,5 +110,5 @@ def transform(model, method: str, options: dict | None = None):
     return out
 
 
-__all__ = ["METHODS", "Method", "convert", "transform", "validate", "get_method", "resolve_options",
+__all__ = ["METHODS", "Conversion", "Method", "Transform", "convert", "transform", "validate", "get_method", "resolve_options",
            "parse_layer_list", "SUPPORTED_MODEL_TYPES", "build_student", "text_config"]

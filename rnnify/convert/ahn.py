@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..modeling.mixer_ahn import AhnMixer
-from .method import Method, Paper
+from .method import Conversion, Paper
 from .window import WindowOptions
 
 
@@ -21,7 +21,7 @@ class AhnOptions(WindowOptions):
     chunk_size: int = Field(64, ge=1, description="chunk length of the memory's parallel (chunked) form")
 
 
-class Ahn(Method):
+class Ahn(Conversion):
     name = "ahn"
     summary = "AHN: window + sinks softmax, tokens leaving the window compressed into an RNN memory (zero-init read)"
     paper = Paper("Artificial Hippocampus Networks for Efficient Long-Context Modeling (Fang et al., 2025)",

@@ -8,7 +8,7 @@ the teacher's perplexity (DESIGN.md).
 from pydantic import Field
 
 from ..modeling.mixer_lolcats import LolcatsMixer
-from .method import Method, Paper
+from .method import Conversion, Paper
 from .window import WindowOptions
 
 
@@ -22,7 +22,7 @@ class LolcatsOptions(WindowOptions):
                                 "longer ones")
 
 
-class Lolcats(Method):
+class Lolcats(Conversion):
     name = "lolcats"
     summary = "LoLCATs-style: window + sinks softmax, Hedgehog linear attention over older tokens, learned mix"
     paper = Paper("LoLCATs: On Low-Rank Linearizing of Large Language Models (Zhang et al., 2024)",

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..modeling.mixer_mamba2 import Mamba2Mixer
-from .method import Method, MethodOptions, Paper
+from .method import Conversion, MethodOptions, Paper
 
 
 class MambaInLlamaOptions(MethodOptions):
@@ -21,7 +21,7 @@ class MambaInLlamaOptions(MethodOptions):
                                "linear attention)")
 
 
-class MambaInLlama(Method):
+class MambaInLlama(Conversion):
     name = "mamba_in_llama"
     summary = "Mamba-in-the-Llama: Mamba2 mixers initialised from attention (x<-V, B<-K, C<-Q, out<-O)"
     paper = Paper("The Mamba in the Llama: Distilling and Accelerating Hybrid Models (Wang et al., 2024)",

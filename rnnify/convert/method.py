@@ -9,10 +9,10 @@ A method module ``rnnify/convert/<name>.py`` defines ``METHOD``, an instance of 
 * ``mixers``: the mixer classes it installs (their cache layer types and the files shipped with saved models
   follow from them);
 * ``test_options``: small settings for the test matrix (``tests/test_methods.py`` runs every registered method);
-* ``plan()`` for a conversion (source config -> layer program), or ``transform = True`` and ``apply()`` for a
-  method that rewrites an rnnify model.
+and is one of two kinds: a ``Conversion`` turns a source model into a student (``plan()``: source config -> layer
+program); a ``Transform`` rewrites an rnnify model (``apply()``; ``accepts()`` says which models).
 
-``convert/__init__.py`` registers the method with one line.
+``convert/registry.py`` registers the method with one line.
 """
 
 from __future__ import annotations
@@ -48,14 +48,14 @@ class Plan:
 
 
 class Method:
+    """What every method has: a name, a paper, its options and the mixers it installs."""
+
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     paper: ClassVar[Paper | None] = None
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     mixers: ClassVar[tuple] = ()
     test_options: ClassVar[dict] = {}
-    test_source: ClassVar[str | None] = None  # transforms: the conversion their tests start from
-    transform: ClassVar[bool] = False  # rewrites an rnnify model (``apply``) instead of converting a source
     keeps_attention: ClassVar[bool] = True  # takes --keep-attention / --attention-fraction / --attention-every
 
     # ---- options ---------------------------------------------------------------------------------------------
@@ -80,7 +80,13 @@ class Method:
     def layer_types(self) -> list[str]:
         return sorted({m.layer_type for m in self.mixers})
 
-    # ---- conversion --------------------------------------------------------------------------------------------
+    def check_source(self, source_config) -> None:
+        """Refuse a source this method cannot take (beyond the families rnnify supports); default: accept."""
+
+
+class Conversion(Method):
+    """A method that turns a source model into a student."""
+
     def plan(self, source_config, keep_attention: list[int], options: dict) -> Plan:
         """Default plan: every layer not kept as attention gets the method's (first) mixer with its options."""
         n = _num_layers(source_config)
@@ -95,19 +101,22 @@ class Method:
             raise RnnifyError(f"stage {stage}: sinks {sinks} fill the whole seq_len {seq_len}; accepted: sinks < "
                               "seq_len (lower the sinks or raise seq_len)")
 
-    def accepts(self, source_config) -> bool:
-        """Transforms: whether this source is one they rewrite (default: an rnnify model)."""
-        return getattr(source_config, "model_type", None) == "rnnify"
-
     def finish(self, student, options: dict) -> None:
         """Last touches on the built student (e.g. untie embeddings); default: none."""
 
-    def check_source(self, source_config) -> None:
-        """Refuse a source this method cannot convert (beyond the families rnnify supports); default: accept."""
 
-    # ---- transforms --------------------------------------------------------------------------------------------
+class Transform(Method):
+    """A method that rewrites an rnnify model (it runs after a conversion, e.g. StateX)."""
+
+    keeps_attention: ClassVar[bool] = False
+    test_source: ClassVar[str | None] = None  # the conversion its tests start from
+
+    def accepts(self, source_config) -> bool:
+        """Whether this model is one it rewrites (default: an rnnify model)."""
+        return getattr(source_config, "model_type", None) == "rnnify"
+
     def apply(self, model, options: dict):
-        raise NotImplementedError(f"method {self.name!r} is a conversion, not a transform")
+        raise NotImplementedError
 
 
 def _num_layers(config) -> int:
@@ -145,4 +154,5 @@ def describe_options(method: Method) -> list[tuple[str, str, Any]]:
     return [(name, info.description or "", info.default) for name, info in method.Options.model_fields.items()]
 
 
-__all__ = ["Method", "MethodOptions", "Paper", "Plan", "accepted_values", "describe_options", "option_type"]
+__all__ = ["Conversion", "Method", "MethodOptions", "Paper", "Plan", "Transform", "accepted_values", "describe_options",
+           "option_type"]

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from ..errors import RnnifyError
 from .base import parse_layer_list, text_config
-from .method import Method, MethodOptions, Paper, Plan
+from .method import Conversion, MethodOptions, Paper, Plan
 
 
 class RetrofitOptions(MethodOptions):
@@ -70,7 +70,7 @@ def split(options: dict, n: int) -> tuple[list[int], list[int], list[int]]:
     return pre, block, coda
 
 
-class Retrofit(Method):
+class Retrofit(Conversion):
     name = "retrofit"
     summary = "retrofitted depth recurrence: prelude / a block of layers looped r times / coda, adapter Linear(2d->d)"
     paper = Paper("Teaching Pretrained Language Models to Think Deeper with Retrofitted Recurrence (McLeish et al., "

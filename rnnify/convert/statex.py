@@ -31,7 +31,7 @@ from ..errors import RnnifyError
 from ..modeling import RnnifyConfig, RnnifyForCausalLM
 from ..modeling.mixers import MIXERS
 from .base import parse_layer_list
-from .method import Method, MethodOptions, Paper
+from .method import MethodOptions, Paper, Transform
 
 # the initialisations each kind of expansion (a mixer's ``state_expansion``) accepts
 INITS = {"merge_heads": ("paper", "keep"), "d_state": ("paper", "merge_copy", "merge_zero", "preserve")}
@@ -143,14 +143,13 @@ def reset_decay(A_log, dt_bias, generator):
         dt_bias.copy_((dt + torch.log(-torch.expm1(-dt))).to(dt_bias))
 
 
-class Statex(Method):
+class Statex(Transform):
     name = "statex"
     summary = "StateX: enlarge a recurrent model's state (merge linear-attention heads; multiply Mamba2 d_state)"
     paper = Paper("StateX: Enhancing RNN Recall via Post-training State Expansion (Shen et al., 2025)",
                   "https://arxiv.org/abs/2509.22630")
     Options = StatexOptions
     mixers = ()
-    transform = True
     test_source = "supra"
     test_options = {"layers": "all", "init": "keep"}
 

@@ -4,14 +4,14 @@ per-head decay, GroupNorm (``modeling/mixer_supra.py``)."""
 from pydantic import Field
 
 from ..modeling.mixer_supra import SupraMixer
-from .method import Method, MethodOptions, Paper
+from .method import Conversion, MethodOptions, Paper
 
 
 class SupraOptions(MethodOptions):
     chunk_size: int = Field(64, ge=1, description="chunk length of the parallel (chunked) form")
 
 
-class Supra(Method):
+class Supra(Conversion):
     name = "supra"
     summary = "SUPRA linear attention: ReLU feature maps, RoPE after them, fixed per-head decay, GroupNorm"
     paper = Paper("Linearizing Large Language Models (Mercat et al., 2024)", "https://arxiv.org/abs/2405.06640")

@@ -4,7 +4,7 @@
 from pydantic import Field
 
 from ..modeling.mixer_window import WindowMixer
-from .method import Method, MethodOptions, Paper
+from .method import Conversion, MethodOptions, Paper
 
 
 class WindowOptions(MethodOptions):
@@ -12,7 +12,7 @@ class WindowOptions(MethodOptions):
     sinks: int = Field(4, ge=0, description="first tokens kept in the softmax part (attention sinks)")
 
 
-class Window(Method):
+class Window(Conversion):
     name = "window"
     summary = "sliding window + sink tokens softmax, older tokens forgotten (the window-only baseline)"
     paper = Paper("Efficient Streaming Language Models with Attention Sinks (Xiao et al., 2024)",
