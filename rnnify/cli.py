@@ -1,10 +1,10 @@
-"""The ``rnnify`` command: inspect, convert, generate."""
+"""The ``rnnify`` command: inspect, convert, select-layers, export, push, cache, ls, cp, validate, run, eval and
+generate (one ``cmd_<name>`` function each; ``main`` builds the parser)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import json as _json
 import os
 import sys
 import time
@@ -490,7 +490,7 @@ def cmd_eval(args) -> None:
         _log(f"wrote {folder / 'eval.json'}, the README's Evaluation section" + (f" and {', '.join(plots)}" if plots
                                                                                   else ""))
     if args.json:
-        print(_json.dumps(results, indent=2, default=_jsonable))
+        print(json.dumps(results, indent=2, default=_jsonable))
     else:
         print(results_table(results))
 

@@ -52,7 +52,7 @@ def _kind(mixer) -> str | None:
     return mixer.state_expansion
 
 
-def choose(candidates: list[int], spec: str | None, num_layers: int, default_every: int = 6) -> list[int]:
+def pick_layers(candidates: list[int], spec: str | None, num_layers: int, default_every: int = 6) -> list[int]:
     """The layers to expand among ``candidates`` (the expandable ones, in order)."""
     spec = spec if spec is not None else f"every:{default_every}"
     text = str(spec).strip().lower()
@@ -167,7 +167,7 @@ class Statex(Transform):
             expandable = ", ".join(sorted(n for n, cls in MIXERS.items() if cls.state_expansion))
             raise RnnifyError("nothing to expand: the model has no recurrent state (mixers: "
                               f"{sorted({m for m in model.config.layer_mixers})}); statex expands {expandable} layers")
-        chosen = choose(candidates, options["layers"], n_layers)
+        chosen = pick_layers(candidates, options["layers"], n_layers)
         mixers = dict(model.mixers())
         for i in chosen:
             kind = kinds[i]
@@ -253,7 +253,7 @@ class Statex(Transform):
         """transformers' Mamba2ForCausalLM: one state size for every layer (B/C per group ``n_groups``)."""
         cfg = model.config
         n = cfg.num_hidden_layers
-        if options["layers"] not in (None, "all") and choose(list(range(n)), options["layers"], n) != list(range(n)):
+        if options["layers"] not in (None, "all") and pick_layers(list(range(n)), options["layers"], n) != list(range(n)):
             raise RnnifyError("transformers' Mamba2ForCausalLM has one state size for every layer: give --layers all "
                               "(or leave --layers out)")
         if options["init"] not in INITS["d_state"]:
