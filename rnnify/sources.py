@@ -221,7 +221,7 @@ def check_weights(folder: Path) -> None:
                 raise TypeError("weight_map values are not file names")
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise RnnifyError(f"{index} is damaged ({type(e).__name__}: {e}); accepted: the index save_pretrained "
-                              "writes ({{\"weight_map\": {{tensor: shard file}}}}); re-save the model") from None
+                              "writes ({\"weight_map\": {tensor: shard file}}); re-save the model") from None
     else:
         shards = ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
     for shard in shards:

@@ -41,8 +41,8 @@ def parse_auto(value, label: str | None = None) -> AutoSpec | None:
         raise RnnifyError(f"{label}: the cache budget must be in (0, 100]%")
     length = int(m.group("len") or 4096)
     if length < 1:
-        raise RnnifyError(f"{label}: the cache is measured at L tokens; accepted: L >= 1, "
-                          "e.g. auto:10%@4096")
+        raise RnnifyError(f"{label}: the cache is measured at L tokens; accepted: L >= 1 (the P%@L part of "
+                          "auto:10%@4096)")
     return AutoSpec(cache_fraction=pct / 100, cache_length=length)
 
 
