@@ -86,3 +86,28 @@ def test_imports_sit_at_module_top_unless_optional_and_said_so():
         "; ".join(wrong)
     unsaid = [where for where, _, near in found if "optional" not in near]
     assert not unsaid, "say '# optional: ...' at these deferred imports: " + "; ".join(unsaid)
+
+
+def test_every_setting_a_mixer_reads_is_declared_once_with_its_default():
+    """Each ``self.setting("x")`` in a mixer file names a key of that mixer's SETTINGS (reading an undeclared one
+    raises), and each method option a mixer also declares defaults to the mixer's value."""
+    from rnnify.convert import METHODS
+    from rnnify.modeling.mixers import MIXERS
+
+    for cls in MIXERS.values():
+        source = Path(__import__(cls.__module__, fromlist=["_"]).__file__).read_text()
+        tree = ast.parse(source)
+        mine = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+        read = {c.args[0].value for c in ast.walk(mine) if isinstance(c, ast.Call)
+                and isinstance(c.func, ast.Attribute) and c.func.attr in ("setting", "get")
+                and isinstance(c.func.value, (ast.Name, ast.Attribute)) and c.args
+                and isinstance(c.args[0], ast.Constant) and isinstance(c.args[0].value, str)
+                and (c.func.attr == "setting" or getattr(c.func.value, "attr", "") == "settings")}
+        assert read, cls
+        assert read <= set(cls.declared_settings()), (cls.name, read - set(cls.declared_settings()))
+    for method in METHODS.values():
+        for mixer in method.mixers:
+            declared = mixer.declared_settings()
+            for name, info in method.Options.model_fields.items():
+                if name in declared:
+                    assert info.default == declared[name], (method.name, name, info.default, declared[name])

@@ -13,12 +13,16 @@ from ..modeling.mixer_ahn import AhnMixer
 from .method import Conversion, Paper
 from .window import WindowOptions
 
+_DEFAULTS = AhnMixer.SETTINGS  # each default declared once, by the mixer that reads it
+
 
 class AhnOptions(WindowOptions):
-    window: int = Field(256, ge=1, description="softmax window in tokens (the paper trains with windows around 256)")
+    window: int = Field(_DEFAULTS["window"], ge=1,
+                        description="softmax window in tokens (the paper trains with windows around 256)")
     memory: Literal["gated_deltanet", "deltanet", "mamba2"] = Field(
-        "gated_deltanet", description="the RNN that compresses tokens leaving the window")
-    chunk_size: int = Field(64, ge=1, description="chunk length of the memory's parallel (chunked) form")
+        _DEFAULTS["memory"], description="the RNN that compresses tokens leaving the window")
+    chunk_size: int = Field(_DEFAULTS["chunk_size"], ge=1,
+                            description="chunk length of the memory's parallel (chunked) form")
 
 
 class Ahn(Conversion):

@@ -11,15 +11,18 @@ from ..modeling.mixer_lolcats import LolcatsMixer
 from .method import Conversion, Paper
 from .window import WindowOptions
 
+_DEFAULTS = LolcatsMixer.SETTINGS  # each default declared once, by the mixer that reads it
+
 
 class LolcatsOptions(WindowOptions):
-    chunk_size: int = Field(64, ge=1, description="chunk length of the parallel (chunked) form")
-    init_linear_mix_logit: float = Field(-6.0, description="initial per-head logit of the linear part's share")
+    chunk_size: int = Field(_DEFAULTS["chunk_size"], ge=1, description="chunk length of the parallel (chunked) form")
+    init_linear_mix_logit: float = Field(_DEFAULTS["init_linear_mix_logit"],
+                                         description="initial per-head logit of the linear part's share")
     memory_halflife: float | None = Field(
-        None, gt=0, description="a learned per-head decay of the memory, starting at this half-life in tokens "
-                                "(our addition, off in the paper): the memory's weight then stops growing with the "
-                                "number of tokens that left the window, so a student trained at one length keeps at "
-                                "longer ones")
+        _DEFAULTS["memory_halflife"], gt=0,
+        description="a learned per-head decay of the memory, starting at this half-life in tokens (our addition, off "
+                    "in the paper): the memory's weight then stops growing with the number of tokens that left the "
+                    "window, so a student trained at one length keeps at longer ones")
 
 
 class Lolcats(Conversion):

@@ -12,13 +12,15 @@ from pydantic import Field
 from ..modeling.mixer_mamba2 import Mamba2Mixer
 from .method import Conversion, MethodOptions, Paper
 
+_DEFAULTS = Mamba2Mixer.SETTINGS  # each default declared once, by the mixer that reads it
+
 
 class MambaInLlamaOptions(MethodOptions):
-    chunk_size: int = Field(64, ge=1, description="chunk length of the parallel (chunked) form")
-    conv_kernel: int = Field(4, ge=2, description="Mamba2 short convolution width")
+    chunk_size: int = Field(_DEFAULTS["chunk_size"], ge=1, description="chunk length of the parallel (chunked) form")
+    conv_kernel: int = Field(_DEFAULTS["conv_kernel"], ge=2, description="Mamba2 short convolution width")
     conv_init: Literal["default", "identity"] = Field(
-        "default", description="Mamba2's random conv init, or a pass-through conv (the untrained mixer is then "
-                               "linear attention)")
+        _DEFAULTS["conv_init"], description="Mamba2's random conv init, or a pass-through conv (the untrained mixer is "
+                                            "then linear attention)")
 
 
 class MambaInLlama(Conversion):

@@ -8,7 +8,8 @@ from .method import Conversion, MethodOptions, Paper
 
 
 class SupraOptions(MethodOptions):
-    chunk_size: int = Field(64, ge=1, description="chunk length of the parallel (chunked) form")
+    chunk_size: int = Field(SupraMixer.SETTINGS["chunk_size"], ge=1,  # declared once, by the mixer
+                            description="chunk length of the parallel (chunked) form")
 
 
 class Supra(Conversion):

@@ -6,10 +6,12 @@ from pydantic import Field
 from ..modeling.mixer_window import WindowMixer
 from .method import Conversion, MethodOptions, Paper
 
+_DEFAULTS = WindowMixer.SETTINGS  # each default declared once, by the mixer that reads it
+
 
 class WindowOptions(MethodOptions):
-    window: int = Field(64, ge=1, description="softmax window in tokens")
-    sinks: int = Field(4, ge=0, description="first tokens kept in the softmax part (attention sinks)")
+    window: int = Field(_DEFAULTS["window"], ge=1, description="softmax window in tokens")
+    sinks: int = Field(_DEFAULTS["sinks"], ge=0, description="first tokens kept in the softmax part (attention sinks)")
 
 
 class Window(Conversion):

@@ -16,6 +16,7 @@ from ..cache_size import cache_bytes
 from ..convert import convert
 from ..errors import RnnifyError
 from ..io import write_json_atomic, write_text_atomic
+from ..modeling.mixer_window import WindowMixer
 from ..units import human_bytes
 from .agreement import continuation_agreement
 from .flops import flops_per_token
@@ -33,9 +34,9 @@ BASELINE = "window_baseline"
 def window_baseline(student, teacher):
     """The teacher with the student's window + sinks softmax and no memory of older tokens (same kept layers):
     the ``window`` method with the student's settings, or 64 + 4."""
-    settings = student.config.mixer_config
-    window = settings.get("window", 64)
-    sinks = settings.get("sinks", 4)
+    windowed = [m for _, m in student.mixers() if isinstance(m, WindowMixer)]
+    window, sinks = (windowed[0].window, windowed[0].sinks) if windowed else \
+        (WindowMixer.SETTINGS["window"], WindowMixer.SETTINGS["sinks"])
     keep = [i for i, m in enumerate(student.config.layer_mixers) if m == "attention"]
     base = convert(teacher, "window", keep_attention=keep, options={"window": window, "sinks": sinks})
     return base, f"window {window} + {sinks} sinks"

@@ -49,16 +49,18 @@ _WRITE_GATES = {"gated_deltanet": 2, "deltanet": 1, "mamba2": 1}  # per head: (b
 class AhnMixer(WindowMixer):
     name = "ahn"
     state_expansion = "merge_heads"
+    # the window the AHN paper trains with (~256), over WindowMixer's 64
+    SETTINGS = {"window": 256, "memory": "gated_deltanet", "chunk_size": 64, "norm_eps": 1e-6, "merge_heads": False}
     layer_type = "hybrid_sliding_sink"
 
     def __init__(self, config, layer_idx, attn, settings):
         super().__init__(config, layer_idx, attn, settings)
-        self.memory_kind = str(self.setting("memory", "gated_deltanet"))
+        self.memory_kind = str(self.setting("memory"))
         if self.memory_kind not in MEMORIES:
             raise ValueError(f"AHN memory {self.memory_kind!r}; accepted: {', '.join(MEMORIES)}")
-        self.chunk_size = int(self.setting("chunk_size", 64))
-        self.norm_eps = float(self.setting("norm_eps", 1e-6))
-        self.merged = bool(self.setting("merge_heads", False))
+        self.chunk_size = int(self.setting("chunk_size"))
+        self.norm_eps = float(self.setting("norm_eps"))
+        self.merged = bool(self.setting("merge_heads"))
         H, D, d = self.num_heads, self.head_dim, self.hidden_size
         self.carry_width = _WRITE_GATES[self.memory_kind] * H
         self.write_gates = nn.Linear(d, self.carry_width)  # from the leaving token's normalised hidden state

@@ -84,6 +84,9 @@ class Mixer(nn.Module):
     # heads merged into one head of H*D keys and values; the mixer reads settings["merge_heads"]), "d_state" (a
     # Mamba2 state: d_state multiplied, the mixer reads settings["d_state"]), or None (nothing to expand)
     state_expansion: ClassVar[str | None] = None
+    # every setting the mixer reads, with its default (declared once: the method options that set them take their
+    # defaults from here); None where the default comes from the source's config. Subclasses add to their parent's.
+    SETTINGS: ClassVar[dict] = {}
 
     def __init__(self, config, layer_idx: int, attn: nn.Module, settings: dict):
         super().__init__()
@@ -132,8 +135,20 @@ class Mixer(nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         return None if cache is None else cache.layers[self.layer_idx]
 
-    def setting(self, name: str, default):
-        return self.settings.get(name, default)
+    @classmethod
+    def declared_settings(cls) -> dict:
+        """SETTINGS of the class and its parents (the nearest declaration wins)."""
+        out: dict = {}
+        for klass in reversed(cls.__mro__):
+            out.update(getattr(klass, "SETTINGS", {}) if "SETTINGS" in vars(klass) else {})
+        return out
+
+    def setting(self, name: str):
+        """A setting's value for this layer: the step's or the shared config's, else its declared default."""
+        declared = type(self).declared_settings()
+        if name not in declared:
+            raise KeyError(f"mixer {self.name!r} reads setting {name!r}, which its SETTINGS do not declare")
+        return self.settings.get(name, declared[name])
 
 
 __all__ = ["ATTENTION_MODULES", "Mixer", "causal_conv1d", "causal_conv1d_step", "chunk_delta_rule",

@@ -55,17 +55,18 @@ class LolcatsMixer(WindowMixer):
 
     name = "lolcats"
     state_expansion = "merge_heads"
+    SETTINGS = {"chunk_size": 64, "init_linear_mix_logit": -6.0, "merge_heads": False, "memory_halflife": None}
     layer_type = "hybrid_sliding_sink"
 
     def __init__(self, config, layer_idx, attn, settings):
         super().__init__(config, layer_idx, attn, settings)
-        self.chunk_size = int(self.setting("chunk_size", 64))
-        self.init_mix_logit = float(self.setting("init_linear_mix_logit", -6.0))
+        self.chunk_size = int(self.setting("chunk_size"))
+        self.init_mix_logit = float(self.setting("init_linear_mix_logit"))
         self.feature_map_q = HedgehogFeatureMap(self.num_heads, self.head_dim)
         self.feature_map_k = HedgehogFeatureMap(self.num_heads, self.head_dim)
         self.linear_mix_logit = nn.Parameter(torch.full((self.num_heads,), self.init_mix_logit))
-        self.merged = bool(self.setting("merge_heads", False))  # StateX: the linear branch as one big head
-        halflife = self.setting("memory_halflife", None)
+        self.merged = bool(self.setting("merge_heads"))  # StateX: the linear branch as one big head
+        halflife = self.setting("memory_halflife")
         self.decay_log_rate = None
         if halflife is not None:
             if self.merged:

@@ -52,6 +52,8 @@ class Mamba2Mixer(Mixer):
 
     name = "mamba2"
     state_expansion = "d_state"
+    # d_state: the head dim (x <- V, B <- K, C <- Q); norm_eps: the source's rms_norm_eps
+    SETTINGS = {"d_state": None, "conv_kernel": 4, "chunk_size": 64, "conv_init": "default", "norm_eps": None}
     layer_type = "linear_attention"
     adopts = ("q_norm", "k_norm")  # act on C / B
     absorbs = ("q_proj", "k_proj", "v_proj", "o_proj")  # copied into in_proj / out_proj by init_from_attention
@@ -60,12 +62,12 @@ class Mamba2Mixer(Mixer):
         super().__init__(config, layer_idx, attn, settings)
         base = config.base_config
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        self.d_state = N = int(self.settings.get("d_state", D))
+        self.d_state = N = int(self.setting("d_state") or D)
         self.d_inner, self.d_xb = H * D, Hkv * D
         self.d_b, self.d_c = Hkv * N, H * N  # B per KV head (repeated for GQA), C per head
-        self.conv_kernel = int(self.settings.get("conv_kernel", 4))
-        self.chunk_size = int(self.settings.get("chunk_size", 64))
-        self.conv_init = self.settings.get("conv_init", "default")
+        self.conv_kernel = int(self.setting("conv_kernel"))
+        self.chunk_size = int(self.setting("chunk_size"))
+        self.conv_init = self.setting("conv_init")
         if self.conv_init not in ("default", "identity"):
             raise ValueError(f"conv_init {self.conv_init!r}; accepted: default, identity")
         bias = getattr(attn, "q_proj", None) is not None and attn.q_proj.bias is not None
@@ -77,7 +79,7 @@ class Mamba2Mixer(Mixer):
         self.A_log = nn.Parameter(torch.zeros(H))
         self.D = nn.Parameter(torch.ones(H))
         # the source's RMSNorm epsilon unless set (Llama-3's 1e-5 is what the paper's Mamba2 uses)
-        eps = float(self.settings.get("norm_eps", getattr(base, "rms_norm_eps", 1e-5)))
+        eps = float(self.setting("norm_eps") or getattr(base, "rms_norm_eps", 1e-5))
         self.norm = GatedRMSNorm(self.d_inner, D, eps=eps)
         o_bias = getattr(attn, "o_proj", None) is not None and attn.o_proj.bias is not None
         self.out_proj = nn.Linear(self.d_inner, hidden, bias=o_bias)

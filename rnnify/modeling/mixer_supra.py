@@ -26,6 +26,7 @@ class SupraMixer(Mixer):
 
     name = "supra"
     state_expansion = "merge_heads"
+    SETTINGS = {"chunk_size": 64, "merge_heads": False, "norm_eps": 1e-5, "merged_log_decay": None}
     layer_type = "linear_attention"
 
     def __init__(self, config, layer_idx, attn, settings):
@@ -33,11 +34,11 @@ class SupraMixer(Mixer):
         D, H = self.head_dim, self.num_heads
         if D % 2:
             raise ValueError(f"SUPRA applies RoPE after the feature map and needs an even head_dim, got {D}")
-        self.chunk_size = int(self.setting("chunk_size", 64))
-        self.merged = bool(self.setting("merge_heads", False))
+        self.chunk_size = int(self.setting("chunk_size"))
+        self.merged = bool(self.setting("merge_heads"))
         self.feature_map_q = nn.Linear(D, D)
         self.feature_map_k = nn.Linear(D, D)
-        self.norm = nn.GroupNorm(1 if self.merged else H, H * D, eps=float(self.setting("norm_eps", 1e-5)))
+        self.norm = nn.GroupNorm(1 if self.merged else H, H * D, eps=float(self.setting("norm_eps")))
         self.register_buffer("log_decay", self.initial_log_decay())
 
     @staticmethod
@@ -62,7 +63,7 @@ class SupraMixer(Mixer):
         per_head = self.default_log_decay(self.num_heads)
         if not self.merged:
             return per_head
-        given = self.setting("merged_log_decay", None)
+        given = self.setting("merged_log_decay")
         return per_head.mean(0, keepdim=True) if given is None else torch.tensor([float(given)])
 
     def cache_bytes(self, seq_len, batch=1, kv_bytes=2):

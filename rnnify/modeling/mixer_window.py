@@ -55,12 +55,13 @@ class WindowMixer(Mixer):
     name = "window"
     layer_type = "sliding_sink_attention"
     can_run_as_source = True
+    SETTINGS = {"window": 64, "sinks": 4}
     query_block = 256  # queries per block of the parallel softmax: memory O(T * (sinks + window + block))
 
     def __init__(self, config, layer_idx, attn, settings):
         super().__init__(config, layer_idx, attn, settings)
-        self.window = int(self.setting("window", 64))
-        self.sinks = int(self.setting("sinks", 4))
+        self.window = int(self.setting("window"))
+        self.sinks = int(self.setting("sinks"))
         if self.window < 1 or self.sinks < 0:
             raise ValueError(f"window must be >= 1 and sinks >= 0, got window={self.window}, sinks={self.sinks}")
         # a source layer that is itself sliding-window attention never saw further back: the window stays within it
