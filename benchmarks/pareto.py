@@ -129,7 +129,8 @@ def main():
 
     from rnnify import sources
     from rnnify.convert import convert, spread_layers
-    from rnnify.convert.layer_select import AutoSpec, cached_scores, choose, plan_cache_bytes, teacher_cache_bytes
+    from rnnify.convert.auto_spec import AutoSpec
+    from rnnify.convert.layer_select import cached_scores, choose, plan_cache_bytes, teacher_cache_bytes
     from rnnify.eval.perplexity import perplexity
     from rnnify.io import write_json_atomic
 

@@ -19,14 +19,13 @@ from .cache_dirs import clear, usage
 from .cache_size import cache_bytes
 from .card import model_card
 from .convert import METHODS, SUPPORTED_MODEL_TYPES, convert, get_method, validate
+from .convert.auto_spec import AutoSpec, parse_auto
 from .convert.base import count_new_parameters
 from .convert.flags import add_method_flags, options_from_args
 from .convert.layer_select import (
     DEFAULT_TEXT,
-    AutoSpec,
     cached_scores,
     choose,
-    parse_auto,
     plan_cache_bytes,
     resolve_auto,
     teacher_cache_bytes,

@@ -163,4 +163,3 @@ def write_model_folder(out: str | os.PathLike, model, tokenizer=None, *, card: s
         if finish is not None:
             finish(tmp)
     return Path(out)
-

@@ -14,7 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from .convert import get_method
-from .convert.layer_select import parse_auto
+from .convert.auto_spec import parse_auto
 from .convert.method import Conversion, Transform
 from .distill.settings import DataSpec, Strict
 from .distill.stages import STAGES

@@ -12,6 +12,7 @@ from .errors import RnnifyError
 
 _FACTORS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = ("B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB")  # as the error message spells them
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*")
 
 
@@ -31,13 +32,10 @@ def parse_bytes(text, what: str = "size", bare_bytes: bool = False) -> int:
     return n
 
 
-_UNITS = ("B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB")
-
-
 def human_bytes(n: float, digits: int = 1) -> str:
     """Bytes in the largest binary unit below 1024 of it, e.g. ``1.5 GiB``, ``300.0 MiB``, ``12 B``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
             return f"{n:.{digits}f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.{digits}f} GiB"

@@ -7,15 +7,8 @@ import torch
 
 from rnnify.cli import main
 from rnnify.convert import convert
-from rnnify.convert.layer_select import (
-    AutoSpec,
-    cached_scores,
-    choose,
-    parse_auto,
-    plan_cache_bytes,
-    score_layers,
-    teacher_cache_bytes,
-)
+from rnnify.convert.auto_spec import AutoSpec, parse_auto
+from rnnify.convert.layer_select import cached_scores, choose, plan_cache_bytes, score_layers, teacher_cache_bytes
 from rnnify.errors import RnnifyError
 
 from .conftest import make_tokenizer, tiny_model

@@ -46,7 +46,7 @@ from ..errors import RnnifyError
 from ..io import write_json_atomic
 from ..modeling.configuration_rnnify import base_layer_types
 from ..paths import resolve_path
-from .auto_spec import AutoSpec, parse_auto  # noqa: F401  (callers of layer selection read budgets here too)
+from .auto_spec import AutoSpec
 from .build import build_converted
 from .registry import get_method
 from .teacher_attention import TeacherAttention

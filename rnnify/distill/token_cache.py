@@ -136,8 +136,11 @@ class PackedBlocks:
                 return p
         except (OSError, ValueError):
             pass
+        return self._fresh_progress()
+
+    def _fresh_progress(self) -> dict:
         return {"blocks": 0, "rows": 0, "carry": [], "complete": False, "seq_len": self.seq_len,
-                "dtype": np.dtype(self.dtype).name}
+                "dtype": np.dtype(self.dtype).name, "sha256": hashlib.sha256().hexdigest()}
 
     def _verified_hash(self, p: dict):
         """The running hash of the recorded blocks when ``blocks.bin`` verifies against ``p``; otherwise the cache
@@ -150,8 +153,7 @@ class PackedBlocks:
         why = (f"blocks.bin holds {size:,} bytes, {nbytes:,} recorded" if h is None
                else "blocks.bin does not match its checksum")
         self.log(f"token cache {self.dir}: {why}; packing {self.spec.path} again")
-        fresh = {"blocks": 0, "rows": 0, "carry": [], "complete": False, "seq_len": self.seq_len,
-                 "dtype": np.dtype(self.dtype).name, "sha256": hashlib.sha256().hexdigest()}
+        fresh = self._fresh_progress()
         with open(self.data_file, "wb"):
             pass
         self._write_progress(fresh)

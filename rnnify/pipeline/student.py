@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from ..convert import convert, transform
-from ..convert.layer_select import parse_auto, select_trained
+from ..convert.auto_spec import parse_auto
+from ..convert.layer_select import select_trained
 from ..distill.stages import active_layers, select_trainable
 from ..errors import RnnifyError
 from ..recipe import Recipe
