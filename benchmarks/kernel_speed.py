@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rnnify.kernels import reference as R
+from rnnify.kernels.ops import OPS, functions
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NAN = float("nan")
@@ -63,45 +63,46 @@ def timer(device):
 
 
 def backends(device):
-    """name -> module with chunk_linear_attention / chunk_delta_rule / *_step (only those that run here)."""
+    """label -> {op name: function} for every backend that runs here, all derived from ``rnnify.kernels.ops.OPS``."""
     out = {}
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        from rnnify.kernels.fused import delta_rule, linear_attention
-
-        out["rnnify"] = {"la": linear_attention.chunk_linear_attention, "delta": delta_rule.chunk_delta_rule,
-                         "la_step": linear_attention.linear_attention_step, "delta_step": delta_rule.delta_rule_step}
+        out["rnnify"] = functions("triton")
         if importlib.util.find_spec("fla") is not None and device.type == "cuda":
-            from rnnify.kernels import fla_backend as fb
-
-            out["fla"] = {"la": fb.chunk_linear_attention, "delta": fb.chunk_delta_rule,
-                          "la_step": fb.linear_attention_step, "delta_step": fb.delta_rule_step}
+            out["fla"] = functions("fla")
         else:
             print("flash-linear-attention is not installed: no fla columns (pip install 'rnnify[fla]')")
     else:
         print(f"{device.type}: the fused kernels need CUDA; timing the PyTorch reference instead")
-    out["reference"] = {"la": R.chunk_linear_attention, "delta": R.chunk_delta_rule,
-                        "la_step": R.linear_attention_step, "delta_step": R.delta_rule_step}
+    out["reference"] = functions("reference")
     return out
 
 
-def inputs(B, T, H, D, dtype, device, grad):
-    q = torch.randn(B, T, H, D, device=device, dtype=dtype)
-    k = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dtype)
-    v = torch.randn(B, T, H, D, device=device, dtype=dtype)
-    g = F.logsigmoid(torch.randn(B, T, H, device=device) + 4)  # decays near 1, as trained models have
-    beta = torch.rand(B, T, H, device=device, dtype=dtype)
-    xs = (q, k, v, g, beta)
-    return [x.requires_grad_(grad) for x in xs]
+def example(name, B, T, H, D, dtype, device, seed=0):
+    """The op's fullest example (the last of ``Op.examples``: decay, state ...) at this shape, on ``device``."""
+    return OPS[name].examples(B, T, H, D, dtype, torch.Generator(device).manual_seed(seed))[-1]
+
+
+def first_tensor(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def cloned(args):
+    return [a.clone() if torch.is_tensor(a) else a for a in args]  # the fused steps write their state in place
 
 
 def check(impls, device):
-    q, k, v, g, beta = inputs(1, 200, 2, 64, torch.float32, device, False)
-    ref_la, _ = R.recurrent_linear_attention(q, k, v, g)
-    ref_d, _ = R.recurrent_delta_rule(q, k, v, beta, g)
-    for name, ops in impls.items():
-        e1 = (ops["la"](q, k, v, g)[0].float() - ref_la).abs().max().item()
-        e2 = (ops["delta"](q, k, v, beta, g)[0].float() - ref_d).abs().max().item()
-        print(f"check {name:9s} max|err| vs token loop (fp32, T=200): linear attention {e1:.1e}, delta rule {e2:.1e}")
+    """Every op of every backend against the reference on the op's own examples (fp32, T=200): max abs error."""
+    for name, op in OPS.items():
+        worst = {}
+        for args, kwargs in op.examples(1, 200, 2, 64, torch.float32, torch.Generator(device).manual_seed(0)):
+            ref = first_tensor(impls["reference"][name](*cloned(args), **kwargs)).float()
+            for label, fns in impls.items():
+                if label != "reference":
+                    err = attempt(label, name, lambda fn=fns[name], a=args, k=kwargs, ref=ref: (
+                        first_tensor(fn(*cloned(a), **k)).float() - ref).abs().max().item(), NAN)
+                    worst[label] = max(worst.get(label, 0.0), err)
+        for label, err in worst.items():
+            print(f"check {label:7s} {name:24s} max|err| vs reference over its examples (fp32, T=200): {err:.1e}")
 
 
 def chunked_table(impls, args, device, dtype, bench):
@@ -109,70 +110,65 @@ def chunked_table(impls, args, device, dtype, bench):
     print(f"\n## chunked kernels: B={args.B}, H={args.H}, D={args.D}, {args.dtype}  (ms; ratio = other / ours)")
     print("| T | kernel | fwd ms | fwd+bwd ms | vs SDPA fwd+bwd | vs fla fwd+bwd |")
     print("|---|---|---|---|---|---|")
+    chunked = [name for name, op in OPS.items() if not op.step]
     for T in args.T:
-        q, k, v, g, beta = inputs(args.B, T, args.H, args.D, dtype, device, True)
         rows = {}
 
         def both(fn):
             fwd = bench(fn)
-            out = fn()
-            o = out[0] if isinstance(out, tuple) else out
-            do = torch.randn_like(o)
+            do = torch.randn_like(first_tensor(fn()))
 
             def fwd_bwd(fn=fn, do=do):
-                out = fn()
-                (out[0] if isinstance(out, tuple) else out).backward(do)
+                first_tensor(fn()).backward(do)
             return fwd, bench(fwd_bwd)
 
-        qs, ks, vs = (x.transpose(1, 2) for x in (q, k, v))  # SDPA takes [B, H, T, D]
+        q, k, v = (torch.randn(args.B, args.H, T, args.D, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))  # SDPA takes [B, H, T, D]
         try:
             with (torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.FLASH_ATTENTION])
                   if device.type == "cuda" else contextlib.nullcontext()):
-                rows[sdpa_label] = both(lambda qs=qs, ks=ks, vs=vs: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
+                rows[(sdpa_label, "")] = both(
+                    lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         except RuntimeError as e:
-            rows[sdpa_label] = (float("nan"), float("nan"))
+            rows[(sdpa_label, "")] = (NAN, NAN)
             print(f"SDPA at T={T}: {e}")
-        for name, ops in impls.items():
-            if name == "reference" and device.type == "cuda" and T > args.reference_max_T:
-                continue
-            args_ = (q, k, v, g, beta)
-            for label, fn in ((f"{name} linear attention (chunk, scalar decay)", lambda ops=ops, a=args_: ops["la"](*a[:4])),
-                              (f"{name} gated delta rule (chunk)", lambda ops=ops, a=args_: ops["delta"](*a[:3], a[4], a[3]))):
-                rows[label] = attempt(label, f"at T={T}", lambda fn=fn: both(fn), (NAN, NAN))
-        sdpa = rows[sdpa_label][1]
-        for label, (f, fb) in rows.items():
-            kind = "la" if "linear attention" in label else ("delta" if "delta" in label else None)
-            fla_label = {"la": "fla linear attention (chunk, scalar decay)", "delta": "fla gated delta rule (chunk)"}.get(kind)
-            vs_fla = (f"{rows[fla_label][1] / fb:.2f}x" if fla_label in rows and label.startswith("rnnify")
-                      and not math.isnan(rows[fla_label][1]) else "")
-            vs_sdpa = f"{sdpa / fb:.2f}x" if kind else ""
-            print(f"| {T} | {label} | {f:.2f} | {fb:.2f} | {vs_sdpa} | {vs_fla} |")
-        del q, k, v, g, beta, args_
+        del q, k, v
+        for name in chunked:
+            ex_args, ex_kwargs = example(name, args.B, T, args.H, args.D, dtype, device)
+            ex_args = [a.requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in ex_args]
+            for label, fns in impls.items():
+                if label == "reference" and device.type == "cuda" and T > args.reference_max_T:
+                    continue
+                rows[(label, name)] = attempt(label, f"{name} at T={T}", lambda fn=fns[name], a=ex_args, k=ex_kwargs: both(
+                    lambda: fn(*a, **k)), (NAN, NAN))
+            del ex_args, ex_kwargs
+        sdpa = rows[(sdpa_label, "")][1]
+        for (label, name), (f, fb) in rows.items():
+            fla = rows.get(("fla", name), (NAN, NAN))[1]
+            vs_fla = f"{fla / fb:.2f}x" if label == "rnnify" and not math.isnan(fla) else ""
+            vs_sdpa = f"{sdpa / fb:.2f}x" if name else ""
+            print(f"| {T} | {label} {name} | {f:.2f} | {fb:.2f} | {vs_sdpa} | {vs_fla} |")
 
 
 def step_table(impls, args, device, bench):
-    K = V = args.D
-    print(f"\n## decode step: H={args.H}, K=V={K}, fp32 state  (TB/s = 2 * B*H*K*V*4 bytes / time)")
+    print(f"\n## decode steps: H={args.H}, K=V={args.D}, fp32 state  (TB/s = 2 * bytes of the state / time)")
     print("| batch | kernel | ms | TB/s | vs fla |")
     print("|---|---|---|---|---|")
+    steps = [name for name, op in OPS.items() if op.step]
     for B in args.decode_batch:
-        q, k, v = (torch.randn(B, args.H, K, device=device, dtype=torch.bfloat16) for _ in range(3))
-        g = F.logsigmoid(torch.randn(B, args.H, device=device) + 4)
-        beta = torch.rand(B, args.H, device=device)
-        state = torch.zeros(B, args.H, K, V, device=device)
-        nbytes = 2 * state.numel() * 4
         rows = {}
         with torch.no_grad():
-            for name, ops in impls.items():
-                a = (q, k, v, g, beta, state)
-                for label, fn in ((f"{name} linear attention step", lambda ops=ops, a=a: ops["la_step"](*a[:4], a[5])),
-                                  (f"{name} delta rule step", lambda ops=ops, a=a: ops["delta_step"](*a[:3], a[4], a[3], a[5]))):
-                    rows[label] = attempt(label, f"at batch {B}", lambda fn=fn: bench(fn), NAN)
-        for label, ms in rows.items():
-            kind = "linear attention step" if "linear" in label else "delta rule step"
-            other = rows.get(f"fla {kind}")
-            vs = f"{other / ms:.2f}x" if other and not math.isnan(other) and label.startswith("rnnify") else ""
-            print(f"| {B} | {label} | {ms:.4f} | {nbytes / ms / 1e9:.3f} | {vs} |")
+            for name in steps:
+                ex_args, ex_kwargs = example(name, B, 1, args.H, args.D, torch.bfloat16, device)
+                nbytes = 2 * ex_args[-1].numel() * ex_args[-1].element_size()  # the state, read and written once
+                for label, fns in impls.items():
+                    ms = attempt(label, f"{name} at batch {B}", lambda fn=fns[name], a=ex_args, k=ex_kwargs: bench(
+                        lambda: fn(*a, **k)), NAN)
+                    rows[(label, name)] = (ms, nbytes)
+        for (label, name), (ms, nbytes) in rows.items():
+            fla = rows.get(("fla", name), (NAN, 0))[0]
+            vs = f"{fla / ms:.2f}x" if label == "rnnify" and not math.isnan(fla) else ""
+            print(f"| {B} | {label} {name} | {ms:.4f} | {nbytes / ms / 1e9:.3f} | {vs} |")
 
 
 def main():

@@ -9,21 +9,21 @@ The choice follows the tensor's device, never what happens to be importable: CUD
 everything else ``reference``. ``RNNIFY_KERNELS=reference|triton|fla`` forces one; a forced backend that
 cannot run here raises an error that says why (``triton`` runs CPU tensors only under ``TRITON_INTERPRET=1``).
 
+The ops and their backends are one table, ``ops.OPS``; each op is a function here, ``rnnify.kernels.<op>``.
 Decode steps (``*_step``) update the state in place when the backend can (triton, for a contiguous fp32
 state outside autograd) and always return the new state: callers store what is returned.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
 import importlib.util
 import os
 
 import torch
 
 from . import reference
-
-BACKENDS = ("reference", "triton", "fla")
+from .ops import BACKENDS, OPS, Op
 
 
 def _interpreting() -> bool:
@@ -68,72 +68,30 @@ def backend_for(device) -> str:
     return "reference"
 
 
-_MODULES = {
-    "reference": {name: "rnnify.kernels.reference" for name in (
-        "chunk_linear_attention", "linear_attention_step", "chunk_delta_rule", "delta_rule_step",
-        "causal_conv1d", "causal_conv1d_step")},
-    "triton": {
-        "chunk_linear_attention": "rnnify.kernels.fused.linear_attention",
-        "linear_attention_step": "rnnify.kernels.fused.linear_attention",
-        "chunk_delta_rule": "rnnify.kernels.fused.delta_rule",
-        "delta_rule_step": "rnnify.kernels.fused.delta_rule",
-        "causal_conv1d": "rnnify.kernels.fused.conv",
-        "causal_conv1d_step": "rnnify.kernels.fused.conv",
-    },
-}
-_MODULES["fla"] = {name: "rnnify.kernels.fla_backend" for name in _MODULES["triton"]}
-
-
 def implementation(op: str, device):
     """The function that runs ``op`` for tensors on ``device``."""
-    backend = backend_for(device)
-    return getattr(importlib.import_module(_MODULES[backend][op]), op)
+    if op not in OPS:
+        raise ValueError(f"unknown kernel op {op!r}; accepted: {', '.join(OPS)}")
+    return OPS[op].function(backend_for(device))
 
 
-def _stepping_in_autograd(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _stepping_in_autograd(args) -> bool:
+    return torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in args)
 
 
-def _step(op: str, device, tensors, state):
-    """Steps run the reference when autograd must see them (the fused steps write in place)."""
-    if _stepping_in_autograd(*tensors, state):
-        return getattr(reference, op)
-    return implementation(op, device)
+def _dispatcher(op: Op):
+    """``rnnify.kernels.<op>``: the backend's function for the first argument's device. Steps that autograd must
+    see run the reference (the fused steps write the state in place)."""
+    reference_fn = op.function("reference")
+
+    @functools.wraps(reference_fn)
+    def run(*args, **kwargs):
+        if op.step and _stepping_in_autograd((*args, *kwargs.values())):
+            return reference_fn(*args, **kwargs)
+        return implementation(op.name, args[0].device)(*args, **kwargs)
+    return run
 
 
-def chunk_linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, chunk_size=64,
-                           cu_seqlens=None):
-    """Chunked linear attention with per-head scalar log-decay ``g`` (None, [H] or [B, T, H]); see reference.py."""
-    return implementation("chunk_linear_attention", q.device)(
-        q, k, v, g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-        chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+globals().update({name: _dispatcher(op) for name, op in OPS.items()})
 
-
-def linear_attention_step(q, k, v, g, state, scale=None):
-    return _step("linear_attention_step", q.device, (q, k, v, g), state)(q, k, v, g, state, scale=scale)
-
-
-def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False, chunk_size=64,
-                     cu_seqlens=None):
-    """Chunked (gated) delta rule; see reference.py."""
-    return implementation("chunk_delta_rule", q.device)(
-        q, k, v, beta, g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-        chunk_size=chunk_size, cu_seqlens=cu_seqlens)
-
-
-def delta_rule_step(q, k, v, beta, g, state, scale=None):
-    return _step("delta_rule_step", q.device, (q, k, v, beta, g), state)(q, k, v, beta, g, state, scale=scale)
-
-
-def causal_conv1d(x, weight, bias=None, initial_state=None, activation="silu", cu_seqlens=None):
-    return implementation("causal_conv1d", x.device)(x, weight, bias, initial_state, activation, cu_seqlens=cu_seqlens)
-
-
-def causal_conv1d_step(x, weight, bias, state, activation="silu"):
-    return _step("causal_conv1d_step", x.device, (x, weight, bias), state)(x, weight, bias, state, activation)
-
-
-__all__ = [
-    "BACKENDS", "backend_for", "causal_conv1d", "causal_conv1d_step", "chunk_delta_rule", "chunk_linear_attention",
-    "delta_rule_step", "implementation", "linear_attention_step", "reference", "unavailable_reason",
-]
+__all__ = ["BACKENDS", "OPS", "backend_for", "implementation", "reference", "unavailable_reason", *OPS]

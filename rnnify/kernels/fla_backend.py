@@ -1,12 +1,10 @@
 """flash-linear-attention (``pip install 'rnnify[fla]'``) behind rnnify's op signatures, for comparison runs
 (``RNNIFY_KERNELS=fla``) and the kernel benchmark. fla has no separate short-convolution op with our
-signature, so the conv ops use rnnify's Triton kernels under this backend."""
+signature: ``ops.OPS`` routes the conv ops of this backend to rnnify's Triton kernels."""
 
 from __future__ import annotations
 
 import torch
-
-from .fused.conv import causal_conv1d, causal_conv1d_step  # noqa: F401  (see module docstring)
 
 
 def _per_token_decay(g, B, T, H):

@@ -22,6 +22,8 @@ This file only imports torch: it is copied next to converted models so that they
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -345,3 +347,8 @@ def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, outp
     o = torch.stack(outs, 2) * scale  # [B, H, N, C, V]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
     return o.to(dtype), (state if output_final_state else None)
+
+
+# The shipped copy of this file is imported by a converted model's mixer_base.py as ``from .kernels_reference import
+# this_module``: transformers copies the files that relative from-imports name, and a plain ``from . import`` is not one.
+this_module = sys.modules[__name__]

@@ -32,14 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixer_base import (
-    STATE_BYTES,
-    chunk_delta_rule,
-    chunk_linear_attention,
-    delta_rule_step,
-    l2_normalize,
-    linear_attention_step,
-)
+from .mixer_base import STATE_BYTES, kernels, l2_normalize
 from .mixer_window import Evicted, WindowMixer
 
 MEMORIES = ("gated_deltanet", "deltanet", "mamba2")
@@ -114,10 +107,10 @@ class AhnMixer(WindowMixer):
             v = v * dt[..., None]
             g, k, v = evicted.align(g), evicted.align(k), evicted.align(v)
             if T == 1 and state is not None:
-                o, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], state, scale=1.0)
+                o, state = kernels.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], state, scale=1.0)
                 o = o.unsqueeze(1)
             else:
-                o, state = chunk_linear_attention(q, k, v, g=g, scale=1.0, initial_state=state, output_final_state=True,
+                o, state = kernels.chunk_linear_attention(q, k, v, g=g, scale=1.0, initial_state=state, output_final_state=True,
                                                   chunk_size=self.chunk_size)
         else:
             k, qn = l2_normalize(k), l2_normalize(q)
@@ -127,11 +120,11 @@ class AhnMixer(WindowMixer):
                 g = evicted.align(heads(A * F.softplus(gates[..., H:] + self.dt_bias.float())) * ok)
             beta, k, v = evicted.align(beta), evicted.align(k), evicted.align(v)
             if T == 1 and state is not None:
-                o, state = delta_rule_step(qn[:, 0], k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0],
+                o, state = kernels.delta_rule_step(qn[:, 0], k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0],
                                            state)
                 o = o.unsqueeze(1)
             else:
-                o, state = chunk_delta_rule(qn, k, v, beta, g=g, initial_state=state, output_final_state=True,
+                o, state = kernels.chunk_delta_rule(qn, k, v, beta, g=g, initial_state=state, output_final_state=True,
                                             chunk_size=self.chunk_size)
         o = o.float().reshape(B, T, H, D)  # a merged head's read, split back per head
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight.float()

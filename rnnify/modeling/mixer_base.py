@@ -15,7 +15,7 @@ A mixer replaces one source attention layer. What it takes from that attention i
 Each mixer has a parallel (chunked) form for prompts and training and a recurrent form for decoding; both read and
 write the layer's cache slot ``self.layer_idx`` (transformers' convention; the model moves it for looped steps).
 
-Only torch is imported: this file ships with converted models.
+Only torch (and rnnify's kernels when installed) is imported: this file ships with converted models.
 """
 
 from __future__ import annotations
@@ -25,24 +25,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-try:  # fused kernels when rnnify is installed
-    from rnnify.kernels import (
-        causal_conv1d,
-        causal_conv1d_step,
-        chunk_delta_rule,
-        chunk_linear_attention,
-        delta_rule_step,
-        linear_attention_step,
-    )
+try:  # rnnify's dispatching ops (fused kernels for CUDA tensors) when rnnify is installed
+    from rnnify import kernels
 except ImportError:  # a converted model loaded with trust_remote_code where rnnify is not installed
-    from .kernels_reference import (
-        causal_conv1d,
-        causal_conv1d_step,
-        chunk_delta_rule,
-        chunk_linear_attention,
-        delta_rule_step,
-        linear_attention_step,
-    )
+    from .kernels_reference import this_module as kernels  # a from-import: transformers ships what these name
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 STATE_BYTES = 4  # recurrent states are kept in fp32
@@ -151,6 +137,5 @@ class Mixer(nn.Module):
         return self.settings.get(name, declared[name])
 
 
-__all__ = ["ATTENTION_MODULES", "Mixer", "causal_conv1d", "causal_conv1d_step", "chunk_delta_rule",
-           "chunk_linear_attention", "delta_rule_step", "linear_attention_step", "STATE_BYTES", "apply_rope",
+__all__ = ["ATTENTION_MODULES", "Mixer", "STATE_BYTES", "apply_rope", "kernels",
            "l2_normalize", "padding_mask_for", "rotate_half"]

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from .mixer_base import STATE_BYTES, chunk_linear_attention, linear_attention_step
+from .mixer_base import STATE_BYTES, kernels
 from .mixer_window import Evicted, WindowMixer
 
 
@@ -107,10 +107,10 @@ class LolcatsMixer(WindowMixer):
             fq, fk = fq.reshape(B, T, 1, -1), fk.reshape(B, n, 1, -1)
             v1 = torch.cat([v1[..., :D].reshape(B, n, 1, -1), v1[..., :1, D:]], -1)
         if T == 1 and state is not None:
-            o, new_state = linear_attention_step(fq[:, 0], fk[:, 0], v1[:, 0], g, state, scale=1.0)
+            o, new_state = kernels.linear_attention_step(fq[:, 0], fk[:, 0], v1[:, 0], g, state, scale=1.0)
             o = o.unsqueeze(1)
         else:
-            o, new_state = chunk_linear_attention(fq, fk, v1, g=g, scale=1.0, initial_state=state,
+            o, new_state = kernels.chunk_linear_attention(fq, fk, v1, g=g, scale=1.0, initial_state=state,
                                                   output_final_state=True, chunk_size=self.chunk_size)
         if self.merged:  # back to [B, T, H, D + 1]: each head's values with the shared normaliser
             o = torch.cat([o[..., : H * D].reshape(B, T, H, D), o[..., H * D :].expand(B, T, H, 1)], -1)

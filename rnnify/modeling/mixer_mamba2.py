@@ -9,15 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixer_base import (
-    STATE_BYTES,
-    Mixer,
-    causal_conv1d,
-    causal_conv1d_step,
-    chunk_linear_attention,
-    linear_attention_step,
-    padding_mask_for,
-)
+from .mixer_base import STATE_BYTES, Mixer, kernels, padding_mask_for
 
 
 class GatedRMSNorm(nn.Module):
@@ -148,11 +140,11 @@ class Mamba2Mixer(Mixer):
         weight = self.conv1d.weight.squeeze(1)
         if T == 1 and conv_state is not None:
             # the step returns the slid window (a fused kernel slides the cached one in place)
-            y1, new_conv = causal_conv1d_step(xBC[:, 0], weight, self.conv1d.bias, conv_state)
+            y1, new_conv = kernels.causal_conv1d_step(xBC[:, 0], weight, self.conv1d.bias, conv_state)
             conv_state.copy_(new_conv)
             xBC_act = y1.unsqueeze(1)
         else:
-            xBC_act, _ = causal_conv1d(xBC, weight, self.conv1d.bias, conv_state)
+            xBC_act, _ = kernels.causal_conv1d(xBC, weight, self.conv1d.bias, conv_state)
             if layer is not None:
                 layer.update_conv_state(xBC.transpose(1, 2), 0, conv_kernel_size=self.conv_kernel - 1)
 
@@ -169,10 +161,10 @@ class Mamba2Mixer(Mixer):
         g = dt * -torch.exp(self.A_log.float())  # log-decay dt * A, A < 0
         v = x.float() * dt[..., None]
         if T == 1 and ssm_state is not None:
-            y, new_state = linear_attention_step(C[:, 0], Bm[:, 0], v[:, 0], g[:, 0], ssm_state, scale=1.0)
+            y, new_state = kernels.linear_attention_step(C[:, 0], Bm[:, 0], v[:, 0], g[:, 0], ssm_state, scale=1.0)
             y = y.unsqueeze(1)
         else:
-            y, new_state = chunk_linear_attention(C, Bm, v, g=g, scale=1.0, initial_state=ssm_state,
+            y, new_state = kernels.chunk_linear_attention(C, Bm, v, g=g, scale=1.0, initial_state=ssm_state,
                                                   output_final_state=layer is not None, chunk_size=self.chunk_size)
         if layer is not None:
             layer.update_recurrent_state(new_state, 0)

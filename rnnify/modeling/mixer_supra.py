@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixer_base import STATE_BYTES, Mixer, apply_rope, chunk_linear_attention, linear_attention_step, padding_mask_for
+from .mixer_base import STATE_BYTES, Mixer, apply_rope, kernels, padding_mask_for
 
 
 class SupraMixer(Mixer):
@@ -87,10 +87,11 @@ class SupraMixer(Mixer):
         layer = self.cache_layer(kwargs)
         state = layer.recurrent_states[0] if layer is not None and layer.is_recurrent_states_initialized[0] else None
         if T == 1 and state is not None:
-            o, new_state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], self.log_decay, state, scale=self.head_dim**-0.5)
+            o, new_state = kernels.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], self.log_decay, state,
+                                                         scale=self.head_dim**-0.5)
             o = o.unsqueeze(1)
         else:
-            o, new_state = chunk_linear_attention(
+            o, new_state = kernels.chunk_linear_attention(
                 q, k, v, g=self.log_decay, scale=self.head_dim**-0.5, initial_state=state,
                 output_final_state=layer is not None, chunk_size=self.chunk_size,
             )

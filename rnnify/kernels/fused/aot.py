@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import re
 import subprocess
@@ -27,7 +28,7 @@ from triton.compiler import ASTSource
 from triton.compiler import compile as triton_compile
 from triton.runtime.jit import JITFunction
 
-from . import conv, delta_rule, linear_attention
+from ..ops import OPS
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 
@@ -50,27 +51,29 @@ def recorded_launches():
 
 
 def run_every_op(D: int = 128, H: int = 16, T: int = 256, dtype=torch.bfloat16):
-    """Forward and backward of every chunked op, every step and the conv, on CPU tensors (launches recorded)."""
+    """Every op of ``ops.OPS`` on its Triton backend, on each of the op's example arguments (forward, and backward
+    for the ops that are not decode steps), on CPU tensors: the launches are recorded, not run."""
     gen = torch.Generator().manual_seed(0)
+    for op in OPS.values():
+        fused = op.function("triton")
+        for args, kwargs in op.examples(1, T, H, D, dtype, gen):
+            if op.step:
+                with torch.no_grad():
+                    fused(*args, **kwargs)
+                continue
+            args = [a.requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+            kwargs = {k: v.requires_grad_() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            out = fused(*args, **kwargs)
+            torch.autograd.backward([o for o in out if torch.is_tensor(o) and o.requires_grad],
+                                    [torch.ones_like(o) for o in out if torch.is_tensor(o) and o.requires_grad])
 
-    def t(*shape, dt=dtype):
-        return torch.randn(*shape, generator=gen).to(dt).requires_grad_()
 
-    q, k, v, beta, g = t(1, T, H, D), t(1, T, H, D), t(1, T, H, D), t(1, T, H), t(1, T, H, dt=torch.float32)
-    for decay in (None, g):
-        o, _ = linear_attention.chunk_linear_attention(q, k, v, decay, output_final_state=True)
-        o.float().sum().backward()
-        o, _ = delta_rule.chunk_delta_rule(q, k, v, beta, decay, output_final_state=True)
-        o.float().sum().backward()
-    with torch.no_grad():
-        state = torch.zeros(8, H, D, D)
-        linear_attention.linear_attention_step(q[0, :8], k[0, :8], v[0, :8], g[0, :8], state)
-        delta_rule.delta_rule_step(q[0, :8], k[0, :8], v[0, :8], beta[0, :8], g[0, :8], state)
-    x, w, b = t(2, T, 4 * D), t(4 * D, 4), t(4 * D)
-    y, _ = conv.causal_conv1d(x, w, b)
-    y.float().sum().backward()
-    with torch.no_grad():
-        conv.causal_conv1d_step(x[:, 0], w, b, torch.zeros(2, 4 * D, 3, dtype=dtype))
+def fused_kernels() -> set[str]:
+    """``module.kernel`` for every launchable ``@triton.jit`` function (named ``*_kernel``; device helpers are not)
+    in the modules that ``ops.OPS`` routes to Triton."""
+    modules = {importlib.import_module(f"rnnify.kernels.{op.modules['triton']}") for op in OPS.values()}
+    return {f"{m.__name__.rsplit('.', 1)[-1]}.{name}" for m in modules for name, obj in vars(m).items()
+            if isinstance(obj, JITFunction) and obj.fn.__module__ == m.__name__ and name.endswith("_kernel")}
 
 
 def compile_launch(fn, args, kwargs, arch: int = 90, num_warps: int | None = None):

@@ -197,8 +197,7 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, activation="silu", c
     state = None if initial_state is None else initial_state.contiguous()
     y = _CausalConv1d.apply(xf, weight.contiguous(), None if bias is None else bias.contiguous(), state, vl,
                             activation == "silu")
-    with torch.no_grad():
-        final = _final_state(xf, state, vl, W)
+    final = _final_state(xf, state, vl, W)  # gathers in torch: autograd follows them, as in the reference
     return y.view(B, T, C), final
 
 
