@@ -330,6 +330,31 @@ def find_recipe(name_or_path: str) -> Path:
     raise RnnifyError(f"recipe {name_or_path!r} is neither a file nor a shipped recipe; shipped: {names}")
 
 
+def shipped_recipes() -> list[tuple[str, str]]:
+    """(name, its first comment line) of every recipe shipped in the package."""
+    out = []
+    for p in sorted(RECIPES_DIR.glob("*.yaml")):
+        first = next((line[1:].strip() for line in p.read_text().splitlines() if line.startswith("#")), "")
+        out.append((p.stem, first))
+    return out
+
+
+def copy_recipe(name: str, dest: str, overwrite: bool = False) -> Path:
+    """Copy the shipped recipe ``name`` to ``dest`` (a file, or a folder to put it in) to edit; returns the copy."""
+    src = find_recipe(name)
+    if src.parent != RECIPES_DIR:
+        raise RnnifyError(f"{name!r} is not a shipped recipe; see `rnnify ls`")
+    target = Path(dest)
+    if target.is_dir():
+        target = target / src.name
+    if target.exists() and not overwrite:
+        raise RnnifyError(f"{target} exists; pass --overwrite to replace it")
+    if not target.parent.is_dir():
+        raise RnnifyError(f"cannot write {target}: the folder {target.parent} does not exist")
+    target.write_text(src.read_text())
+    return target
+
+
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     path = find_recipe(name_or_path)
     try:

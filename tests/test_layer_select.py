@@ -8,7 +8,7 @@ import torch
 from rnnify.cli import main
 from rnnify.convert import convert
 from rnnify.convert.auto_spec import AutoSpec, parse_auto
-from rnnify.convert.layer_select import cached_scores, choose, plan_cache_bytes, score_layers, teacher_cache_bytes
+from rnnify.convert.layer_select import cached_scores, keep_for_budget, plan_cache_bytes, score_layers, teacher_cache_bytes
 from rnnify.errors import RnnifyError
 
 from .conftest import make_tokenizer, tiny_model
@@ -145,12 +145,12 @@ def test_cache_budget_plans_and_the_impossible_budget():
     scores = [0.1, 0.4, 0.3, 0.2]
     t = teacher_cache_bytes(teacher, 4096)
     one = plan_cache_bytes(student, [1], 4096)
-    keep = choose(scores, AutoSpec(cache_fraction=one / t, cache_length=4096), student, t)
+    keep = keep_for_budget(scores, AutoSpec(cache_fraction=one / t, cache_length=4096), student, t)
     assert keep == [1]
-    assert choose(scores, AutoSpec(cache_fraction=1.0, cache_length=4096), student, t) == [0, 1, 2, 3]
+    assert keep_for_budget(scores, AutoSpec(cache_fraction=1.0, cache_length=4096), student, t) == [0, 1, 2, 3]
     smallest = plan_cache_bytes(student, [], 4096)
     with pytest.raises(RnnifyError, match=r"the smallest possible \(every layer converted\) is .* MiB"):
-        choose(scores, AutoSpec(cache_fraction=0.5 * smallest / t, cache_length=4096), student, t)
+        keep_for_budget(scores, AutoSpec(cache_fraction=0.5 * smallest / t, cache_length=4096), student, t)
 
 
 def test_parse_auto():

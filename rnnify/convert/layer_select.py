@@ -155,7 +155,7 @@ def plan_cache_bytes(student, keep: list[int], seq_len: int, kv_bytes: int = 2) 
     return total
 
 
-def choose(scores: list[float], spec: AutoSpec, student=None, teacher_cache: int | None = None) -> list[int]:
+def keep_for_budget(scores: list[float], spec: AutoSpec, student=None, teacher_cache: int | None = None) -> list[int]:
     """The kept layers for ``spec``: the top-N by score (ties: the lower layer), sorted."""
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     if spec.layers is not None:
@@ -270,14 +270,14 @@ def select_trained(teacher, student, spec: AutoSpec, tokenizer, text: str = DEFA
     student.train(was_training)
     if any(math.isnan(s) for s in scores):
         raise RnnifyError("layer scores are NaN: the trained model's outputs are not finite on this text")
-    return choose(scores, spec, student, teacher_cache_bytes(teacher, spec.cache_length)), scores
+    return keep_for_budget(scores, spec, student, teacher_cache_bytes(teacher, spec.cache_length)), scores
 
 
 def resolve_auto(teacher, method: str, spec: AutoSpec, options: dict, tokenizer, text: str = DEFAULT_TEXT,
                  mode: str = "restore", tokens: int = 4096, log=print) -> tuple[list[int], list[float]]:
     """(kept layers, scores) for an ``auto`` keep-attention value, scored on ``tokens`` tokens of ``text``."""
     scores, student = cached_scores(teacher, method, options, tokenizer, text, mode, tokens, log=log)
-    keep = choose(scores, spec, student, teacher_cache_bytes(teacher, spec.cache_length))
+    keep = keep_for_budget(scores, spec, student, teacher_cache_bytes(teacher, spec.cache_length))
     if any(math.isnan(s) for s in scores):
         raise RnnifyError("layer scores are NaN: the converted model's outputs are not finite on this text")
     return keep, scores

@@ -35,7 +35,7 @@ from ..distill.sharding import decoder_layers, fsdp_requested
 from ..distill.stages import STAGES, build_objective
 from ..distill.trainer import total_steps
 from ..errors import RnnifyError
-from ..units import human_bytes
+from ..units import human_bytes, parse_bytes
 from .student import recipe_student, stage_model
 
 GiB = 2**30
@@ -47,7 +47,7 @@ def fmt(n: float) -> str:
 
 
 @dataclass
-class StagePlan:
+class StageMemory:
     stage: str
     strategy: str
     micro_batch: int
@@ -76,7 +76,7 @@ class MemoryPlan:
     device_memory: int | None
     teacher_params: int
     student_params: int
-    stages: list[StagePlan]
+    stages: list[StageMemory]
     advice: dict = field(default_factory=dict)  # stage -> list of lines
 
     def fits(self) -> bool:
@@ -296,7 +296,7 @@ def plan_recipe(recipe, *, devices: int = 1, device_memory: int | None = None, s
         n_train = sum(named[n].numel() for n in trainable)
         shard = devices if strategy == "fsdp" and devices > 1 else 1
         micro = max(1, settings.batch_size // devices)
-        p = StagePlan(stage.name, strategy if devices > 1 else "one process", micro, settings.seq_len, n_train,
+        p = StageMemory(stage.name, strategy if devices > 1 else "one process", micro, settings.seq_len, n_train,
                       gradient_checkpointing=settings.gradient_checkpointing,
                       overhead=CUDA_OVERHEAD if cuda else 0, param_bytes=param_bytes)
         if spec.needs_teacher:
@@ -330,7 +330,20 @@ def plan_recipe(recipe, *, devices: int = 1, device_memory: int | None = None, s
     return out
 
 
-def advise(p: StagePlan, limit: int, devices: int) -> list[str]:
+def plan_here(recipe, *, gpus: int | None = None, gpu_memory: str | None = None, source: str | None = None,
+              strategy: str | None = None) -> MemoryPlan:
+    """``plan_recipe`` for ``gpus`` GPUs of ``gpu_memory`` each (e.g. "80GiB"), or else this machine's GPUs (one
+    process and no memory verdict on a machine without them)."""
+    memory = parse_bytes(gpu_memory, "--gpu-memory") if gpu_memory else None
+    if gpus is not None and gpus < 1:
+        raise RnnifyError(f"--gpus {gpus}: accepted: a number of GPUs (processes) >= 1")
+    if torch.cuda.is_available():
+        gpus = gpus or torch.cuda.device_count()
+        memory = memory or torch.cuda.get_device_properties(0).total_memory
+    return plan_recipe(recipe, devices=gpus or 1, device_memory=memory, source=source, strategy=strategy)
+
+
+def advise(p: StageMemory, limit: int, devices: int) -> list[str]:
     """What to change so a stage that does not fit does: each line a setting and the total it gives."""
     out = []
     act = p.activation_bytes

@@ -17,15 +17,16 @@ from .. import sources
 from ..card import model_card
 from ..distill.checkpoint import RunState
 from ..distill.data import check_data_files
-from ..distill.stages import STAGES, build_objective
+from ..distill.stages import build_objective
 from ..distill.token_cache import PackedBlocks
-from ..distill.trainer import total_steps, train_stage
+from ..distill.trainer import train_stage
 from ..errors import RnnifyError
 from ..eval.report import evaluate, write_eval
 from ..hub import push, resolve_token
 from ..io import check_output_dir, write_model_folder
 from ..recipe import Recipe, dump_recipe
 from .memory_plan import fmt, plan_recipe
+from .plan import PlannedStage, RunPlan
 from .student import recipe_student, select_after_training, stage_model
 
 
@@ -64,26 +65,88 @@ def check_memory(recipe: Recipe, processes: int, device, log) -> None:
 def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = False, fresh: bool = False,
                progress: bool = True, accelerator=None) -> dict:
     """Run a recipe; returns a summary dict (stages run, eval results, output folder)."""
+    plan = RunPlan.of(recipe, only_stage=only_stage, resume=resume, fresh=fresh)
     accelerator = accelerator or make_accelerator()
+    log = lambda m: _log(accelerator, m)  # noqa: E731
     torch.manual_seed(recipe.seed)
-    run = RunState(recipe.run_dir())
-    out = Path(recipe.output.dir)
-    names = [s.name for s in recipe.stages]
-    if only_stage is not None and only_stage not in names:
-        raise RnnifyError(f"--stage {only_stage!r} is not in this recipe; its stages: {', '.join(names)}")
-    if fresh and (resume or only_stage is not None):
-        raise RnnifyError("--fresh starts the recipe from the beginning; it cannot go with --resume or --stage")
-    if not resume and only_stage is None:
-        check_output_dir(out, recipe.output.overwrite)
+    run = RunState(plan.run_dir)
+    prepare_run_folder(plan, run, accelerator, log)
+    t_start = time.time()
+    if accelerator.is_main_process:
+        check_memory(recipe, accelerator.num_processes, accelerator.device, log=log)
+    teacher, tok = load_teacher(plan, log)
+
+    completed = run.completed() if not plan.starts_afresh else []
+    prior = plan.prior(completed)
+    select_after = recipe.conversion.select_after
+    # the weights saved by the select_after stage (and later ones) are those of the hybrid it chose
+    selected = run.load()["stages"][select_after]["selected_layers"] if select_after in prior else None
+    student = recipe_student(recipe, teacher, tok, log=log, selected=selected)
+    if selected is not None:
+        log(f"layers {selected} kept as attention, as chosen after stage {select_after}")
+    if not plan.needs_teacher:
+        # self-distillation uses the student's own source view: hold the weights once while training; the
+        # evaluation loads the source again
+        del teacher
+        gc.collect()
+        teacher = None
+    new_names = student.new_parameter_names()
+    log(f"converted {recipe.model.source} with {recipe.conversion.method}: {len(new_names)} new parameter tensors")
+    if plan.only_stage and len(prior) < plan.names.index(plan.only_stage):
+        missing = [n for n in plan.names[:plan.names.index(plan.only_stage)] if n not in completed]
+        log(f"warning: earlier stage(s) {missing} have not run; {plan.only_stage} starts from their absence")
+    if prior:
+        run.load_stage_weights(prior[-1], student)
+        log(f"resumed after stage {prior[-1]} ({run.stage_weights(prior[-1])})")
+
+    summary = {"stages": {}, "output": str(plan.out)}
+    teacher_sharded = False
+    to_run = {s.name for s in plan.to_run(completed)}
+    for stage in plan.stages:
+        if stage.name not in to_run:
+            if plan.only_stage is None:
+                log(f"stage {stage.name}: already finished, skipped")
+            continue
+        student, info, sharded = train_one_stage(plan, stage, student, new_names, teacher, tok, run, accelerator,
+                                                 progress, log)
+        teacher_sharded = teacher_sharded or sharded
+        if stage.name == select_after:  # saved with the stage's completion, so a resumed run rebuilds this hybrid
+            if teacher_sharded:
+                raise RnnifyError("conversion.select_after scores layers against the whole teacher; it cannot run "
+                                  "with a sharded teacher (set distributed.shard_teacher: false)")
+            student, keep, scores = select_after_training(recipe, teacher, tok, student, log=log)
+            student.requires_grad_(False)
+            new_names = student.new_parameter_names()
+            info.update(selected_layers=keep, layer_scores=scores)
+        if accelerator.is_main_process:
+            run.mark_completed(stage.name, student, info)
+        accelerator.wait_for_everyone()
+        summary["stages"][stage.name] = info
+        log(f"stage {stage.name}: done in {info['seconds']:.0f}s, final loss {info['final_loss']:.4g}")
+
+    summary["finished"] = all(n in run.completed() for n in plan.names)
+    if summary["finished"]:
+        finish(plan, student, teacher if not teacher_sharded else None, tok, run, accelerator, summary, log)
+        log(f"saved {plan.out} ({time.time() - t_start:.0f}s in all)")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def prepare_run_folder(plan: RunPlan, run: RunState, accelerator, log) -> None:
+    """Check the output and run folders (a rerun never destroys an interrupted run's checkpoints), the data files and
+    the Hub token, before anything loads; then record the recipe in the run folder."""
+    recipe = plan.recipe
+    if plan.starts_afresh:
+        check_output_dir(plan.out, recipe.output.overwrite)
         earlier = run.dir.exists() and run.has_state()
-        if earlier and not fresh:  # an interrupted run's checkpoints are never destroyed by a rerun
+        if earlier and not plan.fresh:
             raise RnnifyError(
                 f"run folder {run.dir} holds an earlier run of this recipe ({run.describe()}); continue it with "
                 "--resume, or start afresh with --fresh (the earlier run folder is kept under a new name)")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process and run.dir.exists():
             if earlier:
-                _log(accelerator, f"--fresh: the earlier run folder is kept as {run.move_aside()}")
+                log(f"--fresh: the earlier run folder is kept as {run.move_aside()}")
             else:
                 shutil.rmtree(run.dir)  # only the recipe.yaml of a run that stopped before it trained
         accelerator.wait_for_everyone()
@@ -93,134 +156,76 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
     if accelerator.is_main_process:
         run.dir.mkdir(parents=True, exist_ok=True)
         (run.dir / "recipe.yaml").write_text(dump_recipe(recipe))
-    metrics_path = run.dir / "metrics.jsonl"
 
-    t_start = time.time()
-    if accelerator.is_main_process:
-        check_memory(recipe, accelerator.num_processes, accelerator.device, log=lambda m: _log(accelerator, m))
-    teacher, tok = sources.load_source(recipe.model.source, dtype=recipe.model.dtype,
-                                      progress=lambda m: _log(accelerator, m))
+
+def load_teacher(plan: RunPlan, log):
+    """The source model and its tokenizer; warns when a stage trains past the source's positions."""
+    teacher, tok = sources.load_source(plan.recipe.model.source, dtype=plan.recipe.model.dtype, progress=log)
     if tok is None:
-        raise RnnifyError(f"{recipe.model.source}: no tokenizer found; training needs one to tokenise data")
+        raise RnnifyError(f"{plan.recipe.model.source}: no tokenizer found; training needs one to tokenise data")
     max_pos = getattr(teacher.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    for i, stage in enumerate(recipe.stages):
-        seq_len = recipe.stage_settings(i).seq_len
+    for stage in plan.stages:
+        seq_len = stage.settings.seq_len
         if max_pos and seq_len > max_pos:
-            _log(accelerator, f"warning: stage {stage.name} trains on seq_len {seq_len}, beyond the source's "
-                              f"max_position_embeddings {max_pos}: RoPE positions it never saw; expect worse quality "
-                              "unless the recipe extends the context on purpose")
-    completed = run.completed() if (resume or only_stage) else []
-    # start from the weights of the last finished stage before the first stage we will run
-    first_to_run = names.index(only_stage) if only_stage else \
-        next((i for i, n in enumerate(names) if n not in completed), len(names))
-    prior = [n for n in names[:first_to_run] if n in completed]
-    select_after = recipe.conversion.select_after
-    # the weights saved by the select_after stage (and later ones) are those of the hybrid it chose
-    selected = run.load()["stages"][select_after]["selected_layers"] if select_after in prior else None
-    student = recipe_student(recipe, teacher, tok, log=lambda m: _log(accelerator, m), selected=selected)
-    if selected is not None:
-        _log(accelerator, f"layers {selected} kept as attention, as chosen after stage {select_after}")
-    if not select_after and not any(STAGES[s.type].needs_teacher for s in recipe.stages):
-        # no stage needs a separate teacher (self-distillation uses the student's own source view): hold the weights
-        # once while training; the evaluation loads the source again
-        del teacher
-        gc.collect()
-        teacher = None
-    new_names = student.new_parameter_names()
-    _log(accelerator, f"converted {recipe.model.source} with {recipe.conversion.method}: "
-                      f"{len(new_names)} new parameter tensors")
+            log(f"warning: stage {stage.name} trains on seq_len {seq_len}, beyond the source's "
+                f"max_position_embeddings {max_pos}: RoPE positions it never saw; expect worse quality "
+                "unless the recipe extends the context on purpose")
+    return teacher, tok
 
-    if only_stage and len(prior) < first_to_run:
-        missing = [n for n in names[:first_to_run] if n not in completed]
-        _log(accelerator, f"warning: earlier stage(s) {missing} have not run; {only_stage} starts from their absence")
-    if prior:
-        run.load_stage_weights(prior[-1], student)
-        _log(accelerator, f"resumed after stage {prior[-1]} ({run.stage_weights(prior[-1])})")
 
-    summary = {"stages": {}, "output": str(out)}
-    teacher_sharded = False
-    for i, stage in enumerate(recipe.stages):
-        if only_stage is not None and stage.name != only_stage:
-            continue
-        if only_stage is None and stage.name in completed:
-            _log(accelerator, f"stage {stage.name}: already finished, skipped")
-            continue
-        settings = recipe.stage_settings(i)
-        spec = STAGES[stage.type]
-        lora = getattr(settings, "lora", None)
-        data_key = settings.data or next(iter(recipe.datasets))
-        steps = total_steps(settings)
-        n_blocks = steps * settings.batch_size * settings.grad_accum
-        # packed once into the on-disk token cache (reused by later runs); a streaming source is packed as training
-        # reaches its blocks
-        blocks = PackedBlocks(recipe.datasets[data_key], tok, settings.seq_len, log=lambda m: _log(accelerator, m))
-        if blocks.lazy:
-            blocks.ensure(settings.batch_size)  # bad data fails here, not at step 1
-        else:
-            blocks.ensure(n_blocks).limit(n_blocks)
-        model, trainable, active = stage_model(student, settings, spec, new_names)
-        n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
-        _log(accelerator, f"stage {stage.name} ({stage.type}): {steps} steps x {settings.batch_size * settings.grad_accum} "
-                          f"x {settings.seq_len} tokens from {data_key} "
-                          f"({'streamed' if blocks.lazy else f'{len(blocks):,} blocks'}); "
-                          f"training {n_train:,} parameters in {len(trainable)} tensors; {accelerator.num_processes} process(es)")
-        if active is not None:
-            _log(accelerator, f"stage {stage.name}: active converted layers {active} (the others run the teacher's attention)")
-        objective = build_objective(stage.type, model, teacher if spec.needs_teacher else None, settings, active,
-                                    total_steps=steps)
-        result = train_stage(
-            accelerator=accelerator, objective=objective, blocks=blocks,
-            settings=settings, stage_name=stage.name, stage_index=i, seed=recipe.seed, run=run,
-            resume=resume or only_stage is not None, metrics_path=metrics_path, progress=progress,
-            distributed=recipe.distributed,
-        )
-        if result.teacher_sharded:
-            teacher_sharded = True
-        if model is not student:  # LoRA: fold the adapters into the weights
-            student = model.merge_and_unload() if lora.merge else model
-        student.requires_grad_(False)
-        info = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
-                "seconds": round(result.seconds, 1), "world_size": accelerator.num_processes}
-        if stage.name == select_after:  # saved with the stage's completion, so a resumed run rebuilds this hybrid
-            if teacher_sharded:
-                raise RnnifyError("conversion.select_after scores layers against the whole teacher; it cannot run "
-                                  "with a sharded teacher (set distributed.shard_teacher: false)")
-            student, keep, scores = select_after_training(recipe, teacher, tok, student,
-                                                          log=lambda m: _log(accelerator, m))
-            student.requires_grad_(False)
-            new_names = student.new_parameter_names()
-            info.update(selected_layers=keep, layer_scores=scores)
-        if accelerator.is_main_process:
-            run.mark_completed(stage.name, student, info)
-        accelerator.wait_for_everyone()
-        summary["stages"][stage.name] = info
-        _log(accelerator, f"stage {stage.name}: done in {result.seconds:.0f}s, final loss {result.final_loss:.4g}")
+def train_one_stage(plan: RunPlan, stage: PlannedStage, student, new_names, teacher, tok, run: RunState, accelerator,
+                    progress, log):
+    """Train one stage of the plan: returns (the student after it, its record, whether the teacher was sharded)."""
+    settings = stage.settings
+    # packed once into the on-disk token cache (reused by later runs); a streaming source is packed as training
+    # reaches its blocks
+    blocks = PackedBlocks(stage.data, tok, settings.seq_len, log=log)
+    if blocks.lazy:
+        blocks.ensure(settings.batch_size)  # bad data fails here, not at step 1
+    else:
+        blocks.ensure(stage.blocks).limit(stage.blocks)
+    model, trainable, active = stage_model(student, settings, stage.spec, new_names)
+    n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    log(f"stage {stage.name} ({stage.type}): {stage.steps} steps x {settings.batch_size * settings.grad_accum} "
+        f"x {settings.seq_len} tokens from {stage.data_key} "
+        f"({'streamed' if blocks.lazy else f'{len(blocks):,} blocks'}); "
+        f"training {n_train:,} parameters in {len(trainable)} tensors; {accelerator.num_processes} process(es)")
+    if active is not None:
+        log(f"stage {stage.name}: active converted layers {active} (the others run the teacher's attention)")
+    objective = build_objective(stage.type, model, teacher if stage.spec.needs_teacher else None, settings, active,
+                                total_steps=stage.steps)
+    result = train_stage(
+        accelerator=accelerator, objective=objective, blocks=blocks,
+        settings=settings, stage_name=stage.name, stage_index=stage.index, seed=plan.recipe.seed, run=run,
+        resume=not plan.starts_afresh, metrics_path=run.dir / "metrics.jsonl", progress=progress,
+        distributed=plan.recipe.distributed,
+    )
+    if model is not student:  # LoRA: fold the adapters into the weights
+        student = model.merge_and_unload() if settings.lora.merge else model
+    student.requires_grad_(False)
+    info = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
+            "seconds": round(result.seconds, 1), "world_size": accelerator.num_processes}
+    return student, info, result.teacher_sharded
 
-    all_done = all(n in run.completed() for n in names)
-    if not all_done:
-        summary["finished"] = False
-        return summary
-    summary["finished"] = True
+
+def finish(plan: RunPlan, student, teacher, tok, run: RunState, accelerator, summary: dict, log) -> None:
+    """Evaluate (on the main process), save the output folder, push it when the recipe asks."""
+    recipe = plan.recipe
     student.eval()
+    if not accelerator.is_main_process:
+        return
     eval_results = None
-    if recipe.eval is not None and accelerator.is_main_process:
-        if teacher_sharded:  # its layers are FSDP shards: the main process alone cannot run it
-            teacher = None
-        if teacher is None and recipe.eval.teacher:
-            teacher = sources.load_source(recipe.model.source, dtype=recipe.model.dtype,
-                                         progress=lambda m: _log(accelerator, m))[0]
-        eval_results = evaluate(student, tok, recipe.eval, teacher=teacher, log=lambda m: _log(accelerator, m))
+    if recipe.eval is not None:
+        if teacher is None and recipe.eval.teacher:  # dropped for training, or FSDP shards
+            teacher = sources.load_source(recipe.model.source, dtype=recipe.model.dtype, progress=log)[0]
+        eval_results = evaluate(student, tok, recipe.eval, teacher=teacher, log=log)
         summary["eval"] = eval_results
-    if accelerator.is_main_process:
-        tokens_trained = sum(v.get("tokens", 0) for v in run.load().get("stages", {}).values())
-        summary["tokens_trained"] = tokens_trained
-        save_output(student, tok, recipe, out, eval_results, run, tokens_trained)
-        _log(accelerator, f"saved {out} ({time.time() - t_start:.0f}s in all)")
-        if recipe.hub.push:
-            summary["hub_url"] = push(out, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)
-            _log(accelerator, f"pushed {out} to {summary['hub_url']}")
-    accelerator.wait_for_everyone()
-    return summary
+    tokens_trained = sum(v.get("tokens", 0) for v in run.load().get("stages", {}).values())
+    summary["tokens_trained"] = tokens_trained
+    save_output(student, tok, recipe, plan.out, eval_results, run, tokens_trained)
+    if recipe.hub.push:
+        summary["hub_url"] = push(plan.out, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)
+        log(f"pushed {plan.out} to {summary['hub_url']}")
 
 
 def save_output(student, tok, recipe: Recipe, out: Path, eval_results, run: RunState, tokens_trained: int):
