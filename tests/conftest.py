@@ -87,3 +87,20 @@ def tiny_llama_dir(tmp_path):
     model.save_pretrained(path)
     make_tokenizer(model.config.vocab_size).save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A folder with a saved tiny Llama source (``src``, tied embeddings as in SmolLM2) and ``data.txt``: repetitive
+    text that a model learns in a few steps. Recipes in tests train on it and write ``out`` / ``out.run`` here."""
+    import random
+
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True  # as in SmolLM2: exercises saving tied weights
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "src")
+    make_tokenizer(128).save_pretrained(tmp_path / "src")
+    rng = random.Random(0)
+    lines = [" ".join(f"w{(i * 7 + j) % 23}" for j in range(rng.randint(20, 40))) for i in range(300)]
+    (tmp_path / "data.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path

@@ -139,3 +139,26 @@ def test_mqar_scoring_agrees_with_greedy_generation():
     assert recalled(model, tok, prompt, answer)
     wrong = " " + tok.decode([(greedy[0] + 1) % 124 + 4, greedy[1]])
     assert not recalled(model, tok, prompt, wrong)
+
+
+@pytest.mark.parametrize("method,options,mixing", [
+    # a recurrent state of H x D x D, read and written once per token
+    ("supra", {}, lambda ctx, H, D: 4 * H * D * D),
+    # softmax over sinks + window keys (half the context on average, at most 4 + 64) and the linear branch's state
+    ("lolcats", {"window": 64, "sinks": 4}, lambda ctx, H, D: 4 * H * D * min(ctx / 2, 68) + 4 * H * D * D),
+    # the window-only baseline: no memory
+    ("window", {"window": 64, "sinks": 4}, lambda ctx, H, D: 4 * H * D * min(ctx / 2, 68)),
+])
+@pytest.mark.parametrize("ctx", [64, 2048])
+def test_flops_per_token_counts_weights_and_each_mixers_mixing(method, options, mixing, ctx):
+    """Kaplan et al. 2020 sec. 2.1: 2 x every weight a token meets, plus what its mixing reads; counted here by hand
+    from the parameter shapes, against ``flops_per_token`` (which asks each mixer for its share)."""
+    from rnnify.eval.flops import flops_per_token
+
+    teacher = tiny_model("llama")
+    student = convert(teacher, method, keep_attention="0", options=options)
+    H, D = 4, 16
+    matrices = lambda module: sum(p.numel() for p in module.parameters() if p.ndim >= 2)  # noqa: E731
+    expected = 2 * student.lm_head.weight.numel() + 2 * matrices(student.model.layers[0]) + 4 * H * D * ctx / 2
+    expected += sum(2 * matrices(layer) + mixing(ctx, H, D) for layer in student.model.layers[1:])
+    assert flops_per_token(student, ctx) == pytest.approx(expected, rel=1e-12)

@@ -26,6 +26,9 @@ from .conftest import FAMILIES, tiny_model
 CONVERSIONS = sorted(n for n, m in METHODS.items() if not isinstance(m, Transform))
 TRANSFORMS = sorted(n for n, m in METHODS.items() if isinstance(m, Transform))
 ALL = CONVERSIONS + TRANSFORMS
+# (method, variant): every method with its test_options ("default"), then each of its descriptor's test_variants
+VARIANTS = [(m, v) for m in ALL for v in ("default", *METHODS[m].test_variants)]
+VARIANT_IDS = [m if v == "default" else f"{m}-{v}" for m, v in VARIANTS]
 
 
 def perturb(model, scale=0.05, seed=0):
@@ -39,9 +42,11 @@ def perturb(model, scale=0.05, seed=0):
     return model
 
 
-def build(method, family="llama", keep="1", seed=0, options=None):
-    """A converted tiny model for ``method`` (a transform runs on its test source's conversion)."""
+def build(method, family="llama", keep="1", seed=0, options=None, variant="default"):
+    """A converted tiny model for ``method`` (a transform runs on its test source's conversion), with the options of
+    its descriptor's ``variant``."""
     m = METHODS[method]
+    options = {**(m.test_variants[variant] if variant != "default" else {}), **(options or {})}
     teacher = tiny_model(family, seed=seed)
     if isinstance(m, Transform):
         source = perturb(convert(teacher, m.test_source, keep_attention=keep,
@@ -70,11 +75,11 @@ def test_keeping_every_layer_as_attention_is_the_source_exactly(method, fam):
         assert torch.equal(student(x).logits, teacher(x).logits)
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method,variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("fam", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("T", [3, 19])  # below and above the test chunk (8) and window (4)
-def test_step_decoding_equals_the_parallel_forward(method, fam, T):
-    student, _ = build(method, fam)
+def test_step_decoding_equals_the_parallel_forward(method, variant, fam, T):
+    student, _ = build(method, fam, variant=variant)
     x = torch.randint(0, 128, (2, T))
     with torch.no_grad():
         full = student(x).logits
@@ -82,9 +87,9 @@ def test_step_decoding_equals_the_parallel_forward(method, fam, T):
             assert (stepwise_logits(student, x, prefill) - full).abs().max() <= 1e-4, prefill
 
 
-@pytest.mark.parametrize("method", ALL)
-def test_generate_with_cache_equals_recomputing(method):
-    student, _ = build(method, "qwen2", keep=None)  # every layer converted (qwen2: sliding-window source)
+@pytest.mark.parametrize("method,variant", VARIANTS, ids=VARIANT_IDS)
+def test_generate_with_cache_equals_recomputing(method, variant):
+    student, _ = build(method, "qwen2", keep=None, variant=variant)  # every layer converted (qwen2: sliding-window source)
     x = torch.randint(0, 128, (2, 6))
     with torch.no_grad():
         out = student.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=13, do_sample=False,
@@ -94,11 +99,11 @@ def test_generate_with_cache_equals_recomputing(method):
     assert (torch.stack(out.scores, 1) - full[:, 5:-1]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method,variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [3, 40])
-def test_cache_accounting_equals_the_bytes_held(method, dtype, T):
-    student, _ = build(method, "qwen2")
+def test_cache_accounting_equals_the_bytes_held(method, variant, dtype, T):
+    student, _ = build(method, "qwen2", variant=variant)
     student = student.to(dtype)
     x = torch.randint(0, 128, (2, T))
     cache = DynamicCache(config=student.config)
@@ -109,9 +114,9 @@ def test_cache_accounting_equals_the_bytes_held(method, dtype, T):
     assert measured_cache_bytes(cache) == cache_bytes(student, T, batch=2, kv_bytes=kv_bytes)
 
 
-@pytest.mark.parametrize("method", ALL)
-def test_left_padding_equals_the_unpadded_rows(method):
-    student, _ = build(method, "llama", keep="2")
+@pytest.mark.parametrize("method,variant", VARIANTS, ids=VARIANT_IDS)
+def test_left_padding_equals_the_unpadded_rows(method, variant):
+    student, _ = build(method, "llama", keep="2", variant=variant)
     a, b = torch.randint(4, 128, (1, 12)), torch.randint(4, 128, (1, 7))
     x = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
     mask = torch.cat([torch.ones(1, 12), torch.cat([torch.zeros(1, 5), torch.ones(1, 7)], 1)]).long()
@@ -122,9 +127,9 @@ def test_left_padding_equals_the_unpadded_rows(method):
         torch.testing.assert_close(batched[1, 5:], student(b).logits[0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ALL)
-def test_new_parameters_receive_gradients(method):
-    student, _ = build(method, "llama", keep=None)
+@pytest.mark.parametrize("method,variant", VARIANTS, ids=VARIANT_IDS)
+def test_new_parameters_receive_gradients(method, variant):
+    student, _ = build(method, "llama", keep=None, variant=variant)
     names = set(student.new_parameter_names())
     student.train()
     x = torch.randint(0, 128, (2, 20))
@@ -195,11 +200,11 @@ def load_in_subprocess(path, ids, mode, tmp_path):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("method", ALL)
-def test_save_and_load_with_rnnify_and_with_trust_remote_code_alone(method, tmp_path):
+@pytest.mark.parametrize("method,variant", VARIANTS, ids=VARIANT_IDS)
+def test_save_and_load_with_rnnify_and_with_trust_remote_code_alone(method, variant, tmp_path):
     from rnnify.modeling.remote_code import remote_code_sources
 
-    student, _ = build(method, "qwen2", keep="0")
+    student, _ = build(method, "qwen2", keep="0", variant=variant)
     path = tmp_path / "model"
     student.save_pretrained(path)
     files = {p.name for p in path.iterdir()}
@@ -231,3 +236,5 @@ def test_descriptor_is_complete(method):
         assert info.description, f"{method}.{name} has no help line"
     assert all(MIXERS.get(x.name) is x for x in m.mixers), "every mixer a method installs is registered"
     m.resolve_options(m.test_options)
+    for name, options in m.test_variants.items():  # each variant is valid and tests something the default does not
+        assert m.resolve_options({**m.test_options, **options}) != m.resolve_options(m.test_options), name

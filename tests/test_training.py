@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -18,20 +17,6 @@ from rnnify.pipeline.runner import run_recipe
 from rnnify.recipe import DataSpec, recipe_from_dict
 
 from .conftest import make_tokenizer, tiny_model
-
-
-@pytest.fixture
-def workdir(tmp_path):
-    model = tiny_model("llama")
-    model.config.tie_word_embeddings = True  # as in SmolLM2: exercises saving tied weights
-    model.tie_weights()
-    model.save_pretrained(tmp_path / "src")
-    make_tokenizer(128).save_pretrained(tmp_path / "src")
-    rng = random.Random(0)
-    # repetitive text: a model can learn it in a few steps
-    lines = [" ".join(f"w{(i * 7 + j) % 23}" for j in range(rng.randint(20, 40))) for i in range(300)]
-    (tmp_path / "data.txt").write_text("\n".join(lines) + "\n")
-    return tmp_path
 
 
 def recipe(workdir, stages, method="lolcats", options=None, max_rows=None, **extra):

@@ -33,6 +33,7 @@ class Ahn(Conversion):
     Options = AhnOptions
     mixers = (AhnMixer,)
     test_options = {"window": 4, "sinks": 2, "chunk_size": 8}
+    test_variants = {"deltanet": {"memory": "deltanet"}, "mamba2": {"memory": "mamba2"}}  # default: gated_deltanet
 
 
 METHOD = Ahn()

@@ -33,6 +33,7 @@ class Lolcats(Conversion):
     Options = LolcatsOptions
     mixers = (LolcatsMixer,)
     test_options = {"chunk_size": 8, "window": 4, "sinks": 2, "init_linear_mix_logit": 0.0}
+    test_variants = {"halflife": {"memory_halflife": 16.0}}
 
 
 METHOD = Lolcats()

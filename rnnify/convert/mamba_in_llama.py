@@ -31,6 +31,7 @@ class MambaInLlama(Conversion):
     Options = MambaInLlamaOptions
     mixers = (Mamba2Mixer,)
     test_options = {"chunk_size": 8}
+    test_variants = {"identity_conv": {"conv_init": "identity"}}
 
 
 METHOD = MambaInLlama()

@@ -9,6 +9,7 @@ A method module ``rnnify/convert/<name>.py`` defines ``METHOD``, an instance of 
 * ``mixers``: the mixer classes it installs (their cache layer types and the files shipped with saved models
   follow from them);
 * ``test_options``: small settings for the test matrix (``tests/test_methods.py`` runs every registered method);
+  ``test_variants``: named option sets on top of them that the matrix also runs (each kind of memory, each init);
 and is one of two kinds: a ``Conversion`` turns a source model into a student (``plan()``: source config -> layer
 program); a ``Transform`` rewrites an rnnify model (``apply()``; ``accepts()`` says which models).
 
@@ -56,6 +57,7 @@ class Method:
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     mixers: ClassVar[tuple] = ()
     test_options: ClassVar[dict] = {}
+    test_variants: ClassVar[dict[str, dict]] = {}  # name -> options over test_options, run by the matrix too
     keeps_attention: ClassVar[bool] = True  # takes --keep-attention / --attention-fraction / --attention-every
 
     # ---- options ---------------------------------------------------------------------------------------------

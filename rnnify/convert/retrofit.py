@@ -79,6 +79,7 @@ class Retrofit(Conversion):
     mixers = ()
     keeps_attention = False
     test_options = {"prelude": "0", "block": "1-2", "coda": "3", "recurrence": 2, "state_init": "zeros"}
+    test_variants = {"passthrough": {"adapter_init": "passthrough"}, "prelude_state": {"state_init": "prelude"}}
 
     def plan(self, source_config, keep_attention, options) -> Plan:
         n = text_config(source_config).num_hidden_layers

@@ -152,6 +152,7 @@ class Statex(Transform):
     mixers = ()
     test_source = "supra"
     test_options = {"layers": "all", "init": "keep"}
+    test_variants = {"paper": {"init": "paper"}}  # the merge inits need a Mamba2 source: tests/test_statex.py
 
     def accepts(self, source_config) -> bool:
         return getattr(source_config, "model_type", None) in ("rnnify", "mamba2")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from ..modeling import RnnifyForCausalLM
 from ..modeling.layer_program import ATTENTION, Block
-from ..modeling.mixer_window import WindowMixer
 
 
 def _matmul_params(module) -> int:
@@ -45,11 +44,7 @@ def flops_per_token(model, context: int, recurrence: int | None = None) -> float
         if step.mixer == ATTENTION:
             sliding = model.config.layer_types[step.layer] == "sliding_attention"
             return flops + 4 * heads * d * _attention_keys(context, base.sliding_window if sliding else None)
-        m = layer.self_attn
-        if isinstance(m, WindowMixer):
-            flops += 4 * heads * d * _attention_keys(context, m.window + m.sinks)
-            return flops + (4 * heads * d * d if m.memory_state_bytes() else 0)
-        return flops + 4 * heads * d * d  # a recurrent state, read and written once per token
+        return flops + layer.self_attn.mixing_flops(context)  # each mixer says what its mixing costs
 
     total = float(head)
     blocks = iter(model.blocks)

@@ -103,6 +103,12 @@ class Mixer(nn.Module):
     def cache_bytes(self, seq_len: int, batch: int = 1, kv_bytes: int = 2) -> int:
         raise NotImplementedError(f"{type(self).__name__} must say how many bytes its cache holds")
 
+    def mixing_flops(self, context: int) -> float:
+        """Forward FLOPs per token of the sequence mixing beyond the layer's weights, at ``context`` tokens (what
+        ``eval/flops.py`` adds to 2 x the weights): a recurrent state of heads x head_dim x head_dim read and written
+        once. A mixer whose state or reads differ overrides it."""
+        return 4 * self.num_heads * self.head_dim * self.head_dim
+
     # ---- helpers ----------------------------------------------------------------------------------------
     def project(self, x):
         B, T, _ = x.shape

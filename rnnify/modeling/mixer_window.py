@@ -95,6 +95,13 @@ class WindowMixer(Mixer):
         return 0
 
     # ---- cache size ---------------------------------------------------------------------------------------
+    def mixing_flops(self, context: int) -> float:
+        """Softmax over the sinks and the window (keys: half the context on average for a causal prefix, at most
+        sinks + window), plus the memory's state read and written once when there is one."""
+        keys = min(context / 2, self.window + self.sinks)
+        memory = 4 * self.num_heads * self.head_dim * self.head_dim if self.memory_state_bytes() else 0
+        return 4 * self.num_heads * self.head_dim * keys + memory
+
     def cache_bytes(self, seq_len, batch=1, kv_bytes=2):
         kept = min(seq_len, self.sinks) + min(max(seq_len - self.sinks, 0), self.window)
         in_window = min(max(seq_len - self.sinks, 0), self.window)
