@@ -111,3 +111,20 @@ def test_every_setting_a_mixer_reads_is_declared_once_with_its_default():
             for name, info in method.Options.model_fields.items():
                 if name in declared:
                     assert info.default == declared[name], (method.name, name, info.default, declared[name])
+
+
+def test_every_op_has_one_signature_on_every_backend():
+    """``OPS`` routes an op to a function of the op's name in each backend's module; they must take the same
+    arguments as the reference, so the dispatcher can call any of them the same way."""
+    import importlib.util
+    import inspect
+
+    from rnnify.kernels.ops import OPS
+
+    for name, op in OPS.items():
+        expected = list(inspect.signature(op.function("reference")).parameters)
+        for backend in op.modules:
+            if backend == "triton" and importlib.util.find_spec("triton") is None:
+                continue
+            got = list(inspect.signature(op.function(backend)).parameters)
+            assert got == expected, f"{name} on {backend}: arguments {got}, the reference takes {expected}"

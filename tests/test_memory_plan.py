@@ -187,8 +187,8 @@ def test_run_warns_before_weights_load_when_the_plan_does_not_fit(tmp_path, monk
     order = []
     load = runner.sources.load_source
     monkeypatch.setattr(runner.sources, "load_source", lambda *a, **k: (order.append("load"), load(*a, **k))[1])
-    real_check = runner.check_memory
-    monkeypatch.setattr(runner, "check_memory", lambda *a, **k: (order.append("plan"), real_check(*a, **k))[1])
+    real_check = runner.check_device_memory
+    monkeypatch.setattr(runner, "check_device_memory", lambda *a, **k: (order.append("plan"), real_check(*a, **k))[1])
     runner.run_recipe(recipe, progress=False)
     err = capsys.readouterr().err
     assert "warning: by its memory plan this run needs" in err and "1.00 MiB" in err and "DOES NOT FIT" in err

@@ -70,7 +70,7 @@ def convert(args) -> None:
     verb, added = ("transformed", "parameters added") if done.transform else ("converted", "new parameters")
     print(f"{verb} {args.model} with {args.method} -> {done.out}  ({done.seconds:.1f}s)")
     print(f"  layers kept as attention: {done.record['keep_attention'] or 'none'}; {added} {done.parameters_added:,}")
-    print(f"  weights {done.weight_bytes / 2**20:.1f} MiB ({done.record['dtype']})")
+    print(f"  weights {human_bytes(done.weight_bytes)} ({done.record['dtype']})")
     before = "before" if done.transform else "teacher KV"
     for n, (after, then) in done.cache.items():
         ratio = f"{then / after:.1f}x less" if after <= then else f"{after / then:.2f}x more"

@@ -46,6 +46,7 @@ from ..errors import RnnifyError
 from ..io import write_json_atomic
 from ..modeling.configuration_rnnify import base_layer_types
 from ..paths import resolve_path
+from ..units import human_bytes
 from .auto_spec import AutoSpec
 from .build import build_converted
 from .registry import get_method
@@ -166,9 +167,9 @@ def keep_for_budget(scores: list[float], spec: AutoSpec, student=None, teacher_c
     smallest = plan_cache_bytes(student, [], spec.cache_length)
     if smallest > budget:
         raise RnnifyError(
-            f"keep-attention {spec}: no plan meets a cache of {budget / 2**20:.2f} MiB at {spec.cache_length} tokens; "
-            f"the smallest possible (every layer converted) is {smallest / 2**20:.2f} MiB = "
-            f"{100 * smallest / teacher_cache:.1f}% of the teacher's {teacher_cache / 2**20:.2f} MiB")
+            f"keep-attention {spec}: no plan meets a cache of {human_bytes(budget, digits=2)} at {spec.cache_length} tokens; "
+            f"the smallest possible (every layer converted) is {human_bytes(smallest, digits=2)} = "
+            f"{100 * smallest / teacher_cache:.1f}% of the teacher's {human_bytes(teacher_cache, digits=2)}")
     keep: list[int] = []
     for i in order:
         if plan_cache_bytes(student, keep + [i], spec.cache_length) > budget:

@@ -48,7 +48,7 @@ def device_memory(device, processes: int) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // processes
 
 
-def check_memory(recipe: Recipe, processes: int, device, log) -> None:
+def check_device_memory(recipe: Recipe, processes: int, device, log) -> None:
     """Warn, before any weights load, when the memory plan of a stage exceeds what a process has."""
     limit = device_memory(device, processes)
     try:
@@ -73,7 +73,7 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
     prepare_run_folder(plan, run, accelerator, log)
     t_start = time.time()
     if accelerator.is_main_process:
-        check_memory(recipe, accelerator.num_processes, accelerator.device, log=log)
+        check_device_memory(recipe, accelerator.num_processes, accelerator.device, log=log)
     teacher, tok = load_teacher(plan, log)
 
     completed = run.completed() if not plan.starts_afresh else []
