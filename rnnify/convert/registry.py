@@ -18,6 +18,7 @@ _REGISTERED = (
     "ahn",
     "retrofit",
     "statex",
+    "gated_deltanet",
 )
 
 METHODS: dict[str, Method] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .mixer_ahn import AhnMixer
 from .mixer_base import Mixer
+from .mixer_gated_deltanet import GatedDeltaNetMixer
 from .mixer_lolcats import LolcatsMixer
 from .mixer_mamba2 import Mamba2Mixer
 from .mixer_supra import SupraMixer
@@ -19,6 +20,7 @@ MIXERS: dict[str, type[Mixer]] = {m.name: m for m in (
     Mamba2Mixer,
     WindowMixer,
     AhnMixer,
+    GatedDeltaNetMixer,
 )}
 
 
