@@ -14,6 +14,7 @@ import torch
 from transformers import BambaConfig, BambaForCausalLM
 
 from .errors import RnnifyError
+from .modeling.mixer_mamba2 import Mamba2Mixer
 
 
 def _check(student):
@@ -28,7 +29,7 @@ def _check(student):
     if "dropped" in cfg.layer_mixers:
         problems.append(f"dropped layers {[i for i, m in enumerate(cfg.layer_mixers) if m == 'dropped']} (Bamba runs "
                         "every layer)")
-    if any(m not in ("attention", "mamba2", "dropped") for m in cfg.layer_mixers):
+    if any(m not in ("attention", Mamba2Mixer.name, "dropped") for m in cfg.layer_mixers):
         problems.append(f"mixers {sorted(set(cfg.layer_mixers))} (Bamba has only attention and Mamba2 layers)")
     if base.model_type not in ("llama", "mistral", "qwen2"):
         problems.append(f"base architecture {base.model_type} (Bamba layers are Llama-shaped: no q/k norms)")
@@ -39,7 +40,7 @@ def _check(student):
         problems.append(f"heads x head_dim = {heads * head_dim} is not a multiple of hidden_size {base.hidden_size}")
     if getattr(base, "hidden_act", "silu") != "silu":
         problems.append(f"activation {base.hidden_act}")
-    mixers = [m for _, m in student.mixers() if m.name == "mamba2"]
+    mixers = [m for _, m in student.mixers() if isinstance(m, Mamba2Mixer)]
     if mixers and len({m.conv_kernel for m in mixers}) > 1:
         problems.append("different conv kernels per layer")
     if mixers and len({m.d_state for m in mixers}) > 1:

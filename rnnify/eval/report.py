@@ -14,6 +14,7 @@ import torch
 
 from ..cache_size import cache_bytes
 from ..convert import convert
+from ..convert.window import METHOD as WINDOW_ONLY
 from ..errors import RnnifyError
 from ..io import write_json_atomic, write_text_atomic
 from ..modeling.mixer_window import WindowMixer
@@ -38,7 +39,7 @@ def window_baseline(student, teacher):
     window, sinks = (windowed[0].window, windowed[0].sinks) if windowed else \
         (WindowMixer.SETTINGS["window"], WindowMixer.SETTINGS["sinks"])
     keep = [i for i, m in enumerate(student.config.layer_mixers) if m == "attention"]
-    base = convert(teacher, "window", keep_attention=keep, options={"window": window, "sinks": sinks})
+    base = convert(teacher, WINDOW_ONLY.name, keep_attention=keep, options={"window": window, "sinks": sinks})
     return base, f"window {window} + {sinks} sinks"
 
 
