@@ -218,8 +218,12 @@ class Recipe(Strict):
                 raise ValueError(f"stage {s.name!r}: {where}: {err['msg']}") from None
             if st.data is None and not self.datasets:
                 raise ValueError(f"stage {s.name!r} needs data: add a 'datasets' entry")
-            if st.data is not None and st.data not in self.datasets:
-                raise ValueError(f"stage {s.name!r} uses data {st.data!r}, not in datasets {sorted(self.datasets)}")
+            for key in ([st.data] if isinstance(st.data, str) else list(st.data or {})):
+                if key not in self.datasets:
+                    raise ValueError(f"stage {s.name!r} uses data {key!r}, not in datasets {sorted(self.datasets)}")
+            if isinstance(st.data, dict) and (not st.data or any(w <= 0 for w in st.data.values())):
+                raise ValueError(f"stage {s.name!r}: data {st.data}: a mixture gives each dataset a weight above zero, "
+                                 "e.g. {mix: 0.8, wikitext: 0.2}")
             if st.max_steps is None and st.max_tokens is None:
                 raise ValueError(f"stage {s.name!r} needs max_steps or max_tokens")
             lora = getattr(st, "lora", None)

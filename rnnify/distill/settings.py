@@ -42,7 +42,9 @@ class RecurrenceSpec(Strict):
 class StageSettings(Strict):
     """What every stage type accepts."""
 
-    data: str | None = None  # key in ``datasets``; default: the first
+    # a key in ``datasets``, or a weighted mixture of them ({mix: 0.8, wikitext: 0.2}: distill/mixture.py);
+    # default: the first
+    data: str | dict[str, float] | None = None
     trainable: list[str] | None = None  # glob patterns over parameter names; "@new" = the conversion's new parameters
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -21,8 +21,8 @@ class PlannedStage:
     type: str
     spec: Stage  # the registered stage: objective builder, whether it needs the teacher
     settings: object  # the stage's typed settings (train: defaults, then its own)
-    data_key: str
-    data: DataSpec
+    data_key: str  # the dataset's key, or the mixture in words ("mix 80% + wikitext 20%")
+    data: dict[str, tuple[DataSpec, float]]  # key -> (source, weight); one entry unless a mixture
     steps: int
 
     @property
@@ -59,10 +59,13 @@ class RunPlan:
         stages = []
         for i, stage in enumerate(recipe.stages):
             settings = recipe.stage_settings(i)
-            key = settings.data or next(iter(recipe.datasets))
+            chosen = settings.data or next(iter(recipe.datasets))
+            weights = {chosen: 1.0} if isinstance(chosen, str) else chosen
+            total = sum(weights.values())
+            data = {k: (recipe.datasets[k], w / total) for k, w in weights.items()}
+            label = chosen if isinstance(chosen, str) else " + ".join(f"{k} {w:.0%}" for k, (_, w) in data.items())
             stages.append(PlannedStage(index=i, name=stage.name, type=stage.type, spec=STAGES[stage.type],
-                                    settings=settings, data_key=key, data=recipe.datasets[key],
-                                    steps=total_steps(settings)))
+                                       settings=settings, data_key=label, data=data, steps=total_steps(settings)))
         return cls(recipe=recipe, run_dir=recipe.run_dir(), out=Path(recipe.output.dir), stages=tuple(stages),
                    only_stage=only_stage, resume=resume, fresh=fresh)
 

@@ -17,6 +17,7 @@ from .. import sources
 from ..card import model_card
 from ..distill.checkpoint import RunState
 from ..distill.data import check_data_files
+from ..distill.mixture import MixedBlocks
 from ..distill.stages import build_objective
 from ..distill.token_cache import PackedBlocks
 from ..distill.trainer import train_stage
@@ -179,7 +180,9 @@ def train_one_stage(plan: RunPlan, stage: PlannedStage, student, new_names, teac
     settings = stage.settings
     # packed once into the on-disk token cache (reused by later runs); a streaming source is packed as training
     # reaches its blocks
-    blocks = PackedBlocks(stage.data, tok, settings.seq_len, log=log)
+    parts = [PackedBlocks(spec, tok, settings.seq_len, log=log) for spec, _ in stage.data.values()]
+    blocks = parts[0] if len(parts) == 1 else \
+        MixedBlocks(parts, [w for _, w in stage.data.values()], list(stage.data), log=log)
     if blocks.lazy:
         blocks.ensure(settings.batch_size)  # bad data fails here, not at step 1
     else:
