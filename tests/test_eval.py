@@ -162,3 +162,32 @@ def test_flops_per_token_counts_weights_and_each_mixers_mixing(method, options, 
     expected = 2 * student.lm_head.weight.numel() + 2 * matrices(student.model.layers[0]) + 4 * H * D * ctx / 2
     expected += sum(2 * matrices(layer) + mixing(ctx, H, D) for layer in student.model.layers[1:])
     assert flops_per_token(student, ctx) == pytest.approx(expected, rel=1e-12)
+
+
+def test_several_texts_are_measured_side_by_side_each_as_if_alone(tmp_path):
+    """``text: [a, b]`` (and an ``optional_text`` that exists) gives each text the perplexities it gets measured on
+    its own, and the share of the window-to-teacher gap recovered on each; a missing optional text is skipped."""
+    from rnnify.eval.report import evaluate
+    from rnnify.eval.spec import EvalSpec
+
+    a, b, c = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"
+    a.write_text(" ".join(f"w{i % 60}" for i in range(700)))
+    b.write_text(" ".join(f"w{(i * 7) % 90}" for i in range(700)))
+    c.write_text(" ".join(f"w{(i * 3) % 40}" for i in range(700)))
+    teacher = tiny_model("llama")
+    student = convert(teacher, "lolcats", keep_attention="0", options={"window": 8, "sinks": 2, "chunk_size": 16})
+    tok = make_tokenizer(128)
+    common = dict(context_length=64, num_windows=2, passkey_lengths=[], speed_lengths=[], continuations=0)
+    res = evaluate(student, tok, EvalSpec(text=[str(a), str(b)], optional_text=[str(c), str(tmp_path / "no.txt")],
+                                          **common), teacher=teacher, log=lambda *_: None)
+    assert list(res["perplexity_by_text"]) == [str(a), str(b), str(c)]
+    for t in (a, b, c):
+        alone = evaluate(student, tok, EvalSpec(text=str(t), **common), teacher=teacher, log=lambda *_: None)
+        got = res["perplexity_by_text"][str(t)]
+        for name in ("teacher", "student", "window_baseline"):
+            assert got[name] == pytest.approx(alone["perplexity"][name], rel=1e-6)
+        gap = got["window_baseline"] - got["teacher"]  # a random tiny teacher may be no better than its window
+        expected = (got["window_baseline"] - got["student"]) / gap if gap > 0 else None
+        assert got["recovered"]["student"] == (pytest.approx(expected) if expected is not None else None)
+    table = results_table(res)
+    assert table.count("| perplexity on") == 3 and table.count("share of the window-to-teacher gap") == 3

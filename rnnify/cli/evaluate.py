@@ -22,7 +22,8 @@ def spec_from_args(args) -> EvalSpec:
     """The ``EvalSpec`` the flags describe; a value it refuses is named by its flag."""
     contexts = flat(args.context_length)
     try:
-        return EvalSpec(text=args.text, context_length=contexts if len(contexts) > 1 else contexts[0],
+        return EvalSpec(text=args.text if len(args.text) > 1 else args.text[0],
+                        context_length=contexts if len(contexts) > 1 else contexts[0],
                         num_windows=args.num_windows, passkey_lengths=flat(args.passkey),
                         speed_lengths=flat(args.speed), baseline=args.teacher is not None,
                         recurrence=flat(args.recurrence) if args.recurrence else None,
@@ -45,7 +46,9 @@ def add_parser(sub) -> None:
                                     "more models, side by side with their teacher")
     s.add_argument("model", nargs="+", help="converted model folder(s) (or any models): several go in one table")
     s.add_argument("--teacher", default=None, help="the source model to compare with (and to build the window baseline)")
-    s.add_argument("--text", default="builtin:wikitext-2/test.txt", help="text file for perplexity")
+    s.add_argument("--text", nargs="+", default=["builtin:wikitext-2/test.txt"],
+                   help="text file(s) for perplexity: several are measured side by side (the first is also the one "
+                        "agreement with the teacher reads)")
     s.add_argument("--context-length", "--context", type=ints, nargs="+", default=[[2048]],
                    help="context length(s) for perplexity, e.g. 2048 or 2048,8192")
     s.add_argument("--num-windows", type=int, default=4)

@@ -47,6 +47,28 @@ def _has_mixers(model) -> bool:
     return bool(getattr(model, "mixers", None) and model.mixers())
 
 
+def _perplexity_row(models, names, tokens, text, L, num_windows, log, curves=None, argmax=None) -> dict:
+    """Perplexity of every model on ``num_windows`` windows of ``L`` tokens of ``text``, and the share of the gap
+    between the window-only baseline and the teacher that each student recovers. ``curves`` (when given) gets the
+    loss by position and ``argmax`` the greedy tokens (for agreement)."""
+    blocks = windows(tokens, L, num_windows)
+    row = {}
+    for name, m in models.items():
+        r = perplexity(m, blocks, details=curves is not None)
+        row[name] = r["ppl"]
+        log(f"perplexity @ {L} on {text}: {name} {r['ppl']:.2f}")
+        if curves is not None:
+            bins = r["position_nll"].view(-1)[: (L - 1) // 32 * 32].view(-1, 32).mean(-1)
+            curves[name] = [round(float(v), 4) for v in bins]
+            argmax[name] = r["argmax"]
+    row.update({"text": text, "windows": int(blocks.shape[0]), "tokens": int(blocks[:, 1:].numel())})
+    if "teacher" in row and BASELINE in row:
+        gap = row[BASELINE] - row["teacher"]
+        row["recovered"] = {n: (row[BASELINE] - row[n]) / gap if gap > 0 else None for n in names}
+        row["gap_recovered"] = row["recovered"][names[0]]
+    return row
+
+
 def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> dict:
     """``students``: a model, or {name: model} for several side by side (the first names the window baseline)."""
     if not isinstance(students, dict):
@@ -66,26 +88,23 @@ def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> di
     results["columns"] = list(models)
 
     t0 = time.time()
-    tokens = tokenize_text_file(spec.text, tokenizer)
-    by_context, curves, argmax = {}, {}, {}
-    for L in lengths:
-        blocks = windows(tokens, L, spec.num_windows)
-        row = {}
-        for name, m in models.items():
-            r = perplexity(m, blocks, details=L == lengths[0])
-            row[name] = r["ppl"]
-            log(f"perplexity @ {L}: {name} {r['ppl']:.2f}")
+    for text in spec.missing_optional_texts:
+        log(f"perplexity: {text} is not here; measured without it (optional_text)")
+    by_context, curves, argmax, by_text = {}, {}, {}, {}
+    for i, text in enumerate(spec.texts):  # the first text is the one the other measurements read
+        text_tokens = tokenize_text_file(text, tokenizer)
+        if i == 0:
+            tokens = text_tokens
+        for L in (lengths if i == 0 else lengths[:1]):
+            row = _perplexity_row(models, names, text_tokens, text, L, spec.num_windows, log,
+                                  curves if i == 0 and L == lengths[0] else None, argmax)
+            if i == 0:
+                by_context[str(L)] = row
             if L == lengths[0]:
-                bins = r["position_nll"].view(-1)[: (L - 1) // 32 * 32].view(-1, 32).mean(-1)
-                curves[name] = [round(float(v), 4) for v in bins]
-                argmax[name] = r["argmax"]
-        row.update({"text": spec.text, "windows": int(blocks.shape[0]), "tokens": int(blocks[:, 1:].numel())})
-        if "teacher" in row and BASELINE in row:
-            gap = row[BASELINE] - row["teacher"]
-            row["recovered"] = {n: (row[BASELINE] - row[n]) / gap if gap > 0 else None for n in names}
-            row["gap_recovered"] = row["recovered"][names[0]]
-        by_context[str(L)] = row
+                by_text[text] = row
     results["perplexity"] = by_context[str(lengths[0])]
+    if len(by_text) > 1:
+        results["perplexity_by_text"] = by_text
     if len(lengths) > 1:
         results["perplexity_by_context"] = by_context
     results["loss_by_position"] = {"bin": 32, **curves}
@@ -183,9 +202,15 @@ def results_table(results: dict) -> str:
     def row(label, values: dict, fmt):
         rows.append(f"| {label} | " + " | ".join(fmt(values.get(c)) for c in cols) + " |")
 
-    name = str(p.get("text", "text")).replace("builtin:", "").split("/")[-2:]
+    short = lambda t: "/".join(str(t).replace("builtin:", "").split("/")[-2:])  # noqa: E731
     for L, q in results.get("perplexity_by_context", {str(results["context_length"]): p}).items():
-        row(f"perplexity on {'/'.join(name)} @ {L} tokens ({q['windows']} windows)", q, f)
+        row(f"perplexity on {short(p.get('text', 'text'))} @ {L} tokens ({q['windows']} windows)", q, f)
+    for t, q in list(results.get("perplexity_by_text", {}).items())[1:]:
+        row(f"perplexity on {short(t)} @ {results['context_length']} tokens ({q['windows']} windows)", q, f)
+    if len(results.get("perplexity_by_text", {})) > 1:
+        for t, q in results["perplexity_by_text"].items():
+            if q.get("recovered"):
+                row(f"share of the window-to-teacher gap recovered on {short(t)}", q["recovered"], pct)
     for n, r in results.get("mqar", {}).items():
         row(f"MQAR recall, {n} pairs (~{r['prompt_tokens']} tokens)", r, pct)
     for length, r in results.get("passkey", {}).items():

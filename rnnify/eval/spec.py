@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..paths import resolve_path
 from .recall import KEYS
 
 
 class EvalSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    text: str = "builtin:wikitext-2/test.txt"
+    text: str | list[str] = "builtin:wikitext-2/test.txt"  # one text, or several (perplexity on each, side by side)
+    optional_text: list[str] = Field(default_factory=list)  # also measured where the file exists (else skipped, said)
     context_length: int | list[int] = 2048  # one length, or several (a perplexity row each)
     num_windows: int = Field(4, ge=1)
     baseline: bool = True  # the window-only model with the student's window + sinks (or 64 + 4), same kept layers
@@ -42,6 +46,24 @@ class EvalSpec(BaseModel):
         if not values or min(values) < 2:
             raise ValueError(f"context lengths {values}: accepted: token counts >= 2")
         return v
+
+    @field_validator("text")
+    @classmethod
+    def _texts(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("no text given; accepted: a text file, builtin:wikitext-2/test.txt, or a list of them")
+        return v
+
+    @property
+    def texts(self) -> list[str]:
+        """The texts perplexity is measured on (``optional_text`` where the file exists); the first is the one the
+        other measurements read."""
+        given = self.text if isinstance(self.text, list) else [self.text]
+        return given + [t for t in self.optional_text if Path(resolve_path(t)).is_file() and t not in given]
+
+    @property
+    def missing_optional_texts(self) -> list[str]:
+        return [t for t in self.optional_text if not Path(resolve_path(t)).is_file()]
 
     @property
     def context_lengths(self) -> list[int]:

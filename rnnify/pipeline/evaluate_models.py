@@ -18,8 +18,9 @@ def evaluate_models(names: list[str], spec: EvalSpec, *, teacher: str | None = N
     """The results of ``evaluate`` for the models ``names`` (labelled ``student`` when alone, else by folder name).
     They are written to ``out``, or to the model's own folder when there is one model and it is a folder."""
     log = log or (lambda *_: None)
-    if not Path(resolve_path(spec.text)).is_file():
-        raise RnnifyError(f"--text {spec.text}: no such file; accepted: a text file or builtin:wikitext-2/test.txt")
+    for text in spec.texts:
+        if not Path(resolve_path(text)).is_file():
+            raise RnnifyError(f"--text {text}: no such file; accepted: a text file or builtin:wikitext-2/test.txt")
     if spec.include_path and not Path(spec.include_path).is_dir():
         raise RnnifyError(f"--include-path {spec.include_path}: not a folder (of lm-evaluation-harness task YAMLs)")
     if spec.tasks:  # an unknown task fails before any model loads
