@@ -11,7 +11,7 @@ from ..errors import RnnifyError
 from .auto_spec import parse_auto
 from .base import SUPPORTED_MODEL_TYPES, build_student, check_supported, parse_layer_list, text_config
 from .build import build_converted
-from .layer_select import DEFAULT_TEXT, resolve_auto
+from .layer_select import DEFAULT_TEXT, resolve_auto, text_ids
 from .method import Conversion, Method, Transform
 from .registry import METHODS, get_method, resolve_options
 
@@ -83,7 +83,8 @@ def convert(teacher, method: str, keep_attention=None, options: dict | None = No
     """Build the student of ``teacher`` for ``method`` (or, for a transform method, rewrite the rnnify model
     ``teacher``); the layers left as attention come from ``keep_attention`` (list, or ``auto:N`` / ``auto:P%@L``
     chosen by measurement on ``select_tokens`` tokens of ``select_text`` with ``tokenizer``, see layer_select.py),
-    ``attention_fraction`` or ``attention_every``."""
+    ``attention_fraction`` or ``attention_every``. A method that fits something on data (``calibrate_tokens``)
+    does so on that many tokens of ``select_text`` when ``tokenizer`` is given."""
     keep, opts = validate(teacher.config, method, keep_attention, options, attention_fraction, attention_every)
     auto = parse_auto(keep_attention)
     if auto is not None and not next(teacher.parameters()).is_meta:
@@ -95,7 +96,13 @@ def convert(teacher, method: str, keep_attention=None, options: dict | None = No
     m = get_method(method)
     if isinstance(m, Transform):
         return transform(teacher, method, opts)
-    return build_converted(teacher, method, keep, opts)
+    student = build_converted(teacher, method, keep, opts)
+    if tokenizer is not None and not next(teacher.parameters()).is_meta:
+        tokens = int(opts.get("calibrate_tokens") or 0)
+        if tokens:
+            ids = text_ids(tokenizer, select_text or DEFAULT_TEXT, tokens, seq_len=tokens)[:1]
+            m.calibrate(student, teacher, ids, opts, log or (lambda *_: None))
+    return student
 
 
 def transform(model, method: str, options: dict | None = None):

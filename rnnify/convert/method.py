@@ -75,8 +75,9 @@ class Method:
             err = e.errors()[0]
             name = str(err["loc"][0]) if err["loc"] else "?"
             value = options.get(name, err.get("input"))
-            raise RnnifyError(f"method {self.name!r}: {name}={value!r} is not accepted; "
-                              f"{accepted_values(known[name]) if name in known else err['msg']}") from None
+            why = err["msg"].removeprefix("Value error, ") if err["type"] == "value_error" or name not in known \
+                else accepted_values(known[name])  # a validator's own words, else the field's type and bounds
+            raise RnnifyError(f"method {self.name!r}: {name}={value!r} is not accepted; {why}") from None
 
     @property
     def layer_types(self) -> list[str]:
@@ -105,6 +106,10 @@ class Conversion(Method):
 
     def finish(self, student, options: dict) -> None:
         """Last touches on the built student (e.g. untie embeddings); default: none."""
+
+    def calibrate(self, student, teacher, ids, options: dict, log) -> None:
+        """Fit, on the source's own activations for the token ids ``ids`` ([1, T]), what the conversion sets from data
+        (``convert()`` calls it when it has a tokenizer and text); default: nothing."""
 
 
 class Transform(Method):
