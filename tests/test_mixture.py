@@ -84,3 +84,12 @@ def test_a_mixture_names_what_it_accepts(workdir, data, message):
     _write(workdir / "b.txt", ["w2"])
     with pytest.raises(RnnifyError, match=message):
         _recipe(workdir, data, [{"type": "finetune", "max_steps": 1}])
+
+
+def test_a_longer_schedule_starts_with_every_shorter_one():
+    """MixedBlocks grows its schedule by doubling and slices it: that is only right if prefixes agree."""
+    weights = [0.5, 0.3, 0.2]
+    long_source, long_occurrence = interleave(weights, 4096)
+    for n in (1, 3, 10, 333, 2048):
+        source, occurrence = interleave(weights, n)
+        assert torch.equal(source, long_source[:n]) and torch.equal(occurrence, long_occurrence[:n])

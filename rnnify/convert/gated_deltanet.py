@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 
 from ..modeling.mixer_gated_deltanet import GatedDeltaNetMixer
 from .method import Conversion, MethodOptions, Paper
+from .teacher_attention import attention_io
 
 _DEFAULTS = GatedDeltaNetMixer.SETTINGS  # each default declared once, by the mixer that reads it
 
@@ -52,18 +53,7 @@ class GatedDeltaNet(Conversion):
         if not options["output_gate"]:
             return
         mixers = dict(student.mixers())
-        captured, hooks = {}, []
-        for i in mixers:
-            def hook(module, args, kwargs, output, i=i):
-                captured[i] = (kwargs.get("hidden_states", args[0] if args else None), kwargs.get("position_embeddings"),
-                               output[0] if isinstance(output, tuple) else output)
-            hooks.append(teacher.model.layers[i].self_attn.register_forward_hook(hook, with_kwargs=True))
-        try:
-            with torch.no_grad():
-                teacher.model(input_ids=ids, use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
+        captured = attention_io(teacher, list(mixers), ids)
         scales = {}
         with torch.no_grad():
             for i, m in mixers.items():

@@ -22,4 +22,22 @@ class TeacherAttention(nn.Module):
                             **kwargs)
 
 
-__all__ = ["TeacherAttention"]
+def attention_io(teacher, layers, input_ids) -> dict:
+    """{layer: (hidden_states, position_embeddings, output)} of the teacher's attention in ``layers`` for one forward
+    of ``input_ids`` without gradients: what a converted layer is fitted to (attention transfer, calibration)."""
+    captured, hooks = {}, []
+    for i in layers:
+        def hook(module, args, kwargs, output, i=i):
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            captured[i] = (h, kwargs.get("position_embeddings"), output[0] if isinstance(output, tuple) else output)
+        hooks.append(teacher.model.layers[i].self_attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            teacher.model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+__all__ = ["TeacherAttention", "attention_io"]

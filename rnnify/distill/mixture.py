@@ -54,19 +54,26 @@ class MixedBlocks:
     def shape(self) -> tuple[int, int]:
         return (self._n, self.seq_len)
 
+    def _plan(self, n: int) -> None:
+        """The schedule of at least ``n`` blocks (prefixes agree, so a longer one serves every shorter request; it is
+        grown by doubling, as a streaming run asks for a few more blocks at every step)."""
+        if n > len(self._schedule[0]):
+            source, occurrence = interleave(self.weights, max(n, 2 * len(self._schedule[0])))
+            self._schedule = (source, occurrence)
+            self._counts = torch.nn.functional.one_hot(source, len(self.parts)).cumsum(0)  # blocks per source so far
+
     def ensure(self, n: int) -> MixedBlocks:
         """Pack each source up to its share of the first ``n`` blocks (or until it ends)."""
-        source, occurrence = interleave(self.weights, n)
+        self._plan(n)
+        need = self._counts[n - 1].tolist() if n else [0] * len(self.parts)
         for s, part in enumerate(self.parts):
-            mine = occurrence[source == s]
-            need = int(mine.max()) + 1 if len(mine) else 0
-            if need:
-                part.ensure(need)
-                if len(part) < need and part.complete and self.names[s] not in self._upsampled:
+            if need[s]:
+                part.ensure(need[s])
+                if len(part) < need[s] and part.complete and self.names[s] not in self._upsampled:
                     self._upsampled.add(self.names[s])
-                    self.log(f"data {self.names[s]}: {len(part):,} blocks, fewer than its share of {need:,}; read again "
-                             "from its start (upsampled)")
-        self._schedule, self._n = (source, occurrence), n
+                    self.log(f"data {self.names[s]}: {len(part):,} blocks, fewer than its share of {need[s]:,}; read "
+                             "again from its start (upsampled)")
+        self._n = n
         return self
 
     def limit(self, n: int) -> MixedBlocks:

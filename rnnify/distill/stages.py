@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..convert import spread_layers
-from ..convert.teacher_attention import TeacherAttention
+from ..convert.teacher_attention import TeacherAttention, attention_io
 from ..errors import RnnifyError
 from ..modeling import RnnifyForCausalLM
 from .losses import kl_distill_loss, next_token_ce
@@ -58,19 +58,7 @@ class AttentionTransferObjective(Objective):
             raise RnnifyError("attention_transfer: the model has no converted layers to train")
 
     def forward(self, input_ids):
-        captured = {}
-        hooks = []
-        for i in self.layers:
-            def hook(module, args, kwargs, output, i=i):
-                h = kwargs.get("hidden_states", args[0] if args else None)
-                captured[i] = (h, kwargs.get("position_embeddings"), output[0] if isinstance(output, tuple) else output)
-            hooks.append(self.teacher.model.layers[i].self_attn.register_forward_hook(hook, with_kwargs=True))
-        try:
-            with torch.no_grad():
-                self.teacher.model(input_ids=input_ids, use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
+        captured = attention_io(self.teacher, self.layers, input_ids)
         losses = []
         for i in self.layers:
             h, pe, target = captured[i]
