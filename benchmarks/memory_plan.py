@@ -5,8 +5,13 @@ Each case runs ``rnnify run`` on a short recipe in its own process, sampling its
 before the run (libraries imported, nothing loaded). The plan
 for the same recipe on one process, without the GPU-only overhead, is printed beside it with the ratio.
 
-    python benchmarks/memory_plan.py                      # SmolLM2-135M: distill and full finetune stages
+    python benchmarks/memory_plan.py                      # SmolLM2-135M: every case below, 4 x 512 tokens
+    python benchmarks/memory_plan.py --seq-len 2048 --batch 1 --only distill
     python benchmarks/memory_plan.py --source path/to/model --seq-len 256
+
+Cases come in pairs with a baseline in the same run: the losses over whole logits against the same stage in chunks
+of ``logits_chunk`` positions (distill/logits.py), attention transfer with every layer's graph at once against
+``layers_per_block`` 5 and 1.
 """
 
 from __future__ import annotations
@@ -23,9 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CASES = {
-    "distill (supra, new parameters train)": ("supra", {"type": "distill", "lr": 1e-3}),
-    "attention_transfer (lolcats)": ("lolcats", {"type": "attention_transfer", "lr": 1e-2}),
-    "finetune (supra, every parameter trains)": ("supra", {"type": "finetune", "lr": 1e-5, "trainable": ["*"]}),
+    "distill (supra), whole logits": ("supra", {"type": "distill", "lr": 1e-3, "logits_chunk": None}),
+    "distill (supra), logits_chunk 512": ("supra", {"type": "distill", "lr": 1e-3, "logits_chunk": 512}),
+    "distill (lolcats), whole logits": ("lolcats", {"type": "distill", "lr": 1e-3, "logits_chunk": None}),
+    "distill (lolcats), logits_chunk 512": ("lolcats", {"type": "distill", "lr": 1e-3, "logits_chunk": 512}),
+    "attention_transfer (lolcats), all layers": ("lolcats", {"type": "attention_transfer", "lr": 1e-2}),
+    "attention_transfer (lolcats), 5 per block": ("lolcats", {"type": "attention_transfer", "lr": 1e-2,
+                                                              "layers_per_block": 5}),
+    "attention_transfer (lolcats), 1 per block": ("lolcats", {"type": "attention_transfer", "lr": 1e-2,
+                                                              "layers_per_block": 1}),
+    "finetune (supra, all train), whole logits": ("supra", {"type": "finetune", "lr": 1e-5, "trainable": ["*"],
+                                                            "logits_chunk": None}),
+    "finetune (supra, all train), logits_chunk 512": ("supra", {"type": "finetune", "lr": 1e-5, "trainable": ["*"],
+                                                                "logits_chunk": 512}),
 }
 
 
@@ -54,6 +69,7 @@ def main():
     ap.add_argument("--source", default="smollm2-135m")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--only", default="", help="run the cases whose label contains this text")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -65,22 +81,29 @@ def main():
     from rnnify.recipe import load_recipe
 
     print(f"{args.source}, {args.batch} x {args.seq_len} tokens per step, float32, one process on CPU\n")
-    print(f"{'stage':<44} {'plan':>11} {'measured':>11} {'plan/measured':>14}")
+    print(f"{'stage':<48} {'plan':>11} {'measured':>11} {'plan/measured':>14} {'measured/first of pair':>23}")
+    first = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, (method, stage) in CASES.items():
-            path = Path(tmp) / f"{method}-{stage['type']}.yaml"
+            if args.only not in label:
+                continue
+            key = "-".join(label.replace(",", "").replace("(", "").replace(")", "").split())
+            path = Path(tmp) / f"{key}.yaml"
             path.write_text(yaml.safe_dump(recipe_dict(args.source, method, stage, args.seq_len, args.batch,
-                                                       Path(tmp) / f"out-{method}-{stage['type']}")))
+                                                       Path(tmp) / f"out-{key}")))
             plan = plan_recipe(load_recipe(str(path), []), devices=1, cuda=False).stages[0]
             # glibc's mmap threshold fixed: a freed tensor leaves the resident set (else its heap may keep it)
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
             r = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True,
                                env=env)
             if r.returncode:
-                print(f"{label:<44} failed: {r.stderr.strip().splitlines()[-1]}")
+                print(f"{label:<48} failed: {r.stderr.strip().splitlines()[-1]}")
                 continue
             measured = json.loads(r.stdout.strip().splitlines()[-1])["measured"]
-            print(f"{label:<44} {fmt(plan.total):>11} {fmt(measured):>11} {plan.total / measured:>14.2f}")
+            pair = label.split(",")[0]
+            base = first.setdefault(pair, measured)
+            print(f"{label:<48} {fmt(plan.total):>11} {fmt(measured):>11} {plan.total / measured:>14.2f} "
+                  f"{measured / base:>23.2f}")
             parts = ", ".join(f"{k} {fmt(v)}" for k, v in plan.parts.items())
             print(f"{'':<4}plan: {parts}, activations {fmt(plan.activation_bytes)}")
 

@@ -78,10 +78,21 @@ class StageSettings(Strict):
 
 
 class AttentionTransferSettings(StageSettings):
-    pass
+    # train the converted layers in blocks of this many: each block's graph is rebuilt in the backward pass, so at
+    # most one block's is alive (LoLCATs trained Llama 3.1 405B block by block, Zhang et al. 2024 sec. 3.3). The
+    # loss is layer-local, so losses and weights equal training all at once; None: every layer's graph at once
+    layers_per_block: int | None = Field(None, ge=1)
 
 
-class DistillSettings(StageSettings):
+class LogitsStageSettings(StageSettings):
+    """Stages whose loss is over the vocabulary (KL, CE)."""
+
+    # positions per chunk of the loss: each chunk's logits are built, used and freed, and rebuilt in the backward
+    # pass (distill/logits.py), so no [tokens x vocabulary] tensor is held whole. None: whole logits
+    logits_chunk: int | None = Field(512, ge=1)
+
+
+class DistillSettings(LogitsStageSettings):
     temperature: float = Field(1.0, gt=0)
     kl: Literal["forward", "reverse"] = "forward"
     ce_weight: float = Field(0.0, ge=0)
@@ -93,11 +104,11 @@ class DistillSettings(StageSettings):
     active_attention_fraction: float | None = Field(None, ge=0, le=1)
 
 
-class FinetuneSettings(StageSettings):
+class FinetuneSettings(LogitsStageSettings):
     lora: LoraSpec | None = None
 
 
-class SelfDistillSettings(StageSettings):
+class SelfDistillSettings(LogitsStageSettings):
     """Self-distillation (AHN, Fang et al. 2025 sec. 3.3): the teacher is the same model with full attention."""
 
     temperature: float = Field(1.0, gt=0)
@@ -137,5 +148,5 @@ class DataSpec(Strict):
 
 
 
-__all__ = ["AttentionTransferSettings", "DataSpec", "DistillSettings", "FinetuneSettings", "LoraSpec", "RecurrenceSpec",
-           "SelfDistillSettings", "StageSettings", "Strict"]
+__all__ = ["AttentionTransferSettings", "DataSpec", "DistillSettings", "FinetuneSettings", "LogitsStageSettings",
+           "LoraSpec", "RecurrenceSpec", "SelfDistillSettings", "StageSettings", "Strict"]

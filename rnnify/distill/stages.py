@@ -16,7 +16,8 @@ from ..convert import spread_layers
 from ..convert.teacher_attention import TeacherAttention, attention_io
 from ..errors import RnnifyError
 from ..modeling import RnnifyForCausalLM
-from .losses import kl_distill_loss, next_token_ce
+from .logits import VocabLoss
+from .recompute import recomputed
 from .recurrence import forward_kwargs
 from .settings import AttentionTransferSettings, DistillSettings, FinetuneSettings, SelfDistillSettings, StageSettings
 
@@ -51,42 +52,58 @@ class AttentionTransferObjective(Objective):
     inputs (LoLCATs stage 1, Zhang et al. 2024 eq. 7; Mamba-in-Llama's stepwise alignment). The teacher's
     hidden states feed every mixer, so layers train independently and in parallel."""
 
-    def __init__(self, student, teacher):
+    def __init__(self, student, teacher, layers_per_block: int | None = None):
         super().__init__(student, teacher)
         self.layers = [i for i, _ in student.mixers()]
         if not self.layers:
             raise RnnifyError("attention_transfer: the model has no converted layers to train")
+        k = layers_per_block or len(self.layers)
+        self.blocks = [self.layers[a:a + k] for a in range(0, len(self.layers), k)]
 
-    def forward(self, input_ids):
-        captured = attention_io(self.teacher, self.layers, input_ids)
+    def _block_losses(self, block, captured):
         losses = []
-        for i in self.layers:
+        for i in block:
             h, pe, target = captured[i]
             out, _ = self.student.model.layers[i].self_attn(h, position_embeddings=pe, attention_mask=None)
             losses.append(torch.mean((out.float() - target.float()) ** 2))
-        loss = torch.stack(losses).mean()
-        return loss, {"mse_first": losses[0].item(), "mse_last": losses[-1].item()}
+        return torch.stack(losses)
+
+    def forward(self, input_ids):
+        captured = attention_io(self.teacher, self.layers, input_ids)
+        if len(self.blocks) == 1:  # every layer's graph at once
+            losses = self._block_losses(self.layers, captured)
+        else:  # one block's graph at a time: each block is run again in the backward pass
+            losses = torch.cat([recomputed(lambda c, block=block: self._block_losses(block, c),
+                                           {i: captured[i] for i in block}) for block in self.blocks])
+        return losses.mean(), {"mse_first": losses[0].item(), "mse_last": losses[-1].item()}
 
 
 class DistillObjective(Objective):
     """End-to-end KL to the frozen teacher (+ optional CE weight). With ``active`` set, converted layers
     outside it run the teacher's attention (stepwise distillation, Mamba-in-Llama sec. 3)."""
 
-    def __init__(self, student, teacher, temperature=1.0, kl="forward", ce_weight=0.0, active=None):
+    def __init__(self, student, teacher, temperature=1.0, kl="forward", ce_weight=0.0, active=None,
+                 logits_chunk: int | None = None):
         super().__init__(student, teacher)
         self.temperature, self.kl, self.ce_weight = temperature, kl, ce_weight
+        self.vocab = VocabLoss(logits_chunk)
         converted = [i for i, _ in student.mixers()] if hasattr(student, "mixers") else []
         self.inactive = [i for i in converted if active is not None and i not in active]
 
-    def _student_logits(self, input_ids):
+    def _student_loss(self, input_ids, teacher, mask, labels):
+        def loss():
+            return self.vocab.loss(self.student, input_ids, teacher, kl_mask=mask, labels=labels,
+                                   temperature=self.temperature, direction=self.kl, ce_weight=self.ce_weight,
+                                   **self.student_kwargs)
+
         if not self.inactive:
-            return self.student(input_ids=input_ids, use_cache=False, **self.student_kwargs).logits
+            return loss()
         layers = self.student.model.layers
         saved = {i: layers[i].self_attn for i in self.inactive}
         try:
             for i in self.inactive:
                 layers[i].self_attn = TeacherAttention(self.teacher.model.layers[i].self_attn)
-            return self.student(input_ids=input_ids, use_cache=False, **self.student_kwargs).logits
+            return loss()
         finally:
             for i, m in saved.items():
                 layers[i].self_attn = m
@@ -94,15 +111,10 @@ class DistillObjective(Objective):
     def forward(self, input_ids, labels=None):
         labels = input_ids if labels is None else labels
         with torch.no_grad():
-            t_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
-        s_logits = self._student_logits(input_ids)
-        mask = labels != -100
-        kl = kl_distill_loss(s_logits, t_logits, mask, self.temperature, self.kl)
+            t_out = self.vocab.teacher_outputs(self.teacher, input_ids)
+        loss, kl, ce = self._student_loss(input_ids, t_out, labels != -100, labels if self.ce_weight else None)
         metrics = {"kl": kl.item()}
-        loss = kl
         if self.ce_weight:
-            ce = next_token_ce(s_logits, labels)
-            loss = loss + self.ce_weight * ce
             metrics["ce"] = ce.item()
         return loss, metrics
 
@@ -110,11 +122,14 @@ class DistillObjective(Objective):
 class FinetuneObjective(Objective):
     """Next-token cross-entropy (SUPRA uptraining; LoLCATs stage 2 with LoRA)."""
 
+    def __init__(self, student, logits_chunk: int | None = None):
+        super().__init__(student)
+        self.vocab = VocabLoss(logits_chunk)
+
     def forward(self, input_ids, labels=None):
         labels = input_ids if labels is None else labels
-        logits = self.student(input_ids=input_ids, use_cache=False, **self.student_kwargs).logits
-        ce = next_token_ce(logits, labels)
-        return ce, {"ce": ce.item()}
+        loss, _, ce = self.vocab.loss(self.student, input_ids, labels=labels, **self.student_kwargs)
+        return loss, {"ce": ce.item()}
 
 
 class SelfDistillObjective(Objective):
@@ -129,6 +144,7 @@ class SelfDistillObjective(Objective):
         super().__init__(student, None)
         student.set_source_view(False)  # fails now, with the reason, when a mixer cannot be its own teacher
         self.s = settings
+        self.vocab = VocabLoss(settings.logits_chunk)
         self.mixers = [m for _, m in student.mixers()]
         self.window0 = [(m.window, m.sinks) for m in self.mixers]
 
@@ -161,8 +177,13 @@ class SelfDistillObjective(Objective):
 
     def forward(self, input_ids, labels=None):
         labels = input_ids if labels is None else labels
+        self.vocab.check(self.student, input_ids)  # its forward before the layer captures below
         W, S = self.draw(input_ids.shape[1])
         self._set(W, S)
+        window, sinks = self.mixers[0].window, self.mixers[0].sinks
+        beyond = torch.zeros_like(labels, dtype=torch.bool)
+        beyond[:, window + sinks:] = True  # earlier positions see no evicted token: student == teacher there
+        mask = beyond & (labels != -100)
         mse = self.s.layer_mse_weight > 0
         targets, preds = [], []
         try:
@@ -170,28 +191,25 @@ class SelfDistillObjective(Objective):
             try:
                 with torch.no_grad():
                     self.student.set_source_view(True)
-                    t_logits = self.student(input_ids=input_ids, use_cache=False).logits
+                    t_out = self.vocab.teacher_outputs(self.student, input_ids)
             finally:
                 self.student.set_source_view(False)
                 for h in hooks:
                     h.remove()
             hooks = self._capture(preds) if mse else []
             try:
-                s_logits = self.student(input_ids=input_ids, use_cache=False).logits
+                loss, kl, ce = self.vocab.loss(
+                    self.student, input_ids, t_out, kl_mask=mask,
+                    labels=labels.masked_fill(~beyond, -100) if self.s.ce_weight else None,
+                    temperature=self.s.temperature, direction=self.s.kl, ce_weight=self.s.ce_weight)
             finally:
                 for h in hooks:
                     h.remove()
         finally:
             self._set(None, None)
-        window, sinks = self.mixers[0].window if W is None else W, self.mixers[0].sinks if S is None else S
-        beyond = torch.zeros_like(labels, dtype=torch.bool)
-        beyond[:, window + sinks:] = True  # earlier positions see no evicted token: student == teacher there
-        mask = beyond & (labels != -100)
-        kl = kl_distill_loss(s_logits, t_logits, mask, self.s.temperature, self.s.kl)
-        loss, metrics = kl, {"kl": kl.item(), "window": window, "sinks": sinks}
+        metrics = {"kl": kl.item(), "window": window, "sinks": sinks}
         if self.s.ce_weight:
-            ce = next_token_ce(s_logits, labels.masked_fill(~beyond, -100))
-            loss, metrics["ce"] = loss + self.s.ce_weight * ce, ce.item()
+            metrics["ce"] = ce.item()
         if mse:
             cut = window + sinks
             layer_mse = torch.stack([((p[:, cut:] - t[:, cut:]) ** 2).mean() for p, t in zip(preds, targets)])
@@ -214,12 +232,13 @@ class Stage:
 # The registry: one entry per stage type.
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("attention_transfer", "per-layer MSE between each new mixer and the attention it replaces (LoLCATs stage 1)",
-          AttentionTransferSettings, True, ("@new",), lambda st, te, se, ac: AttentionTransferObjective(st, te)),
+          AttentionTransferSettings, True, ("@new",),
+          lambda st, te, se, ac: AttentionTransferObjective(st, te, se.layers_per_block)),
     Stage("distill", "end-to-end KL to the frozen teacher (+ CE); stepwise with active_layers",
           DistillSettings, True, ("@new",),
-          lambda st, te, se, ac: DistillObjective(st, te, se.temperature, se.kl, se.ce_weight, ac)),
+          lambda st, te, se, ac: DistillObjective(st, te, se.temperature, se.kl, se.ce_weight, ac, se.logits_chunk)),
     Stage("finetune", "next-token cross-entropy, all parameters or LoRA (peft)",
-          FinetuneSettings, False, ("*",), lambda st, te, se, ac: FinetuneObjective(st)),
+          FinetuneSettings, False, ("*",), lambda st, te, se, ac: FinetuneObjective(st, se.logits_chunk)),
     Stage("self_distill", "KL to the same weights with full attention, beyond the window (AHN); the memory trains",
           SelfDistillSettings, False, ("@new",), lambda st, te, se, ac: SelfDistillObjective(st, se)),
 )}

@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM
 
 from .. import sources
+from ..distill import recompute
 from ..distill.sharding import decoder_layers, fsdp_requested
 from ..distill.stages import STAGES, build_objective
 from ..distill.trainer import total_steps
@@ -59,6 +60,9 @@ class StageMemory:
     gradient_checkpointing: bool = False
     overhead: int = 0
     param_bytes: int = 4
+    # settings that would lower the activations, traced when the stage does not fit: (setting, activations, with
+    # gradient checkpointing)
+    alternatives: list = field(default_factory=list)
 
     @property
     def activation_bytes(self) -> int:
@@ -229,12 +233,26 @@ def trace_activations(objective, batch: int, seq_len: int, device="meta") -> tup
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
     objective.set_step(0, 0)
     live = LiveTensors()
+    regions: list[int] = []  # what each recomputed region holds while its backward runs
+
+    def probe(fn, args):
+        """A recomputed region run whole once more: the bytes its graph saves, plus the gradient of its largest
+        saved tensor and a temporary of that size (as the backward's start below). It runs under the live
+        tracker, so the forward's peak also sees the region's graph alive, as its backward will."""
+        inner = SavedTensors()
+        with torch.autograd.graph.saved_tensors_hooks(inner.pack, lambda t: t):
+            out = fn(*args)
+        regions.append(inner.total() + 2 * max(inner.seen.values(), default=0))
+        del out
+
     gc.collect()
     gc.disable()  # tensors in reference cycles are then freed at the same point in every trace: deterministic
+    recompute.PROBE = probe
     try:
         with _meta_values(), torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t), live.mode():
             loss, _ = objective(ids)
     finally:
+        recompute.PROBE = None
         gc.enable()
         for h in hooks:
             h.remove()
@@ -244,15 +262,16 @@ def trace_activations(objective, batch: int, seq_len: int, device="meta") -> tup
     outside = per_layer.pop(None, 0)
     saved, largest = rec.total(), max(rec.seen.values(), default=0)
     held = max(live.live, saved)  # what the forward leaves for the backward: saved tensors and anything kept
-    # the backward: what is held, plus the gradient of the largest saved tensor and a temporary of its size
-    backward = held + 2 * largest
+    # the backward: what is held, plus the gradient of the largest saved tensor and a temporary of its size, or one
+    # recomputed region's graph (a chunk of the logits, a block of attention-transfer layers), whichever is more
+    backward = held + max(2 * largest, max(regions, default=0))
     peak = max(live.peak, backward)
     if not per_layer:  # the stage calls no decoder layer whole (attention transfer): nothing to checkpoint
         return peak, peak
     # checkpointed: each layer keeps only its input; the backward rebuilds one layer's saved tensors at a time
     kept = outside + sum(inputs.get(i, 0) for i in per_layer)
     dropped = saved - kept
-    ckpt = max(live.peak - dropped, held - dropped + max(per_layer.values()) + 2 * largest)
+    ckpt = max(live.peak - dropped, held - dropped + max(per_layer.values()) + max(2 * largest, max(regions, default=0)))
     return peak, min(ckpt, peak)
 
 
@@ -310,14 +329,26 @@ def plan_recipe(recipe, *, devices: int = 1, device_memory: int | None = None, s
         if shard > 1:
             gathered = 2 if settings.dtype == "bfloat16" else param_bytes
             p.parts["FSDP gathered layers (2)"] = 2 * _largest_layer(model) * gathered
-        objective = build_objective(stage.type, model, teacher if spec.needs_teacher else None, settings, active,
-                                    total_steps=total_steps(settings))
-        # bfloat16 stages run under autocast: traced with bf16 weights, so the matmuls' outputs are bf16 as there
-        # (autocast itself does not act on meta tensors)
-        if settings.dtype == "bfloat16":
-            objective.to(torch.bfloat16)
-        p.activations, p.activations_checkpointed = trace_activations(objective, micro, settings.seq_len)
-        objective.to(dtype)
+
+        def activations(settings, stage=stage, model=model, spec=spec, active=active, micro=micro):
+            objective = build_objective(stage.type, model, teacher if spec.needs_teacher else None, settings, active,
+                                        total_steps=total_steps(settings))
+            # bfloat16 stages run under autocast: traced with bf16 weights, so the matmuls' outputs are bf16 as
+            # there (autocast itself does not act on meta tensors)
+            if settings.dtype == "bfloat16":
+                objective.to(torch.bfloat16)
+            try:
+                return trace_activations(objective, micro, settings.seq_len)
+            finally:
+                objective.to(dtype)
+
+        p.activations, p.activations_checkpointed = activations(settings)
+        if device_memory is not None and p.total > device_memory:
+            for name, value in _lighter_settings(settings, len(student.mixers())):
+                traced = activations(settings.model_copy(update={name: value}))
+                p.alternatives.append((f"{name}: {value}", *traced))
+                if p.total - p.activation_bytes + traced[1 if p.gradient_checkpointing else 0] <= device_memory:
+                    break
         if model is not student:  # a LoRA wrapper: the next stage plans on the plain student
             student = model.merge_and_unload()
         student.requires_grad_(False)
@@ -343,9 +374,26 @@ def plan_here(recipe, *, gpus: int | None = None, gpu_memory: str | None = None,
     return plan_recipe(recipe, devices=gpus or 1, device_memory=memory, source=source, strategy=strategy)
 
 
+def _lighter_settings(settings, converted: int) -> list[tuple[str, int]]:
+    """Settings of the stage that lower its activations without changing its result, lightest last: the vocabulary
+    losses in chunks; attention transfer in blocks of fewer layers."""
+    if "logits_chunk" in type(settings).model_fields and settings.logits_chunk is None:
+        return [("logits_chunk", 512)]
+    if "layers_per_block" in type(settings).model_fields:
+        now = settings.layers_per_block or converted
+        return [("layers_per_block", k) for k in (16, 8, 4, 2, 1) if k < now]
+    return []
+
+
 def advise(p: StageMemory, limit: int, devices: int) -> list[str]:
     """What to change so a stage that does not fit does: each line a setting and the total it gives."""
     out = []
+    fixed = p.total - p.activation_bytes
+    for setting, act_off, act_on in p.alternatives:
+        t = fixed + (act_on if p.gradient_checkpointing else act_off)
+        if t < p.total:
+            out.append(f"{setting} in stage {p.stage} (the same losses, less memory): {fmt(t)} per device"
+                       + (" (fits)" if t <= limit else ""))
     act = p.activation_bytes
     if not p.gradient_checkpointing and p.activations_checkpointed < p.activations:
         t = p.total - act + p.activations_checkpointed
