@@ -32,6 +32,8 @@ CASES = {
     "distill (supra), logits_chunk 512": ("supra", {"type": "distill", "lr": 1e-3, "logits_chunk": 512}),
     "distill (lolcats), whole logits": ("lolcats", {"type": "distill", "lr": 1e-3, "logits_chunk": None}),
     "distill (lolcats), logits_chunk 512": ("lolcats", {"type": "distill", "lr": 1e-3, "logits_chunk": 512}),
+    "distill (lolcats), logits_chunk 512 + gradient checkpointing": (
+        "lolcats", {"type": "distill", "lr": 1e-3, "logits_chunk": 512, "gradient_checkpointing": True}),
     "attention_transfer (lolcats), all layers": ("lolcats", {"type": "attention_transfer", "lr": 1e-2}),
     "attention_transfer (lolcats), 5 per block": ("lolcats", {"type": "attention_transfer", "lr": 1e-2,
                                                               "layers_per_block": 5}),
@@ -44,11 +46,11 @@ CASES = {
 }
 
 
-def recipe_dict(source, method, stage, seq_len, batch, out):
+def recipe_dict(source, method, stage, seq_len, batch, out, steps=2):
     return {"name": "memory-check", "model": {"source": source, "dtype": "float32"},
             "conversion": {"method": method, "options": {"window": 64, "sinks": 4} if method == "lolcats" else {}},
             "datasets": {"wiki": {"path": "builtin:wikitext-2/valid.txt"}},
-            "stages": [{**stage, "max_steps": 2, "seq_len": seq_len, "batch_size": batch}],
+            "stages": [{**stage, "max_steps": steps, "seq_len": seq_len, "batch_size": batch}],
             "output": {"dir": str(out)}}
 
 
@@ -61,7 +63,9 @@ def child(path: str):
     recipe = load_recipe(path, [])
     with PeakRSS() as rss:
         run_recipe(recipe, progress=False)
-    print(json.dumps({"measured": rss.above * 2**20}))
+    metrics = Path(str(recipe.output.dir) + ".run") / "metrics.jsonl"
+    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    print(json.dumps({"measured": rss.above * 2**20, "losses": losses}))
 
 
 def main():
@@ -69,6 +73,7 @@ def main():
     ap.add_argument("--source", default="smollm2-135m")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--only", default="", help="run the cases whose label contains this text")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -81,7 +86,8 @@ def main():
     from rnnify.recipe import load_recipe
 
     print(f"{args.source}, {args.batch} x {args.seq_len} tokens per step, float32, one process on CPU\n")
-    print(f"{'stage':<48} {'plan':>11} {'measured':>11} {'plan/measured':>14} {'measured/first of pair':>23}")
+    print(f"{'stage':<62} {'plan':>11} {'measured':>11} {'plan/measured':>14} {'measured/first':>15} "
+          f"{'max |loss - first|':>19}")
     first = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, (method, stage) in CASES.items():
@@ -90,20 +96,22 @@ def main():
             key = "-".join(label.replace(",", "").replace("(", "").replace(")", "").split())
             path = Path(tmp) / f"{key}.yaml"
             path.write_text(yaml.safe_dump(recipe_dict(args.source, method, stage, args.seq_len, args.batch,
-                                                       Path(tmp) / f"out-{key}")))
+                                                       Path(tmp) / f"out-{key}", args.steps)))
             plan = plan_recipe(load_recipe(str(path), []), devices=1, cuda=False).stages[0]
             # glibc's mmap threshold fixed: a freed tensor leaves the resident set (else its heap may keep it)
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
             r = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True,
                                env=env)
             if r.returncode:
-                print(f"{label:<48} failed: {r.stderr.strip().splitlines()[-1]}")
+                print(f"{label:<62} failed: {r.stderr.strip().splitlines()[-1]}")
                 continue
-            measured = json.loads(r.stdout.strip().splitlines()[-1])["measured"]
-            pair = label.split(",")[0]
-            base = first.setdefault(pair, measured)
-            print(f"{label:<48} {fmt(plan.total):>11} {fmt(measured):>11} {plan.total / measured:>14.2f} "
-                  f"{measured / base:>23.2f}")
+            result = json.loads(r.stdout.strip().splitlines()[-1])
+            measured = result["measured"]
+            group = label.split(",")[0]  # the cases of one stage and method: the first is the baseline
+            base, base_losses = first.setdefault(group, (measured, result["losses"]))
+            diff = max(abs(a - b) for a, b in zip(result["losses"], base_losses))
+            print(f"{label:<62} {fmt(plan.total):>11} {fmt(measured):>11} {plan.total / measured:>14.2f} "
+                  f"{measured / base:>15.2f} {diff:>19.2e}")
             parts = ", ".join(f"{k} {fmt(v)}" for k, v in plan.parts.items())
             print(f"{'':<4}plan: {parts}, activations {fmt(plan.activation_bytes)}")
 

@@ -208,3 +208,38 @@ def test_every_shipped_recipe_with_a_local_source_has_a_plan():
         assert all(s.total > 0 and s.activations > 0 for s in plan.stages), path
         planned += 1
     assert planned >= 5
+
+
+def test_block_wise_transfer_and_chunked_logits_lower_the_plan_and_are_advised(tmp_path):
+    """Fewer layers per block and the loss over chunks of positions lower the planned activations; a stage that does
+    not fit is told the setting (traced, with its total)."""
+    _source(tmp_path, layers=4, vocab=4096)  # a vocabulary large beside the model, as real ones are
+
+    def stage_plan(stage, memory=None, seq_len=512):
+        return plan_recipe(_recipe(tmp_path, stage, method="lolcats", seq_len=seq_len), devices=1, cuda=False,
+                           device_memory=memory)
+
+    at_all, at_one = (stage_plan({"type": "attention_transfer", "layers_per_block": k}, seq_len=64).stages[0]
+                      for k in (None, 1))
+    assert at_one.activations < 0.8 * at_all.activations
+    whole, chunked = (stage_plan({"type": "distill", "logits_chunk": c}).stages[0] for c in (None, 512))
+    assert chunked.activations < 0.75 * whole.activations
+
+    tight = whole.total - (whole.activations - chunked.activations) // 2  # fits with chunks, not without
+    plan = stage_plan({"type": "distill", "logits_chunk": None}, memory=tight)
+    assert not plan.fits() and any(a.startswith("logits_chunk: 512 in stage distill (the same losses, less memory)")
+                                   and a.endswith("(fits)") for a in plan.advice["distill"])
+    plan = stage_plan({"type": "attention_transfer"}, memory=at_one.total + 1, seq_len=64)
+    assert any(a.startswith("layers_per_block: ") for a in plan.advice["attention_transfer"])
+
+
+def test_the_70b_recipe_fits_eight_80gb_gpus_at_every_stage():
+    """recipes/lolcats_70b.yaml planned from Llama-3-70B's shape alone (benchmarks/configs): every stage fits 8 x 80 GB
+    under FSDP, where the attention transfer of lolcats.yaml with every layer at once does not."""
+    from rnnify.paths import PACKAGE_DIR, RECIPES_DIR
+    from rnnify.recipe import load_recipe
+
+    shape = str(PACKAGE_DIR.parent / "benchmarks" / "configs" / "llama-3-70b")
+    plan = plan_recipe(load_recipe(str(RECIPES_DIR / "lolcats_70b.yaml"), []), devices=8,
+                       device_memory=parse_bytes("80GB"), source=shape)
+    assert plan.teacher_params > 70e9 and len(plan.stages) == 2 and plan.fits(), plan.report()

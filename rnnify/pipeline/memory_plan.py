@@ -239,11 +239,13 @@ def trace_activations(objective, batch: int, seq_len: int, device="meta") -> tup
         """A recomputed region run whole once more: the bytes its graph saves, plus the gradient of its largest
         saved tensor and a temporary of that size (as the backward's start below). It runs under the live
         tracker, so the forward's peak also sees the region's graph alive, as its backward will."""
+        gc.collect()  # what earlier code left in reference cycles (a real run's collector would have freed it)
         inner = SavedTensors()
         with torch.autograd.graph.saved_tensors_hooks(inner.pack, lambda t: t):
             out = fn(*args)
         regions.append(inner.total() + 2 * max(inner.seen.values(), default=0))
         del out
+        gc.collect()  # its graph, which reference cycles may hold, is gone before the real forward of the region
 
     gc.collect()
     gc.disable()  # tensors in reference cycles are then freed at the same point in every trace: deterministic
