@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CASES = {
     "distill (supra), whole logits": ("supra", {"type": "distill", "lr": 1e-3, "logits_chunk": None}),
-    "distill (supra), logits_chunk 512": ("supra", {"type": "distill", "lr": 1e-3, "logits_chunk": 512}),
+    "distill (supra), logits_chunk 128": ("supra", {"type": "distill", "lr": 1e-3, "logits_chunk": 128}),
     "distill (lolcats), whole logits": ("lolcats", {"type": "distill", "lr": 1e-3, "logits_chunk": None}),
-    "distill (lolcats), logits_chunk 512": ("lolcats", {"type": "distill", "lr": 1e-3, "logits_chunk": 512}),
-    "distill (lolcats), logits_chunk 512 + gradient checkpointing": (
-        "lolcats", {"type": "distill", "lr": 1e-3, "logits_chunk": 512, "gradient_checkpointing": True}),
+    "distill (lolcats), logits_chunk 128": ("lolcats", {"type": "distill", "lr": 1e-3, "logits_chunk": 128}),
+    "distill (lolcats), logits_chunk 128 + gradient checkpointing": (
+        "lolcats", {"type": "distill", "lr": 1e-3, "logits_chunk": 128, "gradient_checkpointing": True}),
     "attention_transfer (lolcats), all layers": ("lolcats", {"type": "attention_transfer", "lr": 1e-2}),
     "attention_transfer (lolcats), 5 per block": ("lolcats", {"type": "attention_transfer", "lr": 1e-2,
                                                               "layers_per_block": 5}),
@@ -41,8 +41,8 @@ CASES = {
                                                               "layers_per_block": 1}),
     "finetune (supra, all train), whole logits": ("supra", {"type": "finetune", "lr": 1e-5, "trainable": ["*"],
                                                             "logits_chunk": None}),
-    "finetune (supra, all train), logits_chunk 512": ("supra", {"type": "finetune", "lr": 1e-5, "trainable": ["*"],
-                                                                "logits_chunk": 512}),
+    "finetune (supra, all train), logits_chunk 128": ("supra", {"type": "finetune", "lr": 1e-5, "trainable": ["*"],
+                                                                "logits_chunk": 128}),
 }
 
 

@@ -222,12 +222,12 @@ def test_block_wise_transfer_and_chunked_logits_lower_the_plan_and_are_advised(t
     at_all, at_one = (stage_plan({"type": "attention_transfer", "layers_per_block": k}, seq_len=64).stages[0]
                       for k in (None, 1))
     assert at_one.activations < 0.8 * at_all.activations
-    whole, chunked = (stage_plan({"type": "distill", "logits_chunk": c}).stages[0] for c in (None, 512))
+    whole, chunked = (stage_plan({"type": "distill", "logits_chunk": c}).stages[0] for c in (None, 128))
     assert chunked.activations < 0.75 * whole.activations
 
     tight = whole.total - (whole.activations - chunked.activations) // 2  # fits with chunks, not without
     plan = stage_plan({"type": "distill", "logits_chunk": None}, memory=tight)
-    assert not plan.fits() and any(a.startswith("logits_chunk: 512 in stage distill (the same losses, less memory)")
+    assert not plan.fits() and any(a.startswith("logits_chunk: 128 in stage distill (the same losses, less memory)")
                                    and a.endswith("(fits)") for a in plan.advice["distill"])
     plan = stage_plan({"type": "attention_transfer"}, memory=at_one.total + 1, seq_len=64)
     assert any(a.startswith("layers_per_block: ") for a in plan.advice["attention_transfer"])

@@ -87,9 +87,11 @@ class AttentionTransferSettings(StageSettings):
 class LogitsStageSettings(StageSettings):
     """Stages whose loss is over the vocabulary (KL, CE)."""
 
-    # positions per chunk of the loss: each chunk's logits are built, used and freed, and rebuilt in the backward
-    # pass (distill/logits.py), so no [tokens x vocabulary] tensor is held whole. None: whole logits
-    logits_chunk: int | None = Field(512, ge=1)
+    # positions per chunk of the loss: each chunk's logits, loss and gradients are taken and freed inside the head's
+    # forward (distill/logits.py), so no [tokens x vocabulary] tensor is held whole. None: whole logits. 128 keeps a
+    # chunk's logits near the size of the hidden states of a micro-batch of 1 x 1024-2048 tokens (SmolLM2: 25 MB per
+    # fp32 tensor; Llama 3: 66 MB), while each chunk is still one large matrix product
+    logits_chunk: int | None = Field(128, ge=1)
 
 
 class DistillSettings(LogitsStageSettings):

@@ -118,6 +118,8 @@ class SavedTensors:
         self.current: list[int] = []
 
     def pack(self, t):
+        if isinstance(t, torch.nn.Parameter):  # a weight the backward reads: counted with the weights already
+            return t
         try:
             key, nbytes = t.untyped_storage()._cdata, t.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):
@@ -380,7 +382,7 @@ def _lighter_settings(settings, converted: int) -> list[tuple[str, int]]:
     """Settings of the stage that lower its activations without changing its result, lightest last: the vocabulary
     losses in chunks; attention transfer in blocks of fewer layers."""
     if "logits_chunk" in type(settings).model_fields and settings.logits_chunk is None:
-        return [("logits_chunk", 512)]
+        return [("logits_chunk", type(settings).model_fields["logits_chunk"].default)]
     if "layers_per_block" in type(settings).model_fields:
         now = settings.layers_per_block or converted
         return [("layers_per_block", k) for k in (16, 8, 4, 2, 1) if k < now]
