@@ -206,3 +206,39 @@ def test_recurrence_on_a_model_without_a_block_is_refused():
     student = convert(tiny_model("llama"), "supra")
     with pytest.raises(RnnifyError, match="the model has no recurrent block"):
         build_objective("finetune", student, None, FinetuneSettings(max_steps=1, recurrence={"mean": 2}))
+
+
+def test_a_random_initial_state_answers_the_same_way_twice(tmp_path):
+    """state_init normal (the default): in eval mode the state is noise keyed on the block and the token's position,
+    so calls repeat, greedy decoding step by step equals the parallel forward, and the saved folder loaded with
+    trust_remote_code gives the same outputs; in training mode the noise is fresh at every call, as the paper trains."""
+    from transformers import AutoModelForCausalLM
+
+    from rnnify.modeling.recurrent_block import position_noise
+
+    student = convert(tiny_model("llama"), "retrofit", options={"prelude": "0", "block": "1-2", "coda": "3",
+                                                                "recurrence": 3})
+    assert student.config.program[1]["state_init"] == "normal"
+    student.eval()
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = student(x).logits, student(x).logits
+        assert torch.equal(a, b)
+        out = student.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                               output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        again = student.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                                 pad_token_id=0)
+        assert torch.equal(out.sequences, again)
+        full = student(out.sequences).logits  # the parallel forward over prompt + continuation
+        torch.testing.assert_close(torch.stack(out.scores, 1), full[:, 8:-1], atol=1e-4, rtol=1e-4)
+    student.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, a, atol=1e-5, rtol=1e-5)
+
+    student.train()
+    assert not torch.equal(student(x).logits, student(x).logits)
+    # the noise is a normal of std 1 per channel, different per position and per block
+    n = position_noise(torch.arange(4096), 64, key=1001)
+    assert abs(n.mean()) < 0.01 and abs(n.std() - 1) < 0.01
+    assert not torch.equal(n[0], n[1]) and not torch.equal(n, position_noise(torch.arange(4096), 64, key=1002))

@@ -254,7 +254,7 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
             for j in range(1, loops):
                 for step in block.spec.steps:
                     catch_up_slot(run.cache, run.slot(step, j), [run.slot(step, i) for i in range(j)], past)
-        state = block.initial_state(inputs)
+        state = block.initial_state(inputs, run.position_ids)
         for j in range(loops):
             ctx = contextlib.nullcontext() if j >= loops - keep_grad else torch.no_grad()
             with ctx:

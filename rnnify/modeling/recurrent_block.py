@@ -8,7 +8,10 @@ McLeish et al. 2025, "Teaching Pretrained Language Models to Think Deeper with R
 
 with A a ``Linear(2d -> d)``. ``adapter_init: passthrough`` sets A = [0 | I], so A [s; e] = e and one loop is the
 block applied to e: exactly the source model without the dropped layers. ``state_init`` picks s_0: a truncated
-normal (the papers'; drawn from torch's generator, so seed it for reproducible outputs), zeros, or e itself.
+normal (the papers'), zeros, or e itself. The normal state is drawn from torch's generator while the block trains
+(fresh noise each step, as the papers train), and in eval mode from a counter-based generator keyed on the block and
+each token's position (``position_noise``): the same input then gives the same output on every call, greedy decoding
+is deterministic, and step-by-step decoding starts each position from the state the parallel forward gave it.
 
 Cache: each (loop, layer) execution has its own cache slot. When a call runs more loops than earlier calls did,
 a slot that missed tokens takes them from the deepest loop that has them ("latest" strategy of Geiping et al.'s
@@ -47,21 +50,51 @@ class LoopBlock(nn.Module):
                 g = torch.Generator().manual_seed(2000 + self.spec.steps[0].layer)
                 self.adapter.weight.copy_(torch.randn(d, 2 * d, generator=g) * (2 * d) ** -0.5)
 
-    def initial_state(self, inputs: torch.Tensor) -> torch.Tensor:
+    def initial_state(self, inputs: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """s_0 for ``inputs`` [B, T, d] at absolute ``positions`` ([T] or [B, T]; default 0..T-1)."""
         kind = self.spec.state_init
         if kind == "prelude":
             return inputs
         if kind == "zeros":
             return torch.zeros_like(inputs)
         std = self.spec.state_std
-        state = torch.empty_like(inputs, dtype=torch.float32)
-        nn.init.trunc_normal_(state, std=std, a=-3 * std, b=3 * std)
-        return state.to(inputs.dtype)
+        if self.training:
+            state = torch.empty_like(inputs, dtype=torch.float32)
+            nn.init.trunc_normal_(state, std=std, a=-3 * std, b=3 * std)
+            return state.to(inputs.dtype)
+        B, T, d = inputs.shape
+        if positions is None:
+            positions = torch.arange(T, device=inputs.device)
+        positions = positions.to(inputs.device).expand(B, T) if positions.dim() == 2 else positions.expand(B, T)
+        noise = position_noise(positions, d, key=1000 + self.spec.steps[0].layer)
+        return (noise.clamp(-3, 3) * std).to(inputs.dtype)  # truncated at 3 std, as in training (clamped, not redrawn)
 
     def combine(self, state: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         if self.adapter is None:
             return state
         return self.adapter(torch.cat([state, inputs], dim=-1))
+
+
+_MIX1, _MIX2, _GOLDEN = -4658895280553007687, -7723592293110705685, -7046029254386353131  # splitmix64, as int64
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps; the shifts are arithmetic, which keeps it a
+    fixed bijection-like mixing, enough for noise)."""
+    z = (z ^ (z >> 30)) * _MIX1
+    z = (z ^ (z >> 27)) * _MIX2
+    return z ^ (z >> 31)
+
+
+def position_noise(positions: torch.Tensor, dim: int, key: int) -> torch.Tensor:
+    """Standard normal noise [*positions.shape, dim], a function of (key, position, channel) alone: a counter-based
+    generator (splitmix64 of the counter, two 24-bit uniforms, Box-Muller). Any device, no generator state."""
+    channel = torch.arange(dim, device=positions.device, dtype=torch.int64)
+    counter = (positions.to(torch.int64)[..., None] * dim + channel) * 2 + key * 1_000_003
+    z = _mix(counter * _GOLDEN + _GOLDEN)
+    u1 = ((z & 0xFFFFFF).to(torch.float64) + 0.5) / 2**24
+    u2 = (((z >> 24) & 0xFFFFFF).to(torch.float64) + 0.5) / 2**24
+    return (torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * torch.pi * u2)).to(torch.float32)
 
 
 def _tokens(layer) -> int | None:
