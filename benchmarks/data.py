@@ -51,29 +51,36 @@ def _lists_packer(spec, tok, seq_len):
     return torch.tensor(blocks, dtype=torch.int32)
 
 
-def _rss_mb() -> float:
+def _rss_mb(fields=("RssAnon",)) -> float:
     """The anonymous resident set (the process's own allocations; not the file pages it maps, such as datasets'
-    Arrow files or safetensors, which the kernel can drop)."""
+    Arrow files or safetensors, which the kernel can drop); ``fields=("RssAnon", "RssFile")`` adds the mapped pages."""
+    found = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
+            key = line.split(":")[0]
+            if key in fields:
+                found[key] = int(line.split()[1]) / 1024
+    if set(found) != set(fields):
+        raise RuntimeError(f"no {set(fields) - set(found)} in /proc/self/status")
+    return sum(found.values())
 
 
 class PeakRSS:
     """The largest resident set seen while the block runs (sampled every 5 ms), less the resident set at its
     start: the memory the packer itself takes, apart from the libraries and the dataset loaded before it."""
 
+    def __init__(self, fields=("RssAnon",)):
+        self.fields = fields
+
     def __enter__(self):
         import threading
 
-        self.start = self.peak = _rss_mb()
+        self.start = self.peak = _rss_mb(self.fields)
         self._stop = threading.Event()
 
         def sample():
             while not self._stop.wait(0.005):
-                self.peak = max(self.peak, _rss_mb())
+                self.peak = max(self.peak, _rss_mb(self.fields))
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
@@ -82,7 +89,7 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_mb())
+        self.peak = max(self.peak, _rss_mb(self.fields))
         self.above = self.peak - self.start
 
 
