@@ -136,7 +136,7 @@ def test_stepwise_inactive_layers_run_the_teachers_attention():
     x = torch.randint(0, 128, (2, 15))
     nothing_active = DistillObjective(student, teacher, active=[])
     with torch.no_grad():
-        torch.testing.assert_close(nothing_active._student_logits(x), teacher(x).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(nothing_active.student_logits(x), teacher(x).logits, atol=1e-5, rtol=1e-5)
         loss, _ = nothing_active(x)
     assert loss.abs() < 1e-6
     # the swap is undone afterwards

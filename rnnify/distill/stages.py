@@ -3,6 +3,7 @@ token blocks to ``(loss, metrics)``, so the generic loop (and DDP) wraps it whol
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import random
 from collections.abc import Callable
@@ -90,23 +91,29 @@ class DistillObjective(Objective):
         converted = [i for i, _ in student.mixers()] if hasattr(student, "mixers") else []
         self.inactive = [i for i in converted if active is not None and i not in active]
 
-    def _student_loss(self, input_ids, teacher, mask, labels):
-        def loss():
-            return self.vocab.loss(self.student, input_ids, teacher, kl_mask=mask, labels=labels,
-                                   temperature=self.temperature, direction=self.kl, ce_weight=self.ce_weight,
-                                   **self.student_kwargs)
-
-        if not self.inactive:
-            return loss()
+    @contextlib.contextmanager
+    def _stepwise(self):
+        """The converted layers outside ``active`` run the teacher's attention while inside."""
         layers = self.student.model.layers
         saved = {i: layers[i].self_attn for i in self.inactive}
         try:
             for i in self.inactive:
                 layers[i].self_attn = TeacherAttention(self.teacher.model.layers[i].self_attn)
-            return loss()
+            yield
         finally:
             for i, m in saved.items():
                 layers[i].self_attn = m
+
+    def student_logits(self, input_ids):
+        """The student's whole logits as this stage runs it (inactive layers as the teacher's attention)."""
+        with self._stepwise():
+            return self.student(input_ids=input_ids, use_cache=False, **self.student_kwargs).logits
+
+    def _student_loss(self, input_ids, teacher, mask, labels):
+        with self._stepwise():
+            return self.vocab.loss(self.student, input_ids, teacher, kl_mask=mask, labels=labels,
+                                   temperature=self.temperature, direction=self.kl, ce_weight=self.ce_weight,
+                                   **self.student_kwargs)
 
     def forward(self, input_ids, labels=None):
         labels = input_ids if labels is None else labels
