@@ -1,5 +1,5 @@
-"""Regions of a loss that are recomputed in the backward pass instead of kept: a chunk of the vocabulary-sized logits
-(``logits.py``), a block of layers in attention transfer (``stages.py``). The forward keeps only a region's inputs;
+"""Regions of a loss that are recomputed in the backward pass instead of kept: a block of layers in attention transfer
+(``stages.py``, ``layers_per_block``). The forward keeps only a region's inputs;
 the backward runs the region again, one region at a time, so at most one region's graph is alive.
 
 ``torch.utils.checkpoint`` (non-reentrant: works under DDP and FSDP2, and with inputs that need no gradient). The

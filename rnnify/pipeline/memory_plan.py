@@ -267,7 +267,7 @@ def trace_activations(objective, batch: int, seq_len: int, device="meta") -> tup
     saved, largest = rec.total(), max(rec.seen.values(), default=0)
     held = max(live.live, saved)  # what the forward leaves for the backward: saved tensors and anything kept
     # the backward: what is held, plus the gradient of the largest saved tensor and a temporary of its size, or one
-    # recomputed region's graph (a chunk of the logits, a block of attention-transfer layers), whichever is more
+    # recomputed region's graph (a block of attention-transfer layers), whichever is more
     backward = held + max(2 * largest, max(regions, default=0))
     peak = max(live.peak, backward)
     if not per_layer:  # the stage calls no decoder layer whole (attention transfer): nothing to checkpoint
