@@ -296,11 +296,12 @@ def test_fsdp_checkpoints_hold_full_tensors_and_resume_matches(workdir, tmp_path
 @pytest.mark.skipif(sys.platform != "linux", reason="accelerate launch with gloo")
 def test_shipped_accelerate_fsdp_config_runs_every_stage_kind(workdir, tmp_path):
     """`accelerate launch --config_file recipes/accelerate/fsdp.yaml` on CPU: the recipe does not ask for FSDP, the
-    launch config does. Attention transfer (mixers called directly), stepwise distillation in bf16 (teacher
-    attentions inside the student) and a LoRA fine-tune all train sharded, and the saved model loads."""
+    launch config does. Attention transfer (mixers called directly, in blocks rebuilt in the backward pass),
+    stepwise distillation in bf16 (teacher attentions inside the student; the loss over chunks of positions) and a
+    LoRA fine-tune all train sharded, and the saved model loads."""
     from rnnify.paths import RECIPES_DIR
 
-    stages = [{"type": "attention_transfer", "max_steps": 2, "lr": 0.05},
+    stages = [{"type": "attention_transfer", "max_steps": 2, "lr": 0.05, "layers_per_block": 2},
               {"type": "distill", "max_steps": 2, "dtype": "bfloat16", "active_layers": [0]},
               {"type": "finetune", "max_steps": 2, "lora": {"r": 4}}]
     r = recipe(workdir, stages, options={"window": 8, "sinks": 2, "chunk_size": 16, "init_linear_mix_logit": 0.0})
