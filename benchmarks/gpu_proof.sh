@@ -129,22 +129,7 @@ if torch.cuda.is_available() else 'cpu')" || status=1
   mkdir -p "$out/gpu_smoke"
   for f in eval.json README.md; do [ -f "$run_dir/$f" ] && cp "$run_dir/$f" "$out/gpu_smoke/"; done
   [ -f "$run_dir.run/metrics.jsonl" ] && cp "$run_dir.run/metrics.jsonl" "$out/gpu_smoke/"
-  $py - "$run_dir.run/metrics.jsonl" <<'PY'
-import json
-import sys
-from pathlib import Path
-
-path = Path(sys.argv[1])
-last = {}
-for line in (path.read_text().splitlines() if path.exists() else []):
-    r = json.loads(line)
-    last[r["stage"]] = r
-for name, r in last.items():
-    print(f"stage {name}: {r['step']} steps, {r['tokens']:,} tokens, {r['tokens_per_s']:,.0f} tokens/s, "
-          f"final loss {r['loss']:.4g}")
-if not last:
-    print("no metrics: the recipe did not train")
-PY
+  $py benchmarks/stage_summary.py "$run_dir.run/metrics.jsonl"
   step decode 120 $py benchmarks/decode.py "${decode_args[@]}" || status=1
   step tests 30 $py -m pytest -q -p no:cacheprovider "${test_args[@]}" || status=1
   echo "gpu_proof: $([ $status = 0 ] && echo 'every step passed' || echo 'a step failed (see its log)')"

@@ -20,18 +20,4 @@ rm -rf out/gpu_smoke out/gpu_smoke.run
 RNNIFY_KERNELS=triton timeout 1800 python3 -u -m rnnify run gpu_smoke "${source_override[@]}" --no-progress \
   >"$out/gpu_smoke.log" 2>&1
 echo "   exit $? -> $out/gpu_smoke.log"; tail -n 30 "$out/gpu_smoke.log"
-python3 - <<'PY'
-import json
-from pathlib import Path
-
-rows = [json.loads(x) for x in Path("out/gpu_smoke.run/metrics.jsonl").read_text().splitlines()] \
-    if Path("out/gpu_smoke.run/metrics.jsonl").exists() else []
-stages = {}
-for r in rows:
-    stages[r["stage"]] = r
-for name, r in stages.items():
-    print(f"stage {name}: {r['step']} steps, {r['tokens']:,} tokens, {r['tokens_per_s']:,.0f} tokens/s, "
-          f"final loss {r['loss']:.4g}")
-if not stages:
-    print("no metrics: the run did not train")
-PY
+python3 benchmarks/stage_summary.py out/gpu_smoke.run/metrics.jsonl
