@@ -68,6 +68,24 @@ def test_distill_trains_only_new_parameters(workdir):
     assert any("feature_map" in k for k in set(out) - set(src))
 
 
+def test_lr_by_name_gives_matching_parameters_their_own_learning_rate(workdir):
+    # Adam's first step moves every parameter with a gradient by about its lr (sign of the gradient, bias-corrected),
+    # so after 2 constant-lr steps the mixing logits have moved ~2 x 0.5 and the feature maps ~2 x 1e-5
+    r = recipe(workdir, [{"type": "distill", "max_steps": 2, "schedule": "constant", "lr": 1e-5, "grad_clip": None,
+                          "lr_by_name": {"*linear_mix_logit": 0.5}}],
+               options={"window": 8, "sinks": 2, "chunk_size": 16, "init_linear_mix_logit": 0.0})
+    run_recipe(r, progress=False)
+    out = _final_weights(workdir)
+    mix = torch.cat([v.flatten() for k, v in out.items() if k.endswith("linear_mix_logit")])
+    fmap = torch.cat([(v - torch.eye(v.shape[-1])).flatten() for k, v in out.items()
+                      if k.endswith("feature_map_q.weight")])
+    assert 0.5 < mix.abs().max() <= 1.0 + 1e-4, mix
+    assert fmap.abs().max() <= 2e-5 + 1e-7, fmap.abs().max()
+    with pytest.raises(RnnifyError, match=r"lr_by_name: \['\*nope'\] match no parameter"):
+        run_recipe(recipe(workdir, [{"type": "distill", "max_steps": 1, "lr_by_name": {"*nope": 0.1}}],
+                          output={"dir": str(workdir / "out2")}), progress=False)
+
+
 def _final_weights(workdir):
     return load_file(str(workdir / "out" / "model.safetensors"))
 

@@ -9,6 +9,7 @@ uninterrupted run would have, and every process takes its slice of the same glob
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import math
 import os
@@ -103,14 +104,32 @@ class MuonAdamW(torch.optim.Optimizer):
         self.param_groups = [g for o in self.parts for g in o.param_groups]
 
 
+def lr_groups(named, settings) -> list[dict]:
+    """Parameter groups by learning rate: ``settings.lr_by_name`` globs in order (first match wins), then ``lr``.
+    A glob that matches no trainable parameter is an error (a misspelt name would silently train at ``lr``)."""
+    patterns = settings.lr_by_name or {}
+    groups = {pat: [] for pat in patterns}
+    rest = []
+    for n, p in named:
+        pat = next((g for g in patterns if fnmatch.fnmatchcase(n, g)), None)
+        (groups[pat] if pat is not None else rest).append(p)
+    unused = [pat for pat, ps in groups.items() if not ps]
+    if unused:
+        examples = ", ".join(n for n, _ in named[:3])
+        raise RnnifyError(f"lr_by_name: {unused} match no parameter this stage trains; its names look like: {examples}")
+    out = [{"params": ps, "lr": patterns[pat]} for pat, ps in groups.items()]
+    return out + ([{"params": rest, "lr": settings.lr}] if rest else [])
+
+
 def make_optimizer(student, settings):
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     if settings.optimizer == "muon":
         hidden = lambda n, p: p.ndim == 2 and "embed_tokens" not in n and "lm_head" not in n  # noqa: E731
-        return MuonAdamW([p for n, p in named if hidden(n, p)], [p for n, p in named if not hidden(n, p)],
+        return MuonAdamW([p for n, p in named if hidden(n, p)],
+                         lr_groups([(n, p) for n, p in named if not hidden(n, p)], settings),
                          lr=settings.lr, muon_lr=settings.muon_lr, betas=tuple(settings.betas),
                          weight_decay=settings.weight_decay)
-    return torch.optim.AdamW([p for _, p in named], lr=settings.lr, betas=tuple(settings.betas),
+    return torch.optim.AdamW(lr_groups(named, settings), lr=settings.lr, betas=tuple(settings.betas),
                              weight_decay=settings.weight_decay)
 
 
