@@ -104,7 +104,7 @@ class MuonAdamW(torch.optim.Optimizer):
         self.param_groups = [g for o in self.parts for g in o.param_groups]
 
 
-def lr_groups(named, settings) -> list[dict]:
+def lr_groups(named, settings, trained_by: str = "this stage trains") -> list[dict]:
     """Parameter groups by learning rate: ``settings.lr_by_name`` globs in order (first match wins), then ``lr``.
     A glob that matches no trainable parameter is an error (a misspelt name would silently train at ``lr``)."""
     patterns = settings.lr_by_name or {}
@@ -116,7 +116,7 @@ def lr_groups(named, settings) -> list[dict]:
     unused = [pat for pat, ps in groups.items() if not ps]
     if unused:
         examples = ", ".join(n for n, _ in named[:3])
-        raise RnnifyError(f"lr_by_name: {unused} match no parameter this stage trains; its names look like: {examples}")
+        raise RnnifyError(f"lr_by_name: {unused} match no parameter {trained_by}; its names look like: {examples}")
     out = [{"params": ps, "lr": patterns[pat]} for pat, ps in groups.items()]
     return out + ([{"params": rest, "lr": settings.lr}] if rest else [])
 
@@ -126,7 +126,8 @@ def make_optimizer(student, settings):
     if settings.optimizer == "muon":
         hidden = lambda n, p: p.ndim == 2 and "embed_tokens" not in n and "lm_head" not in n  # noqa: E731
         return MuonAdamW([p for n, p in named if hidden(n, p)],
-                         lr_groups([(n, p) for n, p in named if not hidden(n, p)], settings),
+                         lr_groups([(n, p) for n, p in named if not hidden(n, p)], settings,
+                                   "that AdamW trains here (Muon's weight matrices take muon_lr)"),
                          lr=settings.lr, muon_lr=settings.muon_lr, betas=tuple(settings.betas),
                          weight_decay=settings.weight_decay)
     return torch.optim.AdamW(lr_groups(named, settings), lr=settings.lr, betas=tuple(settings.betas),
