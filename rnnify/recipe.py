@@ -62,6 +62,10 @@ class ConversionSpec(Strict):
     attention_every: int | None = None  # every k-th layer kept as attention
     options: dict[str, Any] = Field(default_factory=dict)
     transforms: list[TransformSpec] = Field(default_factory=list)  # applied in order after the conversion
+    # a model this recipe's method already converted from model.source (a folder `rnnify run`/`convert` wrote, or a
+    # Hub id): the student starts from its weights instead of a fresh conversion, then takes the transforms (StateX
+    # post-trains a trained recurrent model); model.source stays the teacher
+    start_from: str | None = None
 
     @model_validator(mode="after")
     def _known_method(self):
@@ -71,6 +75,14 @@ class ConversionSpec(Strict):
             auto = parse_auto(self.keep_attention)
         except RnnifyError as e:
             raise ValueError(str(e)) from None
+        if self.start_from is not None:
+            given = {k: getattr(self, k) for k in ("keep_attention", "select_after", "attention_fraction",
+                                                   "attention_every") if getattr(self, k) not in (None, "")}
+            if isinstance(m, Transform) or given or self.options:
+                raise ValueError(f"start_from: {self.start_from!r} is already converted: conversion.method names "
+                                 "the method it was converted with, and only transforms may be added; drop "
+                                 f"{', '.join([*given, *(['options'] if self.options else [])]) or 'the transform method'}"
+                                 " (transforms go under conversion.transforms)")
         if self.select_after is not None and auto is None:
             raise ValueError(f"select_after: {self.select_after!r} chooses the kept layers by measurement after that "
                              f"stage; keep_attention must then be auto:N or auto:P%@L, not {self.keep_attention!r}")
@@ -185,9 +197,15 @@ class Recipe(Strict):
     eval: EvalSpec | None = None
     hub: HubSpec = Field(default_factory=HubSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    # what `rnnify run --control` runs beside this recipe to show what it buys (pipeline/control.py): the same run
+    # without conversion.transforms (the default when there are any), or the same conversion untrained (otherwise)
+    control: Literal["without_transforms", "untrained"] | None = None
 
     @model_validator(mode="after")
     def _check(self):
+        if self.control == "without_transforms" and not self.conversion.transforms:
+            raise ValueError("control: without_transforms leaves out conversion.transforms, and this recipe has none; "
+                             "accepted here: untrained (the same conversion, no training)")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")

@@ -8,7 +8,9 @@ from ..convert import METHODS
 from ..convert.method import Transform, describe_options
 from ..distill.data import check_data_files
 from ..distill.stages import STAGES
+from ..errors import RnnifyError
 from ..eval.report import results_table
+from ..pipeline.control import comparison_table, run_with_control
 from ..pipeline.memory_plan import plan_here
 from ..pipeline.plan import RunPlan
 from ..pipeline.runner import run_recipe
@@ -55,6 +57,13 @@ def validate(args) -> None:
 def run(args) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     t0 = time.time()
+    if args.control:
+        if args.stage:
+            raise RnnifyError("--control runs the whole recipe and its control; drop --stage")
+        merged = run_with_control(recipe, resume=args.resume, fresh=args.fresh, progress=not args.no_progress, log=log)
+        print(comparison_table(merged))
+        log(f"rnnify run --control: {time.time() - t0:.0f}s")
+        return
     summary = run_recipe(recipe, only_stage=args.stage, resume=args.resume, fresh=args.fresh,
                          progress=not args.no_progress)
     if summary.get("finished") and "eval" in summary:
@@ -97,6 +106,9 @@ def add_parser(sub) -> None:
     s.add_argument("--fresh", action="store_true",
                    help="start from the beginning although the run folder holds an earlier run (kept under a new name)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--control", action="store_true",
+                   help="also run the recipe's control (the same run without its transforms, or untrained: the "
+                        "recipe's control: key) into <output.dir>-control, and print both side by side")
     s.set_defaults(func=run)
 
 

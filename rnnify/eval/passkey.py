@@ -3,6 +3,7 @@ at the end. Needs recall over the whole context: a window alone fails once the k
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -36,5 +37,7 @@ def passkey_accuracy(model, tokenizer, length: int, trials: int = 5, seed: int =
         answer = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         hits += str(key) in answer
         by_depth.append([depth, int(str(key) in answer)])
-    return {"length": length, "accuracy": hits / trials, "trials": trials, "prompt_tokens": max(lengths),
+    p = hits / trials  # each trial a Bernoulli draw: its standard error is that of a binomial share
+    return {"length": length, "accuracy": p, "trials": trials, "stderr": math.sqrt(p * (1 - p) / trials),
+            "prompt_tokens": max(lengths),
             "by_depth": by_depth}

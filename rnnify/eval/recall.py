@@ -10,6 +10,7 @@ for token, as long as each earlier answer token was right).
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -50,16 +51,28 @@ def recalled(model, tokenizer, prompt: str, answer: str) -> bool:
 
 
 def mqar_accuracy(model, tokenizer, num_pairs: int, trials: int = 4, queries: int = 8, seed: int = 0) -> dict:
+    """Share of ``queries`` x ``trials`` keys recalled after ``num_pairs`` key-value pairs; ``stderr`` is the
+    standard error of that mean over the trials (each trial a fresh set of pairs)."""
     rng = random.Random(seed * 7919 + num_pairs)
-    hits = total = 0
+    per_trial = []
     longest = 0
     for _ in range(trials):
         context, qa = make_prompt(num_pairs, queries, rng)
+        hits = 0
         for question, answer in qa:
             hits += recalled(model, tokenizer, context + question, answer)
-            total += 1
             longest = max(longest, len(tokenizer(context + question + answer, add_special_tokens=False)["input_ids"]))
-    return {"pairs": num_pairs, "accuracy": hits / total, "queries": total, "prompt_tokens": longest}
+        per_trial.append(hits / len(qa))
+    return {"pairs": num_pairs, "accuracy": sum(per_trial) / trials, "queries": trials * queries,
+            "per_trial": per_trial, "stderr": _stderr(per_trial), "prompt_tokens": longest}
+
+
+def _stderr(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 __all__ = ["KEYS", "make_prompt", "mqar_accuracy", "recalled"]

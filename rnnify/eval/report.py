@@ -125,13 +125,18 @@ def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> di
     looped = [n for n in names if len(getattr(students[n], "blocks", []))]
     if spec.recurrence and looped:
         student = students[looped[0]]
-        blocks = windows(tokens, lengths[0], spec.num_windows)
-        results["recurrence"] = {}
-        for r in spec.recurrence:
-            ppl = perplexity(student, blocks, recurrence=r)["ppl"]
-            flops = flops_per_token(student, lengths[0], recurrence=r)
-            results["recurrence"][str(r)] = {"ppl": ppl, "flops_per_token": flops}
-            log(f"perplexity @ {lengths[0]} with {r} loops: {ppl:.2f} ({flops / 1e6:.0f} MFLOPs/token)")
+        by_text = {}
+        for i, text in enumerate(spec.texts):  # every text: depth must help on each kind, not only the first
+            blocks = windows(tokens if i == 0 else tokenize_text_file(text, tokenizer), lengths[0], spec.num_windows)
+            by_text[text] = {}
+            for r in spec.recurrence:
+                ppl = perplexity(student, blocks, recurrence=r)["ppl"]
+                flops = flops_per_token(student, lengths[0], recurrence=r)
+                by_text[text][str(r)] = {"ppl": ppl, "flops_per_token": flops}
+                log(f"perplexity @ {lengths[0]} on {text} with {r} loops: {ppl:.2f} ({flops / 1e6:.0f} MFLOPs/token)")
+        results["recurrence"] = by_text[spec.texts[0]]
+        if len(by_text) > 1:
+            results["recurrence_by_text"] = by_text
         if "teacher" in models:
             results["recurrence_teacher"] = {"ppl": results["perplexity"]["teacher"],
                                              "flops_per_token": flops_per_token(teacher, lengths[0])}
@@ -146,6 +151,7 @@ def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> di
             for name in measured:
                 r = mqar_accuracy(models[name], tokenizer, n, trials=spec.mqar_trials)
                 row[name] = r["accuracy"]
+                row.setdefault("stderr", {})[name] = r["stderr"]
                 row["prompt_tokens"] = r["prompt_tokens"]
                 log(f"MQAR @ {n} pairs ({r['prompt_tokens']} tokens): {name} {r['accuracy']:.0%}")
             row["cache_bytes"] = {name: cache_bytes(models[name], row["prompt_tokens"]) for name in measured}
@@ -156,6 +162,7 @@ def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> di
         for name in measured:
             r = passkey_accuracy(models[name], tokenizer, length, spec.passkey_trials)
             results["passkey"].setdefault(str(length), {})[name] = r["accuracy"]
+            results["passkey"][str(length)].setdefault("stderr", {})[name] = r["stderr"]
             results["passkey_by_depth"].setdefault(str(length), {})[name] = r["by_depth"]
             log(f"passkey @ {length}: {name} {r['accuracy']:.0%}")
 
@@ -211,10 +218,18 @@ def results_table(results: dict) -> str:
         for t, q in results["perplexity_by_text"].items():
             if q.get("recovered"):
                 row(f"share of the window-to-teacher gap recovered on {short(t)}", q["recovered"], pct)
+    def spread(r):  # a share and its standard error over the trials, where the eval recorded one
+        err = r.get("stderr", {})
+        return lambda name: "—" if r.get(name) is None else pct(r[name]) + (
+            f" ±{err[name]:.0%}" if err.get(name) else "")
+
+    def row_of(label, fmt_name):
+        rows.append(f"| {label} | " + " | ".join(fmt_name(c) for c in cols) + " |")
+
     for n, r in results.get("mqar", {}).items():
-        row(f"MQAR recall, {n} pairs (~{r['prompt_tokens']} tokens)", r, pct)
+        row_of(f"MQAR recall, {n} pairs (~{r['prompt_tokens']} tokens)", spread(r))
     for length, r in results.get("passkey", {}).items():
-        row(f"passkey accuracy @ {length}", r, pct)
+        row_of(f"passkey accuracy @ {length}", spread(r))
     agree = results.get("agreement", {})
     if agree:
         row("greedy next token = the teacher's", {n: v["next_token"] for n, v in agree.items()}, pct)
@@ -233,12 +248,7 @@ def results_table(results: dict) -> str:
         row(f"cache after {length} tokens", r, mem)
     text = "\n".join(rows) + "\n"
     if results.get("recurrence"):
-        t = results.get("recurrence_teacher")
-        text += f"\n| loops (test-time depth) | perplexity @ {results['context_length']} | MFLOPs per token |\n|---|---|---|\n"
-        if t:
-            text += f"| source model | {t['ppl']:.2f} | {t['flops_per_token'] / 1e6:.0f} |\n"
-        for r, v in results["recurrence"].items():
-            text += f"| {r} | {v['ppl']:.2f} | {v['flops_per_token'] / 1e6:.0f} |\n"
+        text += "\n" + recurrence_table(results)
     recovered = p.get("recovered") or ({"student": p["gap_recovered"]} if p.get("gap_recovered") is not None else {})
     for n, share in recovered.items():
         if share is None:
@@ -251,6 +261,34 @@ def results_table(results: dict) -> str:
             text += (f"\n{who} is behind the window-only baseline ({results.get('baseline', '')}): it has not "
                      "recovered the gap to the teacher yet.\n")
     return text
+
+
+def recurrence_table(results: dict, models: dict | None = None) -> str:
+    """Perplexity by test-time loop count on each text (a looped model), with the source model's and the FLOPs per
+    token. ``models``: {column: eval results} to put several looped models side by side (default: this one)."""
+    models = models or {"perplexity": results}
+    first = next(iter(models.values()))
+    texts = first.get("recurrence_by_text") or {first.get("perplexity", {}).get("text", "text"): first["recurrence"]}
+    short = lambda t: "/".join(str(t).replace("builtin:", "").split("/")[-2:])  # noqa: E731
+    L = first["context_length"]
+    head = " | ".join(f"{name} on {short(t)}" if len(models) > 1 else f"perplexity on {short(t)}"
+                      for t in texts for name in models)
+    lines = [f"| loops (test-time depth) @ {L} tokens | {head} | MFLOPs per token |",
+             "|---" * (len(texts) * len(models) + 2) + "|"]
+    teacher = first.get("recurrence_teacher")
+    if teacher:
+        ppl = {t: (first.get("perplexity_by_text", {}).get(t) or first["perplexity"]).get("teacher") for t in texts}
+        cells = " | ".join(f"{ppl[t]:.2f}" for t in texts for _ in models)
+        lines.append(f"| source model | {cells} | {teacher['flops_per_token'] / 1e6:.0f} |")
+    for r in first["recurrence"]:
+        cells = []
+        for t in texts:
+            for res in models.values():
+                v = (res.get("recurrence_by_text") or {t: res["recurrence"]}).get(t, {}).get(r)
+                cells.append("—" if v is None else f"{v['ppl']:.2f}")
+        flops = first["recurrence"][r]["flops_per_token"]
+        lines.append(f"| {r} | {' | '.join(cells)} | {flops / 1e6:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_eval(folder, results: dict) -> list[str]:
@@ -280,4 +318,4 @@ def _jsonable(value):
     raise TypeError(f"cannot write {type(value).__name__} to eval.json")
 
 
-__all__ = ["BASELINE", "evaluate", "results_table", "window_baseline", "write_eval"]
+__all__ = ["BASELINE", "evaluate", "recurrence_table", "results_table", "window_baseline", "write_eval"]

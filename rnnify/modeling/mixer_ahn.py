@@ -100,7 +100,7 @@ class AhnMixer(WindowMixer):
         A = None if self.memory_kind == "deltanet" else -torch.exp(self.A_log.float())
         heads = (lambda x: x.mean(-1, keepdim=True)) if self.merged else (lambda x: x)  # per-head gates -> one
         if self.merged:
-            q, k, v = (t.reshape(*t.shape[:2], 1, -1) for t in (q, k, v))
+            q, k, v = (t.flatten(2).unsqueeze(2) for t in (q, k, v))  # [B, n, 1, H*D] (n may be 0)
         if self.memory_kind == "mamba2":
             dt = F.softplus(gates + self.dt_bias.float()) * ok  # [B, n, H]
             g, dt = heads(dt * A), heads(dt)

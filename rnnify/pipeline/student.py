@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import torch
+from transformers import AutoModelForCausalLM
+
+from .. import sources
 from ..convert import convert, transform
 from ..convert.auto_spec import parse_auto
 from ..convert.layer_select import select_trained
@@ -15,13 +19,46 @@ def recipe_student(recipe: Recipe, teacher, tokenizer=None, log=None, selected: 
     """The recipe's conversion of ``teacher``, then its transforms in order. With ``conversion.select_after`` every
     layer is converted until that stage has chosen the kept layers; ``selected`` is its choice once made."""
     c = recipe.conversion
-    keep = c.keep_attention if c.select_after is None else (selected or [])
-    student = convert(teacher, c.method, keep_attention=keep, options=c.options,
-                      attention_fraction=c.attention_fraction, attention_every=c.attention_every,
-                      tokenizer=tokenizer, select_text=c.select_text, select_mode=c.select_mode,
-                      select_tokens=c.select_tokens, log=log)
+    if c.start_from is not None:
+        student = converted_start(recipe, teacher, log)
+    else:
+        keep = c.keep_attention if c.select_after is None else (selected or [])
+        student = convert(teacher, c.method, keep_attention=keep, options=c.options,
+                          attention_fraction=c.attention_fraction, attention_every=c.attention_every,
+                          tokenizer=tokenizer, select_text=c.select_text, select_mode=c.select_mode,
+                          select_tokens=c.select_tokens, log=log)
     for t in c.transforms:
         student = transform(student, t.method, t.options)
+    return student
+
+
+def converted_start(recipe: Recipe, teacher, log=None):
+    """``conversion.start_from``: the model ``recipe.conversion.method`` already converted from the teacher, loaded
+    (on the meta device when the teacher is there, for the memory plan). Checked to be an rnnify model of that
+    method and of the teacher's shape, so a post-training starts from what the recipe says."""
+    c = recipe.conversion
+    quiet = lambda *_: None  # noqa: E731
+    config = sources.load_config(c.start_from, progress=log or quiet)
+    if getattr(config, "model_type", None) != "rnnify":
+        raise RnnifyError(f"conversion.start_from: {c.start_from} is not an rnnify model (model_type "
+                          f"{getattr(config, 'model_type', None)!r}); give a folder that `rnnify run` or "
+                          "`rnnify convert` wrote")
+    if config.method != c.method:
+        raise RnnifyError(f"conversion.start_from: {c.start_from} was converted with {config.method!r}, and "
+                          f"conversion.method says {c.method!r}; they must agree")
+    base, source = config.base_config, teacher.config.get_text_config(decoder=True)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if getattr(base, key, None) != getattr(source, key, None):
+            raise RnnifyError(f"conversion.start_from: {c.start_from} was not converted from model.source "
+                              f"{recipe.model.source}: its {key} is {getattr(base, key, None)}, the source's "
+                              f"{getattr(source, key, None)}")
+    if next(teacher.parameters()).is_meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=next(teacher.parameters()).dtype)
+    student = sources.load_source(c.start_from, dtype=next(teacher.parameters()).dtype, progress=log or quiet)[0]
+    if log:
+        log(f"start from {c.start_from} ({c.method}, {len(student.new_parameter_names())} tensors its conversion "
+            "added)")
     return student
 
 
@@ -69,4 +106,4 @@ def stage_model(student, settings, spec, new_names):
     return model, trainable, active
 
 
-__all__ = ["apply_lora", "recipe_student", "select_after_training", "stage_model"]
+__all__ = ["apply_lora", "converted_start", "recipe_student", "select_after_training", "stage_model"]
