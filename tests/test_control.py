@@ -156,3 +156,11 @@ def test_start_from_post_trains_a_converted_model_and_names_a_wrong_one(workdir,
     with pytest.raises(RnnifyError, match="start_from: .* drop keep_attention"):
         recipe_from_dict({**recipe.model_dump(mode="json"),
                           "conversion": {**recipe.conversion.model_dump(mode="json"), "keep_attention": [0]}})
+
+
+def test_a_missing_start_is_named_before_any_weights_load(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    recipe = _recipe(workdir, start_from="out/ahn_cpu", options={})
+    with pytest.raises(RnnifyError, match="start_from: .*out/ahn_cpu.* `rnnify run ahn_cpu` writes: run that first"):
+        runner.run_recipe(recipe, progress=False)
+    assert not (workdir / "out.run").exists()  # nothing written that looks like a started run

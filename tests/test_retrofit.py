@@ -242,3 +242,21 @@ def test_a_random_initial_state_answers_the_same_way_twice(tmp_path):
     n = position_noise(torch.arange(4096), 64, key=1001)
     assert abs(n.mean()) < 0.01 and abs(n.std() - 1) < 0.01
     assert not torch.equal(n[0], n[1]) and not torch.equal(n, position_noise(torch.arange(4096), 64, key=1002))
+
+
+def test_a_damped_adapter_starts_at_the_source_and_lets_the_second_loop_count():
+    """damped: A = [I/2 | I/2] with s_0 = e. One loop is the source without the dropped layers (as passthrough), and
+    unlike passthrough, whose loops all compute the same thing, a second loop changes the output."""
+    teacher = tiny_model("llama")
+    split = {"prelude": "0", "block": "2", "coda": "3", "recurrence": 1}
+    damped = convert(teacher, "retrofit", options={**split, "adapter_init": "damped", "state_init": "prelude"})
+    passthrough = convert(teacher, "retrofit", options={**split, **PASS})
+    d = teacher.config.hidden_size
+    assert torch.equal(damped.blocks[0].adapter.weight, torch.cat([torch.eye(d), torch.eye(d)], 1) / 2)
+    x = torch.randint(0, 128, (2, 19))
+    with torch.no_grad():
+        assert torch.allclose(damped(x).logits, truncated_source(teacher, [0, 2, 3])(x).logits, atol=1e-5)
+        assert torch.equal(passthrough(x, recurrence=2).logits, passthrough(x, recurrence=1).logits)
+        assert not torch.allclose(damped(x, recurrence=2).logits, damped(x, recurrence=1).logits, atol=1e-3)
+    with pytest.raises(RnnifyError, match="damped .* needs state_init prelude"):
+        convert(teacher, "retrofit", options={**split, "adapter_init": "damped", "state_init": "zeros"})

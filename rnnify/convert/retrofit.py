@@ -24,9 +24,11 @@ class RetrofitOptions(MethodOptions):
     coda: str | None = Field(None, description="coda layers, e.g. 26-29 (default: the paper's rule)")
     recurrence: int = Field(4, ge=1, description="default loop count of the block (a forward / generate() may ask "
                                                  "for another)")
-    adapter_init: Literal["random", "passthrough"] = Field(
-        "random", description="random (the paper's) or passthrough [0 | I]: one loop is then the source without the "
-                              "dropped layers")
+    adapter_init: Literal["random", "passthrough", "damped"] = Field(
+        "random", description="random (the paper's); passthrough [0 | I]: one loop is then the source without the "
+                              "dropped layers, and every loop the same; damped [I/2 | I/2] (with state_init prelude): "
+                              "one loop is that too, and each further loop runs the block on the midpoint of the "
+                              "state and its input")
     state_init: Literal["normal", "zeros", "prelude"] = Field(
         "normal", description="loop state before the first loop: truncated normal (the paper's), zeros, or the "
                               "prelude's output")
@@ -79,11 +81,15 @@ class Retrofit(Conversion):
     mixers = ()
     keeps_attention = False
     test_options = {"prelude": "0", "block": "1-2", "coda": "3", "recurrence": 2, "state_init": "zeros"}
-    test_variants = {"passthrough": {"adapter_init": "passthrough"}, "prelude_state": {"state_init": "prelude"}}
+    test_variants = {"passthrough": {"adapter_init": "passthrough"}, "prelude_state": {"state_init": "prelude"},
+                     "damped": {"adapter_init": "damped", "state_init": "prelude"}}
 
     def plan(self, source_config, keep_attention, options) -> Plan:
         n = text_config(source_config).num_hidden_layers
         pre, block, coda = split(options, n)
+        if options["adapter_init"] == "damped" and options["state_init"] != "prelude":
+            raise RnnifyError(f"adapter_init damped averages the loop state with the block's input; it needs "
+                              f"state_init prelude (the state starts as that input), not {options['state_init']!r}")
         program = [{"layer": i, "mixer": "attention"} for i in pre]
         if block:
             program.append({"block": [{"layer": i, "mixer": "attention"} for i in block],

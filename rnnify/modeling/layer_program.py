@@ -27,7 +27,7 @@ ATTENTION = "attention"  # the mixer name of a layer that keeps the source's att
 DROPPED = "dropped"  # layer_mixers entry of a source layer that no step runs
 
 BLOCK_ADAPTERS = ("concat_linear", "none")
-ADAPTER_INITS = ("random", "passthrough")
+ADAPTER_INITS = ("random", "passthrough", "damped")
 STATE_INITS = ("normal", "zeros", "prelude")
 
 

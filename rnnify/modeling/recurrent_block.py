@@ -7,7 +7,11 @@ McLeish et al. 2025, "Teaching Pretrained Language Models to Think Deeper with R
     s_0 = init(e);    s_j = block(A [s_{j-1}; e])    for j = 1..r;    the block's output is s_r
 
 with A a ``Linear(2d -> d)``. ``adapter_init: passthrough`` sets A = [0 | I], so A [s; e] = e and one loop is the
-block applied to e: exactly the source model without the dropped layers. ``state_init`` picks s_0: a truncated
+block applied to e: exactly the source model without the dropped layers; but then every loop computes the same thing
+and more loops cannot help until training grows the state's half of A. ``damped`` (ours) sets A = [I/2 | I/2]: with
+s_0 = e (``state_init: prelude``) one loop is again exactly block(e), and loop j runs the block on the midpoint of
+the state and e. The block adds a residual update u to its input (block(x) = x + u(x)), so loop 2 reads
+e + u(e)/2: a damped fixed-point iteration around the source's single pass, which depth can refine from the start. ``state_init`` picks s_0: a truncated
 normal (the papers'), zeros, or e itself. The normal state is drawn from torch's generator while the block trains
 (fresh noise each step, as the papers train), and in eval mode from a counter-based generator keyed on the block and
 each token's position (``position_noise``): the same input then gives the same output on every call, greedy decoding
@@ -46,6 +50,8 @@ class LoopBlock(nn.Module):
             if self.spec.adapter_init == "passthrough":
                 self.adapter.weight.zero_()
                 self.adapter.weight[:, d:].copy_(torch.eye(d))
+            elif self.spec.adapter_init == "damped":
+                self.adapter.weight.copy_(torch.cat([torch.eye(d), torch.eye(d)], 1) / 2)
             else:  # random, as the paper leaves it: small normal, seeded so conversions are reproducible
                 g = torch.Generator().manual_seed(2000 + self.spec.steps[0].layer)
                 self.adapter.weight.copy_(torch.randn(d, 2 * d, generator=g) * (2 * d) ** -0.5)

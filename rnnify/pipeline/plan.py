@@ -101,8 +101,9 @@ class RunPlan:
         c = self.recipe.conversion
         kept = (f"attention fraction {c.attention_fraction}" if c.attention_fraction is not None else
                 f"every {c.attention_every}th layer" if c.attention_every else c.keep_attention or "none")
-        lines = [f"convert {self.recipe.model.source} with {c.method} (layers kept as attention: {kept})"
-                 + "".join(f", then {t.method} {t.options}" for t in c.transforms)]
+        start = (f"start from {c.start_from} ({c.method} conversion of {self.recipe.model.source})" if c.start_from
+                 else f"convert {self.recipe.model.source} with {c.method} (layers kept as attention: {kept})")
+        lines = [start + "".join(f", then {t.method} {t.options}" for t in c.transforms)]
         lines += [s.describe() for s in self.stages]
         lines.append(f"then {'evaluate and ' if self.recipe.eval else ''}save to {self.out} (run state in {self.run_dir})")
         return lines

@@ -28,7 +28,7 @@ from ..io import check_output_dir, write_model_folder
 from ..recipe import Recipe, dump_recipe
 from .memory_plan import fmt, plan_recipe
 from .plan import PlannedStage, RunPlan
-from .student import recipe_student, select_after_training, stage_model
+from .student import check_start, recipe_student, select_after_training, stage_model
 
 
 def _log(accelerator, msg):
@@ -92,7 +92,8 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
         gc.collect()
         teacher = None
     new_names = student.new_parameter_names()
-    log(f"converted {recipe.model.source} with {recipe.conversion.method}: {len(new_names)} new parameter tensors")
+    if recipe.conversion.start_from is None:
+        log(f"converted {recipe.model.source} with {recipe.conversion.method}: {len(new_names)} new parameter tensors")
     if plan.only_stage and len(prior) < plan.names.index(plan.only_stage):
         missing = [n for n in plan.names[:plan.names.index(plan.only_stage)] if n not in completed]
         log(f"warning: earlier stage(s) {missing} have not run; {plan.only_stage} starts from their absence")
@@ -152,6 +153,8 @@ def prepare_run_folder(plan: RunPlan, run: RunState, accelerator, log) -> None:
                 shutil.rmtree(run.dir)  # only the recipe.yaml of a run that stopped before it trained
         accelerator.wait_for_everyone()
     check_data_files(recipe.datasets)
+    if recipe.conversion.start_from is not None:  # before the source loads: a missing start is named as such
+        check_start(recipe)
     if recipe.hub.push:  # fail before hours of training, not after
         resolve_token()
     if accelerator.is_main_process:

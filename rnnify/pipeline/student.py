@@ -12,7 +12,7 @@ from ..convert.auto_spec import parse_auto
 from ..convert.layer_select import select_trained
 from ..distill.stages import active_layers, select_trainable
 from ..errors import RnnifyError
-from ..recipe import Recipe
+from ..recipe import Recipe, load_recipe, shipped_recipes
 
 
 def recipe_student(recipe: Recipe, teacher, tokenizer=None, log=None, selected: list[int] | None = None):
@@ -32,13 +32,17 @@ def recipe_student(recipe: Recipe, teacher, tokenizer=None, log=None, selected: 
     return student
 
 
-def converted_start(recipe: Recipe, teacher, log=None):
-    """``conversion.start_from``: the model ``recipe.conversion.method`` already converted from the teacher, loaded
-    (on the meta device when the teacher is there, for the memory plan). Checked to be an rnnify model of that
-    method and of the teacher's shape, so a post-training starts from what the recipe says."""
+def start_config(recipe: Recipe, source_config):
+    """The config of ``conversion.start_from``, checked to be an rnnify model that ``conversion.method`` converted
+    from a model shaped as ``source_config`` (the teacher's), so a post-training starts from what the recipe says."""
     c = recipe.conversion
-    quiet = lambda *_: None  # noqa: E731
-    config = sources.load_config(c.start_from, progress=log or quiet)
+    try:
+        config = sources.load_config(c.start_from, progress=lambda *_: None)
+    except RnnifyError as e:
+        writer = [name for name, _ in shipped_recipes()
+                  if load_recipe(name).output.dir.rstrip("/") == c.start_from.rstrip("/")]
+        hint = f"; it is what `rnnify run {writer[0]}` writes: run that first" if writer else ""
+        raise RnnifyError(f"conversion.start_from: {e}{hint}") from None
     if getattr(config, "model_type", None) != "rnnify":
         raise RnnifyError(f"conversion.start_from: {c.start_from} is not an rnnify model (model_type "
                           f"{getattr(config, 'model_type', None)!r}); give a folder that `rnnify run` or "
@@ -46,16 +50,30 @@ def converted_start(recipe: Recipe, teacher, log=None):
     if config.method != c.method:
         raise RnnifyError(f"conversion.start_from: {c.start_from} was converted with {config.method!r}, and "
                           f"conversion.method says {c.method!r}; they must agree")
-    base, source = config.base_config, teacher.config.get_text_config(decoder=True)
+    base, source = config.base_config, source_config.get_text_config(decoder=True)
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if getattr(base, key, None) != getattr(source, key, None):
             raise RnnifyError(f"conversion.start_from: {c.start_from} was not converted from model.source "
                               f"{recipe.model.source}: its {key} is {getattr(base, key, None)}, the source's "
                               f"{getattr(source, key, None)}")
+    return config
+
+
+def check_start(recipe: Recipe) -> None:
+    """``conversion.start_from`` checked from the configs alone, before any weights load."""
+    start_config(recipe, sources.load_config(recipe.model.source, progress=lambda *_: None))
+
+
+def converted_start(recipe: Recipe, teacher, log=None):
+    """``conversion.start_from``: the model ``recipe.conversion.method`` already converted from the teacher, loaded
+    (on the meta device when the teacher is there, for the memory plan)."""
+    c = recipe.conversion
+    config = start_config(recipe, teacher.config)
+    dtype = next(teacher.parameters()).dtype
     if next(teacher.parameters()).is_meta:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=next(teacher.parameters()).dtype)
-    student = sources.load_source(c.start_from, dtype=next(teacher.parameters()).dtype, progress=log or quiet)[0]
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    student = sources.load_source(c.start_from, dtype=dtype, progress=log or (lambda *_: None))[0]
     if log:
         log(f"start from {c.start_from} ({c.method}, {len(student.new_parameter_names())} tensors its conversion "
             "added)")
@@ -106,4 +124,4 @@ def stage_model(student, settings, spec, new_names):
     return model, trainable, active
 
 
-__all__ = ["apply_lora", "converted_start", "recipe_student", "select_after_training", "stage_model"]
+__all__ = ["apply_lora", "check_start", "converted_start", "recipe_student", "select_after_training", "stage_model"]
