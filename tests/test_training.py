@@ -86,6 +86,31 @@ def test_lr_by_name_gives_matching_parameters_their_own_learning_rate(workdir):
                           output={"dir": str(workdir / "out2")}), progress=False)
 
 
+def test_under_muon_lr_by_name_sets_the_muon_rate_of_the_matrices_it_matches(tiny_llama):
+    """A glob's rate is Muon's for the hidden matrices it matches (a retrofit adapter that must grow fast) and
+    AdamW's for the rest; every other matrix keeps muon_lr, every other parameter lr; a glob that matches nothing in
+    either part is still an error."""
+    from rnnify.convert import convert
+    from rnnify.distill.settings import FinetuneSettings as TrainSettings
+
+    student = convert(tiny_llama, "retrofit", options={"prelude": "0", "block": "1-2", "coda": "3",
+                                                       "adapter_init": "passthrough", "state_init": "zeros"})
+    student.requires_grad_(True)
+    settings = TrainSettings(optimizer="muon", lr=1e-4, muon_lr=1e-3,
+                             lr_by_name={"blocks.*.adapter.weight": 0.05, "*input_layernorm*": 0.02})
+    opt = trainer.make_optimizer(student, settings)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(student.named_parameters())
+    assert lr_of[id(named["blocks.0.adapter.weight"])] == 0.05
+    assert lr_of[id(named["model.layers.1.self_attn.q_proj.weight"])] == 1e-3
+    assert lr_of[id(named["model.layers.1.input_layernorm.weight"])] == 0.02
+    assert lr_of[id(named["model.norm.weight"])] == 1e-4
+    assert isinstance(opt.parts[0], torch.optim.Muon) and any(p is named["blocks.0.adapter.weight"]
+                                                              for g in opt.parts[0].param_groups for p in g["params"])
+    with pytest.raises(RnnifyError, match=r"lr_by_name: \['\*nope'\] match no parameter"):
+        trainer.make_optimizer(student, TrainSettings(optimizer="muon", lr_by_name={"*nope": 0.1}))
+
+
 def _final_weights(workdir):
     return load_file(str(workdir / "out" / "model.safetensors"))
 

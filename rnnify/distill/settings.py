@@ -48,9 +48,9 @@ class StageSettings(Strict):
     trainable: list[str] | None = None  # glob patterns over parameter names; "@new" = the conversion's new parameters
     lr: float = Field(1e-3, gt=0)
     # learning rates by parameter name: {glob: lr}, the first matching glob wins, the rest take ``lr`` (under optimizer
-    # muon: the parameters AdamW takes; Muon's matrices take muon_lr). For the conversion's per-head scalars (mixing
-    # logits, decay rates): Adam moves a parameter by about lr a step, so at lr 1e-3 a logit started at -6 stays there
-    # through a short run (the quickstart's mix logits moved 0.05 in 27 steps)
+    # muon: a Muon rate for the hidden matrices a glob matches, the rest of them take muon_lr). For the conversion's
+    # per-head scalars (mixing logits, decay rates): Adam moves a parameter by about lr a step, so at lr 1e-3 a logit
+    # started at -6 stays there through a short run (the quickstart's mix logits moved 0.05 in 27 steps)
     lr_by_name: dict[str, PositiveFloat] | None = None
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)

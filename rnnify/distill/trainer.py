@@ -77,12 +77,13 @@ class MuonAdamW(torch.optim.Optimizer):
     biases): the optimiser McLeish et al. 2025 train looped models with. One optimizer to the scheduler and the
     checkpoints; its param groups are its two parts' (so a learning-rate schedule scales both)."""
 
-    def __init__(self, matrices, others, *, lr, muon_lr, betas, weight_decay):
+    def __init__(self, matrices: list[dict], others: list[dict], *, betas, weight_decay):
+        """``matrices`` / ``others``: parameter groups, each with its ``lr``."""
         self.parts = []
         if matrices:
-            self.parts.append(torch.optim.Muon(matrices, lr=muon_lr, weight_decay=weight_decay))
+            self.parts.append(torch.optim.Muon(matrices, lr=matrices[0]["lr"], weight_decay=weight_decay))
         if others:
-            self.parts.append(torch.optim.AdamW(others, lr=lr, betas=betas, weight_decay=weight_decay))
+            self.parts.append(torch.optim.AdamW(others, lr=others[0]["lr"], betas=betas, weight_decay=weight_decay))
         super().__init__([p for o in self.parts for g in o.param_groups for p in g["params"]], {})
         self.param_groups = [g for o in self.parts for g in o.param_groups]
 
@@ -104,9 +105,11 @@ class MuonAdamW(torch.optim.Optimizer):
         self.param_groups = [g for o in self.parts for g in o.param_groups]
 
 
-def lr_groups(named, settings, trained_by: str = "this stage trains") -> list[dict]:
-    """Parameter groups by learning rate: ``settings.lr_by_name`` globs in order (first match wins), then ``lr``.
-    A glob that matches no trainable parameter is an error (a misspelt name would silently train at ``lr``)."""
+def lr_groups(named, settings, default_lr: float | None = None, trained_by: str = "this stage trains",
+              check_unused: bool = True) -> list[dict]:
+    """Parameter groups by learning rate: ``settings.lr_by_name`` globs in order (first match wins), then
+    ``default_lr`` (the stage's ``lr``). A glob that matches no trainable parameter is an error (a misspelt name would
+    silently train at ``lr``)."""
     patterns = settings.lr_by_name or {}
     groups = {pat: [] for pat in patterns}
     rest = []
@@ -114,22 +117,24 @@ def lr_groups(named, settings, trained_by: str = "this stage trains") -> list[di
         pat = next((g for g in patterns if fnmatch.fnmatchcase(n, g)), None)
         (groups[pat] if pat is not None else rest).append(p)
     unused = [pat for pat, ps in groups.items() if not ps]
-    if unused:
+    if unused and check_unused:
         examples = ", ".join(n for n, _ in named[:3])
         raise RnnifyError(f"lr_by_name: {unused} match no parameter {trained_by}; its names look like: {examples}")
-    out = [{"params": ps, "lr": patterns[pat]} for pat, ps in groups.items()]
-    return out + ([{"params": rest, "lr": settings.lr}] if rest else [])
+    out = [{"params": ps, "lr": patterns[pat]} for pat, ps in groups.items() if ps]
+    return out + ([{"params": rest, "lr": settings.lr if default_lr is None else default_lr}] if rest else [])
 
 
 def make_optimizer(student, settings):
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     if settings.optimizer == "muon":
         hidden = lambda n, p: p.ndim == 2 and "embed_tokens" not in n and "lm_head" not in n  # noqa: E731
-        return MuonAdamW([p for n, p in named if hidden(n, p)],
-                         lr_groups([(n, p) for n, p in named if not hidden(n, p)], settings,
-                                   "that AdamW trains here (Muon's weight matrices take muon_lr)"),
-                         lr=settings.lr, muon_lr=settings.muon_lr, betas=tuple(settings.betas),
-                         weight_decay=settings.weight_decay)
+        matrices = [(n, p) for n, p in named if hidden(n, p)]
+        others = [(n, p) for n, p in named if not hidden(n, p)]
+        lr_groups(named, settings)  # every glob must match something, in one part or the other
+        # a glob's rate is a Muon rate for the matrices it matches and an AdamW rate for the rest
+        return MuonAdamW(lr_groups(matrices, settings, settings.muon_lr, check_unused=False),
+                         lr_groups(others, settings, check_unused=False),
+                         betas=tuple(settings.betas), weight_decay=settings.weight_decay)
     return torch.optim.AdamW(lr_groups(named, settings), lr=settings.lr, betas=tuple(settings.betas),
                              weight_decay=settings.weight_decay)
 

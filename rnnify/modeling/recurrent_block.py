@@ -11,11 +11,13 @@ block applied to e: exactly the source model without the dropped layers; but the
 and more loops cannot help until training grows the state's half of A. ``damped`` (ours) sets A = [I/2 | I/2]: with
 s_0 = e (``state_init: prelude``) one loop is again exactly block(e), and loop j runs the block on the midpoint of
 the state and e. The block adds a residual update u to its input (block(x) = x + u(x)), so loop 2 reads
-e + u(e)/2: a damped fixed-point iteration around the source's single pass, which depth can refine from the start. ``state_init`` picks s_0: a truncated
-normal (the papers'), zeros, or e itself. The normal state is drawn from torch's generator while the block trains
-(fresh noise each step, as the papers train), and in eval mode from a counter-based generator keyed on the block and
-each token's position (``position_noise``): the same input then gives the same output on every call, greedy decoding
-is deterministic, and step-by-step decoding starts each position from the state the parallel forward gave it.
+e + u(e)/2: a damped iteration around the source's single pass, whose further loops change the output from the start
+(untrained they make it worse: SmolLM2 0-15 / 16-25 / 26-29 on WikiText-2, 17.6 at one loop, 61 at two).
+``state_init`` picks s_0: a truncated normal (the papers'), zeros, or e itself. The normal state is drawn from
+torch's generator while the block trains (fresh noise each step, as the papers train), and in eval mode from a
+counter-based generator keyed on the block and each token's position (``position_noise``): the same input then gives
+the same output on every call, greedy decoding is deterministic, and step-by-step decoding starts each position from
+the state the parallel forward gave it.
 
 Cache: each (loop, layer) execution has its own cache slot. When a call runs more loops than earlier calls did,
 a slot that missed tokens takes them from the deepest loop that has them ("latest" strategy of Geiping et al.'s
