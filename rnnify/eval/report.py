@@ -90,9 +90,9 @@ def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> di
     t0 = time.time()
     for text in spec.missing_optional_texts:
         log(f"perplexity: {text} is not here; measured without it (optional_text)")
-    by_context, curves, argmax, by_text = {}, {}, {}, {}
+    by_context, curves, argmax, by_text, tokens_of = {}, {}, {}, {}, {}
     for i, text in enumerate(spec.texts):  # the first text is the one the other measurements read
-        text_tokens = tokenize_text_file(text, tokenizer)
+        text_tokens = tokens_of[text] = tokenize_text_file(text, tokenizer)
         if i == 0:
             tokens = text_tokens
         for L in (lengths if i == 0 else lengths[:1]):
@@ -126,8 +126,8 @@ def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> di
     if spec.recurrence and looped:
         student = students[looped[0]]
         by_text = {}
-        for i, text in enumerate(spec.texts):  # every text: depth must help on each kind, not only the first
-            blocks = windows(tokens if i == 0 else tokenize_text_file(text, tokenizer), lengths[0], spec.num_windows)
+        for text in spec.texts:  # every text: depth must help on each kind, not only the first
+            blocks = windows(tokens_of[text], lengths[0], spec.num_windows)
             by_text[text] = {}
             for r in spec.recurrence:
                 ppl = perplexity(student, blocks, recurrence=r)["ppl"]
