@@ -89,7 +89,9 @@ def test_several_models_in_one_table_with_agreement_and_plots(two_students, tiny
     for c in ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)):
         assert c in colors, c
     assert (out / "passkey.png").exists() and png_colors(out / "passkey.png")
-    assert set(res["passkey_by_depth"]["64"]) == {"teacher", "ahn", "win"}
+    assert set(res["passkey_by_depth"]["64"]) == {"teacher", "ahn", "win", "window_baseline"}
+    # the baseline is the window method with the first student's window, sinks and kept layers: the `win` student
+    assert res["passkey_by_depth"]["64"]["window_baseline"] == res["passkey_by_depth"]["64"]["win"]
 
 
 def test_a_student_identical_to_its_teacher_agrees_everywhere(tiny_llama_dir, tmp_path):

@@ -159,7 +159,9 @@ def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> di
 
     results["passkey"], results["passkey_by_depth"] = {}, {}
     for length in spec.passkey_lengths:
-        for name in measured:
+        # the window baseline too: with no layer kept it cannot see a key that left its window, but kept attention
+        # layers can, and a student's recall counts only where it is above the baseline's
+        for name in models:
             r = passkey_accuracy(models[name], tokenizer, length, spec.passkey_trials)
             results["passkey"].setdefault(str(length), {})[name] = r["accuracy"]
             results["passkey"][str(length)].setdefault("stderr", {})[name] = r["stderr"]
