@@ -48,17 +48,22 @@ def test_attention_fraction_one_reproduces_the_teacher():
         assert torch.equal(student(x).logits, teacher(x).logits)
 
 
-def test_mamba2_matches_a_plain_token_loop():
-    student = convert(tiny_model("llama"), "mamba_in_llama", options=OPTS)
+@pytest.mark.parametrize("init", ["paper", "attention"])
+def test_mamba2_matches_a_plain_token_loop(init):
+    student = convert(tiny_model("llama"), "mamba_in_llama", options={**OPTS, "init": init})
     m = student.model.layers[0].self_attn
     with torch.no_grad():
         m.norm.weight.normal_(1, 0.2)
+        if init == "attention":  # move off the start so every term counts
+            m.in_proj.weight.add_(0.1 * torch.randn_like(m.in_proj.weight))
+            m.in_proj.bias.add_(0.1 * torch.randn_like(m.in_proj.bias))
+            m.D.add_(0.5)
     T = 13
     h = torch.randn(1, T, student.config.hidden_size)
     with torch.no_grad():
         out, _ = m(h)
         H, Hkv, D, K = m.num_heads, m.num_kv_heads, m.head_dim, m.conv_kernel
-        zxbcdt = h[0] @ m.in_proj.weight.T
+        zxbcdt = h[0] @ m.in_proj.weight.T + (0 if m.in_proj.bias is None else m.in_proj.bias)
         z, xBC, dt = zxbcdt.split([H * D, H * D + 2 * Hkv * D, H], -1)
         w, bias = m.conv1d.weight[:, 0], m.conv1d.bias
         padded = torch.cat([torch.zeros(K - 1, xBC.shape[1]), xBC])
@@ -81,6 +86,37 @@ def test_mamba2_matches_a_plain_token_loop():
             ys.append(g.reshape(-1) * m.norm.weight)
         ref = torch.stack(ys) @ m.out_proj.weight.T
     torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_init_reads_the_attention_as_decayed_linear_attention():
+    """init: attention: the untrained Mamba2 layer is the decayed linear attention of silu(Q), silu(K), silu(V)
+    (identity conv, D = 0, gate silu(z) = 1 for every input, a constant dt per head), read through the per-head RMSNorm
+    and O; the paper's init is not (its random gate and conv)."""
+    teacher = tiny_model("llama")
+    student = convert(teacher, "mamba_in_llama", keep_attention="0", options={**OPTS, "init": "attention"})
+    paper = convert(teacher, "mamba_in_llama", keep_attention="0", options=OPTS)
+    m, a = student.model.layers[1].self_attn, teacher.model.layers[1].self_attn
+    T = 11
+    h = torch.randn(2, T, student.config.hidden_size)
+    with torch.no_grad():
+        out, _ = m(h)
+        H, Hkv, D = m.num_heads, m.num_kv_heads, m.head_dim
+        rep = H // Hkv
+        q = F.silu(a.q_proj(h)).view(2, T, H, D)
+        k = F.silu(a.k_proj(h)).view(2, T, Hkv, D).repeat_interleave(rep, 2)
+        v = F.silu(a.v_proj(h)).view(2, T, Hkv, D).repeat_interleave(rep, 2)
+        dt = F.softplus(m.dt_bias)  # [H]: no data dependence yet
+        decay = torch.exp(-dt * m.A_log.exp())
+        ys, S = [], torch.zeros(2, H, D, D)
+        for t in range(T):
+            S = decay[None, :, None, None] * S + k[:, t, :, :, None] * (dt[None, :, None] * v[:, t])[:, :, None, :]
+            ys.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+        y = torch.stack(ys, 1)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + m.norm.eps)
+        ref = (y.reshape(2, T, H * D) * m.norm.weight) @ a.o_proj.weight.T
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        other, _ = paper.model.layers[1].self_attn(h)
+        assert not torch.allclose(other, ref, atol=1e-2)
 
 
 def test_an_all_recurrent_cache_knows_its_length():
@@ -152,8 +188,8 @@ def test_stepwise_inactive_layers_run_the_teachers_attention():
         active_layers(convert(teacher, "mamba_in_llama", keep_attention="1"), DistillSettings(max_steps=1, active_layers=[1]))
 
 
-@pytest.mark.parametrize("fam", ["llama", "qwen2"])
-def test_export_to_bamba_is_exact(fam, tmp_path):
+@pytest.mark.parametrize("fam,init", [("llama", "paper"), ("qwen2", "paper"), ("llama", "attention")])
+def test_export_to_bamba_is_exact(fam, init, tmp_path):
     import transformers
 
     from rnnify.export import to_bamba
@@ -162,7 +198,7 @@ def test_export_to_bamba_is_exact(fam, tmp_path):
     if fam == "qwen2":  # full attention everywhere (Bamba has no sliding window)
         teacher.config.use_sliding_window = False
         teacher.config.layer_types = ["full_attention"] * 4
-    student = convert(teacher, "mamba_in_llama", keep_attention="1", options=OPTS)
+    student = convert(teacher, "mamba_in_llama", keep_attention="1", options={**OPTS, "init": init})
     with torch.no_grad():
         for _, m in student.mixers():  # move off the initial values so every mapped piece matters
             for p in (m.conv1d.bias, m.D, m.norm.weight, m.dt_bias):

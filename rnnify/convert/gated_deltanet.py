@@ -3,12 +3,11 @@ attention's q/k/v/o projections and adds the write strength, decay, short conv a
 (``modeling/mixer_gated_deltanet.py``). The students of KL-guided layer selection (hybrid-distillation, on the
 RADLADS pipeline) and of Qwen3-Next-style hybrids; keep layers with ``--keep-attention auto:N``."""
 
-import torch
 from pydantic import Field, field_validator
 
 from ..modeling.mixer_gated_deltanet import GatedDeltaNetMixer
 from .method import Conversion, MethodOptions, Paper
-from .teacher_attention import attention_io
+from .teacher_attention import fit_output_scales
 
 _DEFAULTS = GatedDeltaNetMixer.SETTINGS  # each default declared once, by the mixer that reads it
 
@@ -52,18 +51,7 @@ class GatedDeltaNet(Conversion):
         is linear in it)."""
         if not options["output_gate"]:
             return
-        mixers = dict(student.mixers())
-        captured = attention_io(teacher, list(mixers), ids)
-        scales = {}
-        with torch.no_grad():
-            for i, m in mixers.items():
-                h, pe, target = captured[i]
-                y, _ = m(h, position_embeddings=pe, attention_mask=None)
-                bias = m.o_proj.bias if m.o_proj.bias is not None else 0.0
-                y, target = (y - bias).double(), (target - bias).double()
-                c = float((y * target).sum() / (y * y).sum().clamp_min(1e-30))
-                m.o_norm_weight.mul_(c)
-                scales[i] = c
+        scales = fit_output_scales(student, teacher, ids, lambda m: m.o_norm_weight)
         log(f"gated_deltanet: output scale fitted on {ids.shape[1]} tokens per layer: "
             + " ".join(f"{i}:{c:.3f}" for i, c in scales.items()))
 

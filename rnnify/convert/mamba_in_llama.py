@@ -7,10 +7,11 @@ with ``--attention-fraction`` (0.5 / 0.25 / 0.125 / 0, spread evenly), ``--atten
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..modeling.mixer_mamba2 import Mamba2Mixer
 from .method import Conversion, MethodOptions, Paper
+from .teacher_attention import fit_output_scales
 
 _DEFAULTS = Mamba2Mixer.SETTINGS  # each default declared once, by the mixer that reads it
 
@@ -21,6 +22,20 @@ class MambaInLlamaOptions(MethodOptions):
     conv_init: Literal["default", "identity"] = Field(
         _DEFAULTS["conv_init"], description="Mamba2's random conv init, or a pass-through conv (the untrained mixer is "
                                             "then linear attention)")
+    init: Literal["paper", "attention"] = Field(
+        _DEFAULTS["init"], description="paper: Mamba2's init for z, dt, A, D, conv and norm; attention: the untrained "
+                                       "mixer reads the attention's q/k/v as decayed linear attention (identity conv, "
+                                       "D = 0, open gate, output scale fitted on --calibrate-tokens)")
+    calibrate_tokens: int = Field(1024, ge=0, le=65536,
+                                  description="with --init attention: tokens of the selection text on which each "
+                                              "layer's output scale is fitted to its attention's (0: none, else >= 64)")
+
+    @field_validator("calibrate_tokens")
+    @classmethod
+    def _enough(cls, v):
+        if 0 < v < 64:
+            raise ValueError("accepted: 0 (no calibration) or at least 64 tokens")
+        return v
 
 
 class MambaInLlama(Conversion):
@@ -31,7 +46,16 @@ class MambaInLlama(Conversion):
     Options = MambaInLlamaOptions
     mixers = (Mamba2Mixer,)
     test_options = {"chunk_size": 8}
-    test_variants = {"identity_conv": {"conv_init": "identity"}}
+    test_variants = {"identity_conv": {"conv_init": "identity"}, "attention_init": {"init": "attention"}}
+
+    def calibrate(self, student, teacher, ids, options, log):
+        """``init: attention``: the gated RMSNorm gives every head unit RMS whatever the attention's output size; fit
+        each layer's one output scale to its attention's by least squares (as the Gated DeltaNet student)."""
+        if options["init"] != "attention":
+            return
+        scales = fit_output_scales(student, teacher, ids, lambda m: m.norm.weight)
+        log(f"mamba_in_llama: output scale fitted on {ids.shape[1]} tokens per layer: "
+            + " ".join(f"{i}:{c:.3f}" for i, c in scales.items()))
 
 
 METHOD = MambaInLlama()

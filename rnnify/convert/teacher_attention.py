@@ -40,4 +40,26 @@ def attention_io(teacher, layers, input_ids) -> dict:
     return captured
 
 
-__all__ = ["TeacherAttention", "attention_io"]
+def fit_output_scales(student, teacher, input_ids, scale_of) -> dict:
+    """Per converted layer of ``student``, the one scale c minimising |c (y - b) - (t - b)|^2 between the layer's
+    output y and the teacher attention's t on the teacher's own inputs for ``input_ids`` (b: o_proj's / out_proj's
+    bias), folded into the tensor ``scale_of(mixer)`` that the output is linear in (a norm's weight). Returns
+    {layer: c}."""
+    mixers = dict(student.mixers())
+    captured = attention_io(teacher, list(mixers), input_ids)
+    scales = {}
+    with torch.no_grad():
+        for i, m in mixers.items():
+            h, pe, target = captured[i]
+            y, _ = m(h, position_embeddings=pe, attention_mask=None)
+            out = getattr(m, "o_proj", None)
+            out = m.out_proj if out is None else out
+            bias = out.bias if out.bias is not None else 0.0
+            y, target = (y - bias).double(), (target - bias).double()
+            c = float((y * target).sum() / (y * y).sum().clamp_min(1e-30))
+            scale_of(m).mul_(c)
+            scales[i] = c
+    return scales
+
+
+__all__ = ["TeacherAttention", "attention_io", "fit_output_scales"]

@@ -40,12 +40,19 @@ class Mamba2Mixer(Mixer):
     C <- Q, out_proj <- O (d_state = head_dim at conversion; x and B have the KV heads and are repeated for GQA);
     z, dt, A, D, conv and norm are fresh (Mamba2's defaults). q_norm/k_norm of families that have them act on C/B.
     The ``d_state`` setting unties the state size from the head size (StateX multiplies it).
+
+    ``init: attention`` (our addition, for small budgets) starts the fresh parts where the untrained mixer reads the
+    attention's own q/k/v as decayed linear attention, as the Gated DeltaNet student does: the conv the identity,
+    D = 0, dt's rows of in_proj zero (dt = softplus(dt_bias), Mamba2's draw), and the gate open: z's rows zero with
+    an in_proj bias where silu(z) = 1. Under Mamba2's init the gate silu(z) of a random z is ~z/2, a random-sign
+    mask over every channel, and D x, the token's own value, outweighs the dt-scaled (~0.01) state read.
     """
 
     name = "mamba2"
     state_expansion = "d_state"
     # d_state: the head dim (x <- V, B <- K, C <- Q); norm_eps: the source's rms_norm_eps
-    SETTINGS = {"d_state": None, "conv_kernel": 4, "chunk_size": 64, "conv_init": "default", "norm_eps": None}
+    SETTINGS = {"d_state": None, "conv_kernel": 4, "chunk_size": 64, "conv_init": "default", "norm_eps": None,
+                "init": "paper"}
     layer_type = "linear_attention"
     adopts = ("q_norm", "k_norm")  # act on C / B
     absorbs = ("q_proj", "k_proj", "v_proj", "o_proj")  # copied into in_proj / out_proj by init_from_attention
@@ -62,7 +69,11 @@ class Mamba2Mixer(Mixer):
         self.conv_init = self.setting("conv_init")
         if self.conv_init not in ("default", "identity"):
             raise ValueError(f"conv_init {self.conv_init!r}; accepted: default, identity")
-        bias = getattr(attn, "q_proj", None) is not None and attn.q_proj.bias is not None
+        self.init = self.setting("init")
+        if self.init not in ("paper", "attention"):
+            raise ValueError(f"init {self.init!r}; accepted: paper, attention")
+        # the open gate needs a bias on z's rows (the other rows' stay zero where the attention has none)
+        bias = self.init == "attention" or getattr(attn, "q_proj", None) is not None and attn.q_proj.bias is not None
         hidden = base.hidden_size
         self.in_proj = nn.Linear(hidden, self.d_inner + self.d_xb + self.d_b + self.d_c + H, bias=bias)
         conv_dim = self.d_xb + self.d_b + self.d_c
@@ -88,13 +99,14 @@ class Mamba2Mixer(Mixer):
             self.in_proj.weight.uniform_(-bound, bound, generator=g)
             if self.in_proj.bias is not None:
                 self.in_proj.bias.zero_()
-            if self.conv_init == "identity":  # pass-through conv: the untrained mixer is linear attention
+            if self.conv_init == "identity" or self.init == "attention":  # pass-through conv
                 self.conv1d.weight.zero_()
                 self.conv1d.weight[..., -1] = 1.0
+                self.conv1d.bias.zero_()
             else:
                 cb = 1 / math.sqrt(self.conv_kernel)
                 self.conv1d.weight.uniform_(-cb, cb, generator=g)
-            self.conv1d.bias.zero_() if self.conv_init == "identity" else self.conv1d.bias.uniform_(-cb, cb, generator=g)
+                self.conv1d.bias.uniform_(-cb, cb, generator=g)
             # dt ~ log-uniform in [1e-3, 1e-1], stored through the inverse of softplus; A ~ U[1, 16]
             dt = torch.exp(torch.rand(H, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp_min(1e-4)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
@@ -103,6 +115,12 @@ class Mamba2Mixer(Mixer):
             self.norm.weight.fill_(1.0)
             bound = 1 / math.sqrt(self.out_proj.in_features)
             self.out_proj.weight.uniform_(-bound, bound, generator=g)
+            if self.init == "attention":
+                z, x, b, c, _ = self._split()
+                self.D.zero_()
+                self.in_proj.weight[:z].zero_()
+                self.in_proj.weight[z + x + b + c :].zero_()  # dt's rows: dt = softplus(dt_bias) to start
+                self.in_proj.bias[:z].fill_(_SILU_ONE)
 
     def init_from_attention(self, attn):
         """The paper's initialisation: rows of in_proj from V, K, Q; out_proj from O."""
@@ -115,9 +133,10 @@ class Mamba2Mixer(Mixer):
             w[z + x : z + x + b].copy_(attn.k_proj.weight)
             w[z + x + b : z + x + b + c].copy_(attn.q_proj.weight)
             if self.in_proj.bias is not None:
-                self.in_proj.bias[z : z + x].copy_(attn.v_proj.bias)
-                self.in_proj.bias[z + x : z + x + b].copy_(attn.k_proj.bias)
-                self.in_proj.bias[z + x + b : z + x + b + c].copy_(attn.q_proj.bias)
+                for rows, proj in ((slice(z, z + x), attn.v_proj), (slice(z + x, z + x + b), attn.k_proj),
+                                   (slice(z + x + b, z + x + b + c), attn.q_proj)):
+                    if proj.bias is not None:
+                        self.in_proj.bias[rows].copy_(proj.bias)
             self.out_proj.weight.copy_(attn.o_proj.weight)
             if self.out_proj.bias is not None:
                 self.out_proj.bias.copy_(attn.o_proj.bias)
@@ -171,6 +190,9 @@ class Mamba2Mixer(Mixer):
         y = y + self.D.float()[None, None, :, None] * x.float()
         y = self.norm(y.reshape(Bsz, T, -1), z)
         return self.out_proj(y.to(hidden_states.dtype)), None
+
+
+_SILU_ONE = 1.2784645  # silu(x) = 1: the open gate
 
 
 __all__ = ["GatedRMSNorm", "Mamba2Mixer"]
