@@ -3,16 +3,16 @@ attention's q/k/v/o projections and adds the write strength, decay, short conv a
 (``modeling/mixer_gated_deltanet.py``). The students of KL-guided layer selection (hybrid-distillation, on the
 RADLADS pipeline) and of Qwen3-Next-style hybrids; keep layers with ``--keep-attention auto:N``."""
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from ..modeling.mixer_gated_deltanet import GatedDeltaNetMixer
-from .method import Conversion, MethodOptions, Paper
+from .method import CalibratedOptions, Conversion, Paper
 from .teacher_attention import fit_output_scales
 
 _DEFAULTS = GatedDeltaNetMixer.SETTINGS  # each default declared once, by the mixer that reads it
 
 
-class GatedDeltaNetOptions(MethodOptions):
+class GatedDeltaNetOptions(CalibratedOptions):
     chunk_size: int = Field(_DEFAULTS["chunk_size"], ge=1, description="chunk length of the parallel (chunked) form")
     conv_kernel: int = Field(_DEFAULTS["conv_kernel"], ge=0, le=8,
                              description="width of the short causal conv over q, k, v (starts as the identity); 0: none")
@@ -20,17 +20,6 @@ class GatedDeltaNetOptions(MethodOptions):
                               description="the paper's per-head RMSNorm and silu output gate (starts open at one)")
     beta_init: float = Field(_DEFAULTS["beta_init"], gt=0, lt=1,
                              description="write strength of the delta rule before training (sigmoid of beta's bias)")
-    calibrate_tokens: int = Field(1024, ge=0, le=65536,
-                                  description="tokens of the selection text on which each layer's output scale is fitted "
-                                              "to its attention's at conversion (0: none, else >= 64; needs "
-                                              "--output-gate)")
-
-    @field_validator("calibrate_tokens")
-    @classmethod
-    def _enough(cls, v):
-        if 0 < v < 64:
-            raise ValueError("accepted: 0 (no calibration) or at least 64 tokens")
-        return v
 
 
 class GatedDeltaNet(Conversion):

@@ -7,16 +7,16 @@ with ``--attention-fraction`` (0.5 / 0.25 / 0.125 / 0, spread evenly), ``--atten
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from ..modeling.mixer_mamba2 import Mamba2Mixer
-from .method import Conversion, MethodOptions, Paper
+from .method import CalibratedOptions, Conversion, Paper
 from .teacher_attention import fit_output_scales
 
 _DEFAULTS = Mamba2Mixer.SETTINGS  # each default declared once, by the mixer that reads it
 
 
-class MambaInLlamaOptions(MethodOptions):
+class MambaInLlamaOptions(CalibratedOptions):
     chunk_size: int = Field(_DEFAULTS["chunk_size"], ge=1, description="chunk length of the parallel (chunked) form")
     conv_kernel: int = Field(_DEFAULTS["conv_kernel"], ge=2, description="Mamba2 short convolution width")
     conv_init: Literal["default", "identity"] = Field(
@@ -26,16 +26,6 @@ class MambaInLlamaOptions(MethodOptions):
         _DEFAULTS["init"], description="paper: Mamba2's init for z, dt, A, D, conv and norm; attention: the untrained "
                                        "mixer reads the attention's q/k/v as decayed linear attention (identity conv, "
                                        "D = 0, open gate, output scale fitted on --calibrate-tokens)")
-    calibrate_tokens: int = Field(1024, ge=0, le=65536,
-                                  description="with --init attention: tokens of the selection text on which each "
-                                              "layer's output scale is fitted to its attention's (0: none, else >= 64)")
-
-    @field_validator("calibrate_tokens")
-    @classmethod
-    def _enough(cls, v):
-        if 0 < v < 64:
-            raise ValueError("accepted: 0 (no calibration) or at least 64 tokens")
-        return v
 
 
 class MambaInLlama(Conversion):

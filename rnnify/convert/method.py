@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import RnnifyError
 from ..modeling.layer_program import ATTENTION
@@ -38,6 +38,24 @@ class MethodOptions(BaseModel):
     """Base of every method's options: unknown settings are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class CalibratedOptions(MethodOptions):
+    """Options of a conversion that fits each layer's output scale to its attention's at conversion
+    (``Conversion.calibrate``, ``teacher_attention.fit_output_scales``)."""
+
+    calibrate_tokens: int = Field(1024, ge=0, le=65536,
+                                  description="tokens of the selection text on which each layer's output scale is "
+                                              "fitted to its attention's at conversion (0: none, else >= 64; "
+                                              "gated_deltanet: needs --output-gate; mamba_in_llama: with --init "
+                                              "attention)")
+
+    @field_validator("calibrate_tokens")
+    @classmethod
+    def _enough(cls, v):
+        if 0 < v < 64:
+            raise ValueError("accepted: 0 (no calibration) or at least 64 tokens")
+        return v
 
 
 @dataclass
