@@ -16,7 +16,7 @@ from rnnify.cli import main
 from rnnify.distill.stages import STAGES, build_objective
 from rnnify.errors import RnnifyError
 from rnnify.pipeline import runner
-from rnnify.pipeline.memory_plan import plan_recipe, trace_activations
+from rnnify.pipeline.memory_plan import SavedTensors, plan_recipe, trace_activations
 from rnnify.recipe import recipe_from_dict
 from rnnify.units import parse_bytes
 
@@ -82,6 +82,23 @@ def test_plan_arithmetic_matches_the_bytes_of_a_real_step(tmp_path, stage):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_saved_tensors_count_only_graphs_still_held():
+    """A graph freed during the trace (a logits chunk's loss taken inside the forward) gives its saved bytes back:
+    keyed by storage address, a freed storage's entry would otherwise stay, and a later storage at that address
+    would be taken for it or not by chance (the planned activations varied by ~8% from one trace to the next)."""
+    x = torch.randn(1000, requires_grad=True)  # not a Parameter: what its ops save is counted
+    rec = SavedTensors()
+    with torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
+        y = (x * 3).sin()  # sin saves its input, x * 3: 4000 bytes
+        assert rec.total() == 4000
+        del y  # the graph, and the tensor it saved, are gone
+        assert rec.total() == 0 and rec.by_layer() == {}
+        z = x.exp()  # exp saves its output
+        assert rec.total() == 4000
+    z.sum().backward()
+    assert torch.allclose(x.grad, x.exp())
+
+
 def test_planned_activations_against_measured_memory(tmp_path):
     """In a fresh process (glibc's mmap threshold fixed, so freed tensors leave the resident set) the anonymous
     resident set grows by the activations of a forward + backward: the plan is within 25% of that."""

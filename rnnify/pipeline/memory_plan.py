@@ -110,12 +110,16 @@ class MemoryPlan:
 
 # ------------------------------------------------------------------------------------------------ measuring
 class SavedTensors:
-    """Bytes autograd saves for the backward pass, once per storage, and per decoder layer."""
+    """Bytes autograd saves for the backward pass and still holds, once per storage, and per decoder layer. A graph
+    freed during the traced code (e.g. a logits chunk's loss taken inside the forward) releases its saved tensors:
+    they are forgotten when the last one on their storage dies, before its address can serve another storage (a key
+    is an address: kept past its storage's life, a later storage there would be taken for it, or not, by chance)."""
 
     def __init__(self):
         self.seen: dict[int, int] = {}
         self.layer_of: dict[int, int | None] = {}
         self.current: list[int] = []
+        self._holders: dict[int, int] = {}  # storage key -> saved tensors on it still alive
 
     def pack(self, t):
         if isinstance(t, torch.nn.Parameter):  # a weight the backward reads: counted with the weights already
@@ -127,7 +131,14 @@ class SavedTensors:
         if key not in self.seen:
             self.seen[key] = nbytes
             self.layer_of[key] = self.current[-1] if self.current else None
+        self._holders[key] = self._holders.get(key, 0) + 1
+        weakref.finalize(t, self._release, key)
         return t
+
+    def _release(self, key):
+        self._holders[key] -= 1
+        if self._holders[key] == 0:
+            del self._holders[key], self.seen[key], self.layer_of[key]
 
     def total(self) -> int:
         return sum(self.seen.values())
