@@ -89,6 +89,22 @@ def test_mamba2_state_multiplied(init):
     assert again.config.transforms[-1]["method"] == "statex" and len(again.config.transforms) == 2
 
 
+def test_preserve_leaves_the_new_state_trainable():
+    """preserve starts the new C rows at zero: they must still take a gradient on the first step (a zero conv channel
+    after them would pass none, and the new state would never be read)."""
+    before = source("mamba_in_llama", keep="1")
+    after = convert(before, "statex", options={"layers": "all", "init": "preserve", "state_multiplier": 2}).train()
+    x = torch.randint(0, 128, (2, 21))
+    after(x, labels=x).loss.backward()
+    m = after.model.layers[0].self_attn
+    n0 = m.d_state // 2
+    start = m.d_inner + m.d_xb + m.d_b
+    c_rows = m.in_proj.weight.grad[start : start + m.d_c].view(m.num_heads, m.d_state, -1)
+    assert torch.equal(m.in_proj.weight[start : start + m.d_c].view(m.num_heads, m.d_state, -1)[:, n0:],
+                       torch.zeros_like(c_rows[:, n0:]))
+    assert c_rows[:, n0:].abs().amax() > 1e-3 * c_rows[:, :n0].abs().amax()
+
+
 def test_layer_choice_and_bad_inputs(tiny_llama_dir, tmp_path, capsys):
     model = source("supra", keep="")
     picked = convert(model, "statex", options={"layers": "every:2", "init": "keep"})

@@ -12,7 +12,8 @@ A transform: it takes an rnnify model (or transformers' own ``Mamba2ForCausalLM`
   of the conv are copied, B/C rows and conv channels are fresh, ``A_log`` is reset to log(1..H) and ``dt_bias`` and
   the gated norm to their initial values. ``merge_copy`` tiles the old B/C, ``merge_zero`` pads them with zeros, and
   ``preserve`` (ours, for small post-training budgets) keeps A, dt and the norm and adds random B rows with zero C
-  rows (and zero C conv channels), so the expanded model computes exactly what it did before expansion.
+  rows, the new conv channels copying the old ones (their bias zero for C), so the expanded model computes exactly
+  what it did before expansion and the new C rows take a gradient from the first step.
 
 Which layers: ``every:K`` (every K-th expandable layer, the last of each group of K; the paper expands every 6th),
 ``all``, or a list of layer indices. transformers' Mamba2 has one state size for every layer: there, all of them.
@@ -111,7 +112,11 @@ def expand_bc(in_w, in_b, conv_w, conv_b, sizes: dict, groups_b: int, groups_c: 
         b_new = {"merge_copy": "tile", "merge_zero": "zero", "preserve": "random"}[init]
         c_new = {"merge_copy": "tile", "merge_zero": "zero", "preserve": "zero"}[init]
         w_b, w_c = grow(w_b, groups_b, bound, b_new), grow(w_c, groups_c, bound, c_new)
-        cw_b, cw_c = grow(cw_b, groups_b, cbound, b_new), grow(cw_c, groups_c, cbound, c_new)
+        # preserve: the new conv channels copy the old ones of their group. A zero C conv channel after zero C rows
+        # would pass no gradient to either (each one's gradient is the other's value): the new state would never
+        # be read however long it trained
+        conv_new = {"preserve": "tile"}.get(init)
+        cw_b, cw_c = grow(cw_b, groups_b, cbound, conv_new or b_new), grow(cw_c, groups_c, cbound, conv_new or c_new)
         if cb_b is not None:  # preserve: a zero C channel must stay zero after the conv (silu(0) = 0)
             cb_b = grow(cb_b, groups_b, cbound, "zero" if b_new == "zero" else b_new)
             cb_c = grow(cb_c, groups_c, cbound, c_new)
