@@ -10,7 +10,8 @@ A transform: it takes an rnnify model (or transformers' own ``Mamba2ForCausalLM`
   ``keep`` keeps the weights (the merged head is the concatenation of the old ones).
 * Mamba2 layers: ``d_state`` is multiplied (sec. 3.2). ``paper``: the in_proj rows of z, x and dt and the x channels
   of the conv are copied, B/C rows and conv channels are fresh, ``A_log`` is reset to log(1..H) and ``dt_bias`` and
-  the gated norm to their initial values. ``merge_copy`` tiles the old B/C, ``merge_zero`` pads them with zeros, and
+  the gated norm to their initial values. ``merge_copy`` tiles the old B/C, ``merge_zero`` pads them with zeros (zero
+  B and C rows give each other no gradient: the new state stays unused however long it trains), and
   ``preserve`` (ours, for small post-training budgets) keeps A, dt and the norm and adds random B rows with zero C
   rows, the new conv channels copying the old ones (their bias zero for C), so the expanded model computes exactly
   what it did before expansion and the new C rows take a gradient from the first step.
