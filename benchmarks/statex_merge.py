@@ -25,7 +25,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rnnify.convert import convert
@@ -56,10 +55,10 @@ def head_forgetting(model, layers, tokens) -> dict[int, torch.Tensor]:
         h.remove()
     out = {}
     for i in layers:
-        A_log, dt_bias, _, first = decay_rows(mixers[i])
+        A_log, _, _, first = decay_rows(mixers[i])
         H = A_log.numel()
-        logits = inputs[i][..., first : first + H].float()
-        out[i] = (torch.exp(A_log.float()) * F.softplus(logits + dt_bias.float())).reshape(-1, H).mean(0)
+        logits = inputs[i][..., first : first + H]
+        out[i] = -mixers[i].log_decay(logits).reshape(-1, H).mean(0)
     return out
 
 

@@ -91,19 +91,23 @@ class AhnMixer(WindowMixer):
     def carry(self, hidden_states):
         return self.write_gates(hidden_states)  # gate logits, kept with the token while it sits in the window
 
+    def log_decay(self, decay_logits):
+        """Each head's log decay per token from its gate logits, -exp(A_log) softplus(logit + dt_bias) (the gated
+        delta rule's a_t in log space; Mamba2's dt A). Float32, the shape of ``decay_logits`` ([..., H])."""
+        return -torch.exp(self.A_log.float()) * F.softplus(decay_logits.float() + self.dt_bias.float())
+
     def memory(self, hidden_states, q, evicted: Evicted, state):
         B, T, H, D = q.shape
         ok = evicted.ok.float()[..., None]  # [B, n, 1]: a real token leaves (not a sink, not padding)
         k = self.repeat_kv(evicted.k) * ok[..., None]
         v = self.repeat_kv(evicted.v)
         gates = evicted.carry.float()
-        A = None if self.memory_kind == "deltanet" else -torch.exp(self.A_log.float())
         heads = (lambda x: x.mean(-1, keepdim=True)) if self.merged else (lambda x: x)  # per-head gates -> one
         if self.merged:
             q, k, v = (t.flatten(2).unsqueeze(2) for t in (q, k, v))  # [B, n, 1, H*D] (n may be 0)
         if self.memory_kind == "mamba2":
             dt = F.softplus(gates + self.dt_bias.float()) * ok  # [B, n, H]
-            g, dt = heads(dt * A), heads(dt)
+            g, dt = heads(self.log_decay(gates) * ok), heads(dt)
             v = v * dt[..., None]
             g, k, v = evicted.align(g), evicted.align(k), evicted.align(v)
             if T == 1 and state is not None:
@@ -117,7 +121,7 @@ class AhnMixer(WindowMixer):
             beta = heads(torch.sigmoid(gates[..., :H])) * ok
             g = None
             if self.memory_kind == "gated_deltanet":
-                g = evicted.align(heads(A * F.softplus(gates[..., H:] + self.dt_bias.float())) * ok)
+                g = evicted.align(heads(self.log_decay(gates[..., H:])) * ok)
             beta, k, v = evicted.align(beta), evicted.align(k), evicted.align(v)
             if T == 1 and state is not None:
                 o, state = kernels.delta_rule_step(qn[:, 0], k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0],

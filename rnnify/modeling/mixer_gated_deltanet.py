@@ -96,6 +96,10 @@ class GatedDeltaNetMixer(Mixer):
         state = (H * D) ** 2 if self.merged else H * D * D
         return 4.0 * state  # the state read and written once (the conv's taps are weights: counted with them)
 
+    def log_decay(self, decay_logits):
+        """Each head's log decay per token from a_proj's output: -exp(A_log) softplus(a_proj x + dt_bias). Float32."""
+        return -torch.exp(self.A_log.float()) * F.softplus(decay_logits.float() + self.dt_bias.float())
+
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         B, T, _ = hidden_states.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -113,7 +117,7 @@ class GatedDeltaNetMixer(Mixer):
         q, k = l2_normalize(q.float()) * D**-0.5, l2_normalize(k.float())
         k, v = self.repeat_kv(k), self.repeat_kv(v.float())
         beta = torch.sigmoid(self.b_proj(hidden_states).float())  # [B, T, H]
-        g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+        g = self.log_decay(self.a_proj(hidden_states))
         if valid is not None:  # padding writes nothing and does not decay the state
             beta, g = beta * valid[..., None], g * valid[..., None]
         if self.merged:  # one head of H x D keys and values; the gates are the heads' mean (StateX, sec. 3.1)
