@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixer_base import STATE_BYTES, kernels, l2_normalize
+from .mixer_base import STATE_BYTES, gated_log_decay, kernels, l2_normalize
 from .mixer_window import Evicted, WindowMixer
 
 MEMORIES = ("gated_deltanet", "deltanet", "mamba2")
@@ -94,7 +94,7 @@ class AhnMixer(WindowMixer):
     def log_decay(self, decay_logits):
         """Each head's log decay per token from its gate logits, -exp(A_log) softplus(logit + dt_bias) (the gated
         delta rule's a_t in log space; Mamba2's dt A). Float32, the shape of ``decay_logits`` ([..., H])."""
-        return -torch.exp(self.A_log.float()) * F.softplus(decay_logits.float() + self.dt_bias.float())
+        return gated_log_decay(self.A_log, self.dt_bias, decay_logits)
 
     def memory(self, hidden_states, q, evicted: Evicted, state):
         B, T, H, D = q.shape

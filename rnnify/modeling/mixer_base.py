@@ -52,6 +52,12 @@ def padding_mask_for(attention_mask, T: int):
     return None if bool(m.all()) else m
 
 
+def gated_log_decay(A_log, dt_bias, logits):
+    """Per head and token, the log of a data-dependent decay in Mamba2's parametrisation (Gated DeltaNet, Yang et
+    al. 2025, sec. 3): log a_t = -exp(A_log) softplus(logit_t + dt_bias). Float32, the shape of ``logits`` [..., H]."""
+    return -torch.exp(A_log.float()) * torch.nn.functional.softplus(logits.float() + dt_bias.float())
+
+
 def l2_normalize(x, eps: float = 1e-6):
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 

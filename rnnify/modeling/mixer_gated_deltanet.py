@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixer_base import STATE_BYTES, Mixer, kernels, l2_normalize, padding_mask_for
+from .mixer_base import STATE_BYTES, Mixer, gated_log_decay, kernels, l2_normalize, padding_mask_for
 
 
 class GatedDeltaNetMixer(Mixer):
@@ -98,7 +98,7 @@ class GatedDeltaNetMixer(Mixer):
 
     def log_decay(self, decay_logits):
         """Each head's log decay per token from a_proj's output: -exp(A_log) softplus(a_proj x + dt_bias). Float32."""
-        return -torch.exp(self.A_log.float()) * F.softplus(decay_logits.float() + self.dt_bias.float())
+        return gated_log_decay(self.A_log, self.dt_bias, decay_logits)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         B, T, _ = hidden_states.shape
