@@ -119,7 +119,7 @@ def expand_bc(in_w, in_b, conv_w, conv_b, sizes: dict, groups_b: int, groups_c: 
         conv_new = {"preserve": "tile"}.get(init)
         cw_b, cw_c = grow(cw_b, groups_b, cbound, conv_new or b_new), grow(cw_c, groups_c, cbound, conv_new or c_new)
         if cb_b is not None:  # preserve: a zero C channel must stay zero after the conv (silu(0) = 0)
-            cb_b = grow(cb_b, groups_b, cbound, "zero" if b_new == "zero" else b_new)
+            cb_b = grow(cb_b, groups_b, cbound, b_new)
             cb_c = grow(cb_c, groups_c, cbound, c_new)
     new_w = torch.cat([w_z, w_x, w_b, w_c, w_dt], 0)
     new_b = None

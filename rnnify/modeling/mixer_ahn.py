@@ -107,7 +107,7 @@ class AhnMixer(WindowMixer):
             q, k, v = (t.flatten(2).unsqueeze(2) for t in (q, k, v))  # [B, n, 1, H*D] (n may be 0)
         if self.memory_kind == "mamba2":
             dt = F.softplus(gates + self.dt_bias.float()) * ok  # [B, n, H]
-            g, dt = heads(self.log_decay(gates) * ok), heads(dt)
+            g, dt = heads(-torch.exp(self.A_log.float()) * dt), heads(dt)  # log decay dt A (dt already computed)
             v = v * dt[..., None]
             g, k, v = evicted.align(g), evicted.align(k), evicted.align(v)
             if T == 1 and state is not None:
