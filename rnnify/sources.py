@@ -178,7 +178,7 @@ def local_path(name: str, progress=print) -> Source:
 
 def _hub_snapshot(repo_id: str) -> str:
     """A local snapshot folder of a Hub model: the HF cache first, then a download if the Hub is reachable."""
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py", "recipe.yaml"]
     try:
         return snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns)
     except Exception:

@@ -45,6 +45,11 @@ class StageSettings(Strict):
     # a key in ``datasets``, or a weighted mixture of them ({mix: 0.8, wikitext: 0.2}: distill/mixture.py);
     # default: the first
     data: str | dict[str, float] | None = None
+    # where in its data the stage starts. continue: a run from a trained model (``conversion.start_from``) reads on
+    # from where that model's training stopped in the same text, so a post-training (StateX) sees text the model has
+    # not (pipeline/data_read.py); a run that converts afresh starts at the first block either way. beginning: the
+    # first block always (each stage of one run starts there, as they share the run's data)
+    data_start: Literal["continue", "beginning"] = "continue"
     trainable: list[str] | None = None  # glob patterns over parameter names; "@new" = the conversion's new parameters
     lr: float = Field(1e-3, gt=0)
     # learning rates by parameter name: {glob: lr}, the first matching glob wins, the rest take ``lr`` (under optimizer

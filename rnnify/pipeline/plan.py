@@ -104,7 +104,9 @@ class RunPlan:
         start = (f"start from {c.start_from} ({c.method} conversion of {self.recipe.model.source})" if c.start_from
                  else f"convert {self.recipe.model.source} with {c.method} (layers kept as attention: {kept})")
         lines = [start + "".join(f", then {t.method} {t.options}" for t in c.transforms)]
-        lines += [s.describe() for s in self.stages]
+        lines += [s.describe() + (f", reading on past what {c.start_from}'s training read of its data"
+                                  if c.start_from and s.settings.data_start == "continue" else "")
+                  for s in self.stages]
         lines.append(f"then {'evaluate and ' if self.recipe.eval else ''}save to {self.out} (run state in {self.run_dir})")
         return lines
 

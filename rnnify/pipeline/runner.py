@@ -18,6 +18,7 @@ from ..card import model_card
 from ..distill.checkpoint import RunState
 from ..distill.data import check_data_files
 from ..distill.mixture import MixedBlocks
+from ..distill.offset_blocks import OffsetBlocks
 from ..distill.stages import build_objective
 from ..distill.token_cache import PackedBlocks
 from ..distill.trainer import train_stage
@@ -26,6 +27,7 @@ from ..eval.report import evaluate, write_eval
 from ..hub import push, resolve_token
 from ..io import check_output_dir, write_model_folder
 from ..recipe import Recipe, dump_recipe
+from .data_read import blocks_to_skip, continues, tokens_read
 from .memory_plan import fmt, plan_recipe
 from .plan import PlannedStage, RunPlan
 from .student import check_start, recipe_student, select_after_training, stage_model
@@ -104,13 +106,16 @@ def run_recipe(recipe: Recipe, *, only_stage: str | None = None, resume: bool = 
     summary = {"stages": {}, "output": str(plan.out)}
     teacher_sharded = False
     to_run = {s.name for s in plan.to_run(completed)}
+    # how far the start model's training read each source: a continuing stage reads on from there
+    read = tokens_read(recipe.conversion.start_from, log) if any(
+        continues(recipe, s) for s in plan.stages if s.name in to_run) else {}
     for stage in plan.stages:
         if stage.name not in to_run:
             if plan.only_stage is None:
                 log(f"stage {stage.name}: already finished, skipped")
             continue
         student, info, sharded = train_one_stage(plan, stage, student, new_names, teacher, tok, run, accelerator,
-                                                 progress, log)
+                                                 progress, log, read)
         teacher_sharded = teacher_sharded or sharded
         if stage.name == select_after:  # saved with the stage's completion, so a resumed run rebuilds this hybrid
             if teacher_sharded:
@@ -177,13 +182,30 @@ def load_teacher(plan: RunPlan, log):
     return teacher, tok
 
 
+def stage_parts(plan: RunPlan, stage: PlannedStage, tok, read: dict[str, int], log) -> list:
+    """The packed blocks of each of the stage's sources (packed once into the on-disk token cache, reused by later
+    runs; a streaming source is packed as training reaches its blocks), each read from where the start model's
+    training stopped in it when the stage continues (``read``: ``data_read.tokens_read``)."""
+    parts = []
+    for key, (spec, _) in stage.data.items():
+        part = PackedBlocks(spec, tok, stage.settings.seq_len, log=log)
+        skip, tokens = blocks_to_skip(read, spec, stage.settings.seq_len) if continues(plan.recipe, stage) else (0, 0)
+        if skip:
+            part = OffsetBlocks(part, skip).ensure(1)
+            source, n = plan.recipe.conversion.start_from, len(part.part)
+            seen = (f"read all {n:,} of its blocks ({tokens / (n * part.seq_len):.1f} passes)" if part.start != skip
+                    else f"read its first {tokens:,} tokens")
+            log(f"stage {stage.name}: data {key} read from block {part.start:,} on ({source}'s training {seen}; "
+                "`data_start: beginning` reads from the first block)")
+        parts.append(part)
+    return parts
+
+
 def train_one_stage(plan: RunPlan, stage: PlannedStage, student, new_names, teacher, tok, run: RunState, accelerator,
-                    progress, log):
+                    progress, log, read: dict[str, int] | None = None):
     """Train one stage of the plan: returns (the student after it, its record, whether the teacher was sharded)."""
     settings = stage.settings
-    # packed once into the on-disk token cache (reused by later runs); a streaming source is packed as training
-    # reaches its blocks
-    parts = [PackedBlocks(spec, tok, settings.seq_len, log=log) for spec, _ in stage.data.values()]
+    parts = stage_parts(plan, stage, tok, read or {}, log)
     blocks = parts[0] if len(parts) == 1 else \
         MixedBlocks(parts, [w for _, w in stage.data.values()], list(stage.data), log=log)
     if blocks.lazy:
