@@ -104,3 +104,17 @@ def test_a_start_without_a_recipe_has_read_nothing_and_says_so(workdir):
     said = []
     assert tokens_read(str(workdir / "conv"), log=said.append) == {}
     assert len(said) == 1 and "holds no recipe.yaml" in said[0] and "from the first block" in said[0]
+
+
+def test_a_start_whose_own_start_is_gone_counts_what_it_read_itself(workdir, capsys):
+    import shutil
+
+    from rnnify.pipeline.data_read import tokens_read
+
+    _run(workdir, "ahn")
+    _run(workdir, "post", start_from="ahn")
+    shutil.rmtree(workdir / "ahn")
+    said = []
+    read = tokens_read(str(workdir / "post"), log=said.append)
+    assert list(read.values()) == [192]  # its own 3 steps x 2 x 32 tokens, read from the first block it knows of
+    assert len(said) == 1 and f"{workdir / 'ahn'} (which {workdir / 'post'} started from) is not here" in said[0]

@@ -75,7 +75,15 @@ def tokens_read(model: str, log=print, _chain: tuple[str, ...] = ()) -> dict[str
     and by the models it started from; empty when ``model`` carries no recipe."""
     if model in _chain or len(_chain) >= _MAX_CHAIN:
         return {}
-    folder = Path(sources.local_path(model, progress=lambda *_: None).path)
+    try:
+        folder = Path(sources.local_path(model, progress=lambda *_: None).path)
+    except RnnifyError as e:
+        if not _chain:
+            raise
+        # a start model's own start, moved or deleted since
+        log(f"{model} (which {_chain[-1]} started from) is not here ({str(e).splitlines()[0]}): the text its training "
+            "read is not counted")
+        return {}
     path = folder / "recipe.yaml"
     if not path.is_file():
         log(f"{model} holds no recipe.yaml (it was not trained by `rnnify run`): its training data is unknown, so the "
