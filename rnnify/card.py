@@ -52,7 +52,10 @@ def model_card(student, *, source: str, recipe: dict | None = None, eval_results
     train_lines = "- none: conversion only (surgery, not yet trained)"
     if training:
         train_lines = "\n".join(f"- `{k}`: {v.get('steps')} steps, {v.get('tokens', 0):,} tokens, final loss "
-                                f"{v.get('final_loss', float('nan')):.4g}" for k, v in training.items())
+                                f"{v.get('final_loss', float('nan')):.4g}"
+                                + "".join(f"; data {d} read from block {b:,} on (past what the model it started "
+                                          "from had read)" for d, b in v.get("data_from_block", {}).items())
+                                for k, v in training.items())
     text = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {repo_id.split('/')[-1] if repo_id else name or method}: {method} conversion of {source}", "",

@@ -94,6 +94,9 @@ def test_a_post_training_reads_the_blocks_its_start_did_not_and_the_chain_adds_u
     log = capsys.readouterr().err
     assert f"data d read from block 6 on ({workdir / 'ahn'}'s training read its first 192 tokens" in log
     assert f"data d read from block 12 on ({workdir / 'post'}'s training read its first 384 tokens" in log
+    card = (workdir / "post2" / "README.md").read_text()
+    assert "`self_distill`: 3 steps, 192 tokens, final loss" in card and "; data d read from block 12 on" in card
+    assert "read from block" not in (workdir / "again" / "README.md").read_text()
 
 
 def test_a_start_without_a_recipe_has_read_nothing_and_says_so(workdir):

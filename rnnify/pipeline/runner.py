@@ -233,6 +233,9 @@ def train_one_stage(plan: RunPlan, stage: PlannedStage, student, new_names, teac
     student.requires_grad_(False)
     info = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
             "seconds": round(result.seconds, 1), "world_size": accelerator.num_processes}
+    starts = {key: part.start for key, part in zip(stage.data, parts) if isinstance(part, OffsetBlocks)}
+    if starts:  # the block each source was read from (past what the start model read)
+        info["data_from_block"] = starts
     return student, info, result.teacher_sharded
 
 
