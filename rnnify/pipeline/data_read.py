@@ -85,15 +85,15 @@ def tokens_read(model: str, log=print, _chain: tuple[str, ...] = ()) -> dict[str
             "read is not counted")
         return {}
     path = folder / "recipe.yaml"
+    unknown = "what its training read is not counted" if _chain else "the stages read their data from the first block"
     if not path.is_file():
-        log(f"{model} holds no recipe.yaml (it was not trained by `rnnify run`): its training data is unknown, so the "
-            "stages read their data from the first block")
+        log(f"{model} holds no recipe.yaml (it was not trained by `rnnify run`): its training data is unknown, so "
+            f"{unknown}")
         return {}
     try:
         recipe = load_recipe(str(path))
     except RnnifyError as e:
-        log(f"{path} cannot be read as a recipe ({str(e).splitlines()[0]}): the stages read their data from the first "
-            "block")
+        log(f"{path} cannot be read as a recipe ({str(e).splitlines()[0]}): {unknown}")
         return {}
     before = tokens_read(recipe.conversion.start_from, log, (*_chain, model)) if recipe.conversion.start_from else {}
     return positions(recipe, before)
