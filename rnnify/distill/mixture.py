@@ -15,6 +15,7 @@ import math
 import torch
 
 from ..errors import RnnifyError
+from .token_cache import block_indices
 
 
 def interleave(weights: list[float], n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +83,7 @@ class MixedBlocks:
         return self
 
     def __getitem__(self, idx) -> torch.Tensor:
-        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
-        if len(idx) and (idx.min() < 0 or idx.max() >= self._n):
-            raise IndexError(f"block index out of range 0..{self._n - 1}")
+        idx = block_indices(idx, self._n)
         source, occurrence = self._schedule[0][idx], self._schedule[1][idx]
         out = torch.empty(len(idx), self.seq_len, dtype=torch.long)
         for s, part in enumerate(self.parts):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .token_cache import block_indices
+
 
 class OffsetBlocks:
     """A ``PackedBlocks`` seen from block ``skip``, with its interface: ``len()``, ``shape``, ``ensure(n)``,
@@ -55,9 +57,7 @@ class OffsetBlocks:
         return self
 
     def __getitem__(self, idx) -> torch.Tensor:
-        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
-        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"block index out of range 0..{len(self) - 1}")
+        idx = block_indices(idx, len(self))
         j = idx + self.start
         return self.part[j % len(self.part) if self.part.complete else j]
 

@@ -96,6 +96,15 @@ def data_fingerprint(spec: DataSpec) -> dict:
     return d
 
 
+def block_indices(idx, n: int) -> torch.Tensor:
+    """``idx`` (an int, a list or a tensor) as a flat long tensor of block numbers, each checked to be in ``0..n-1``:
+    the one bounds check of every blocks view (``PackedBlocks``, ``MixedBlocks``, ``OffsetBlocks``)."""
+    idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+    if len(idx) and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"block index out of range 0..{n - 1}")
+    return idx
+
+
 class PackedBlocks:
     """The ``[N, seq_len]`` token blocks of one data source, on disk. ``len()`` is the number packed so far;
     ``ensure(n)`` packs until there are ``n`` (or the data ends); ``blocks[idx]`` reads rows as int64."""
@@ -243,9 +252,7 @@ class PackedBlocks:
 
     # ---- reading -------------------------------------------------------------------------------------------
     def __getitem__(self, idx) -> torch.Tensor:
-        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
-        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"block index out of range 0..{len(self) - 1}")
+        idx = block_indices(idx, len(self))
         if self._mm is None or self._mm.shape[0] < self._progress["blocks"]:
             self._mm = np.memmap(self.data_file, dtype=self.dtype, mode="r",
                                  shape=(self._progress["blocks"], self.seq_len))
@@ -256,4 +263,4 @@ class PackedBlocks:
         return f"{len(self):,} blocks of {self.seq_len} tokens ({state}; token cache {self.dir})"
 
 
-__all__ = ["CACHE_ENV", "PackedBlocks", "cache_root", "data_fingerprint", "tokenizer_fingerprint"]
+__all__ = ["CACHE_ENV", "PackedBlocks", "block_indices", "cache_root", "data_fingerprint", "tokenizer_fingerprint"]
