@@ -14,7 +14,13 @@ the gated_deltanet mixer decay per head, so the merged head takes one decay per 
     python benchmarks/statex_merge.py out/ahn_cpu
     python benchmarks/statex_merge.py out/ahn_cpu --layers 5,11 --pairs 8 16 --trials 16
 
-Nothing is trained: the figures say where post-training starts from.
+Nothing is trained: the figures say where post-training starts from. ``--save-slowest DIR`` also writes the model with
+every head given its layer's slowest decay (unmerged, with the source's ``recipe.yaml``, so a post-training from it reads
+on where the source's training stopped): a recipe with ``conversion.start_from: DIR`` then post-trains from that start,
+against ``--control`` from the source itself. statex_cpu's header gives what that measured (2026-12-07):
+
+    python benchmarks/statex_merge.py out/ahn_cpu --decay-text builtin:mix/train.txt --save-slowest out/ahn_cpu_slow \
+        --skip-table
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import copy
 import math
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -31,6 +38,7 @@ from rnnify.convert import convert
 from rnnify.convert.statex import pick_layers
 from rnnify.eval.perplexity import perplexity, tokenize_text_file, windows
 from rnnify.eval.recall import mqar_accuracy
+from rnnify.io import write_model_folder
 
 
 def decay_rows(mixer):
@@ -88,6 +96,10 @@ def main(argv=None):
     ap.add_argument("--layers", default="every:6", help="the layers StateX merges (as its --layers; default every:6)")
     ap.add_argument("--text", default="../shared/data/pride-and-prejudice/pg1342.txt",
                     help="text for the decays and the perplexity (builtin:... or a path)")
+    ap.add_argument("--decay-text", default=None, help="text for the decays alone (default: --text)")
+    ap.add_argument("--save-slowest", metavar="DIR", default=None,
+                    help="write the model with every head of the chosen layers given its layer's slowest decay here")
+    ap.add_argument("--skip-table", action="store_true", help="measure the decays (and save), not the table")
     ap.add_argument("--context-length", type=int, default=2048)
     ap.add_argument("--num-windows", type=int, default=2)
     ap.add_argument("--pairs", type=int, nargs="+", default=[8, 16, 32])
@@ -103,12 +115,22 @@ def main(argv=None):
                          "gated_deltanet)")
     layers = pick_layers(candidates, args.layers, len(model.config.layer_mixers))
     tokens = tokenize_text_file(args.text, tok)
-    forgetting = head_forgetting(model, layers, tokens[: args.context_length])
+    decay_tokens = tokenize_text_file(args.decay_text, tok) if args.decay_text else tokens
+    forgetting = head_forgetting(model, layers, decay_tokens[: args.context_length])
     slowest = {i: int(f.argmin()) for i, f in forgetting.items()}
     print("half-life in tokens (ln 2 / mean -log decay on the text): each head, and the merged head (the heads' mean)")
     for i, f in forgetting.items():
         heads = " ".join(f"{half_life(x):.3g}" for x in f.tolist())
         print(f"  layer {i}: heads {heads} | merged {half_life(f.mean().item()):.2g} | slowest head {slowest[i]}")
+
+    if args.save_slowest:
+        recipe = Path(args.model) / "recipe.yaml"
+        files = {"recipe.yaml": recipe.read_text()} if recipe.is_file() else {}
+        write_model_folder(args.save_slowest, adopt_slowest(copy.deepcopy(model), slowest), tok, files=files)
+        print(f"saved {args.save_slowest}: every head of layers {layers} with its layer's slowest decay"
+              + ("" if files else f" ({args.model} has no recipe.yaml: a post-training from it reads from block 0)"))
+    if args.skip_table:
+        return
 
     options = {"layers": ",".join(map(str, layers)), "init": "keep"}
     variants = {
