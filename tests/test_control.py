@@ -3,6 +3,7 @@ the training), read the same blocks in the same order with the same seed, and th
 the two runs' own evaluations. Also ``conversion.start_from`` (post-training a converted model, as StateX does)."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -73,11 +74,21 @@ def test_the_control_leaves_out_only_the_transform_and_reads_the_same_blocks(wor
     m = merged["mqar"]["2"]
     assert m["pair"] == run_eval["mqar"]["2"]["student"] and m["pair-control"] == ctl_eval["mqar"]["2"]["student"]
     assert m["stderr"]["pair-control"] == ctl_eval["mqar"]["2"]["stderr"]["student"]
+    # both answered the same prompts: the difference is taken trial by trial (checked with the statistics module)
+    a, b = run_eval["mqar"]["2"]["per_trial"]["student"], ctl_eval["mqar"]["2"]["per_trial"]["student"]
+    assert m["per_trial"]["pair"] == a and m["per_trial"]["pair-control"] == b and len(a) == EVAL["mqar_trials"]
+    diffs = [x - y for x, y in zip(a, b)]
+    assert m["paired_difference"]["mean"] == pytest.approx(statistics.fmean(diffs))
+    assert m["paired_difference"]["stderr"] == pytest.approx(statistics.stdev(diffs) / len(diffs) ** 0.5)
     on_disk = json.loads((workdir / "out-control" / "comparison.json").read_text())
     assert on_disk["perplexity"]["pair-control"] == p["pair-control"]
     table = (workdir / "out-control" / "comparison.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| measurement"))
     assert header == "| measurement | teacher | pair | pair-control | window baseline |"
+    paired = next(line for line in table.splitlines() if "paired over the same 2 trials" in line)
+    d = m["paired_difference"]
+    assert paired.startswith("| MQAR, 2 pairs: pair minus pair-control")
+    assert paired.split(" | ")[2:4] == [f"{d['mean']:+.0%} ±{d['stderr']:.0%}", "—"]
 
 
 def test_an_untrained_control_is_the_conversion_as_it_starts(workdir):

@@ -118,6 +118,30 @@ def test_cli_eval_at_several_context_lengths(tiny_llama_dir, tmp_path, capsys):
     assert "@ 64 tokens" in table and "@ 128 tokens" in table
 
 
+def test_cli_eval_mqar_trials_and_their_bad_value(tiny_llama_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 60}" for i in range(400)))
+    out = tmp_path / "e"
+    assert main(["eval", str(tiny_llama_dir), "--text", str(text), "--context", "64", "--num-windows", "1",
+                 "--passkey", "--speed", "--continuations", "0", "--mqar", "2", "--mqar-trials", "3",
+                 "--out", str(out)]) == 0
+    row = json.loads((out / "eval.json").read_text())["mqar"]["2"]
+    assert len(row["per_trial"]["student"]) == 3
+    assert row["student"] == pytest.approx(sum(row["per_trial"]["student"]) / 3)
+    assert main(["eval", str(tiny_llama_dir), "--text", str(text), "--mqar", "2", "--mqar-trials", "0"]) == 2
+    assert "--mqar-trials 0: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_paired_difference_against_a_hand_count():
+    from rnnify.eval.recall import paired_difference
+
+    d = paired_difference([0.5, 0.25, 0.75], [0.25, 0.25, 0.5])  # differences 0.25, 0, 0.25
+    assert d["mean"] == pytest.approx(1 / 6) and d["trials"] == 3
+    assert d["stderr"] == pytest.approx(((2 * (0.25 - 1 / 6) ** 2 + (1 / 6) ** 2) / 2 / 3) ** 0.5)
+    with pytest.raises(ValueError, match="paired trials: 2 against 1"):
+        paired_difference([0.5, 0.5], [0.5])
+
+
 def test_mqar_scoring_agrees_with_greedy_generation():
     """The one-forward teacher-forced score says 'recalled' exactly when greedy decoding produces the answer."""
     import random

@@ -14,8 +14,8 @@ from .common import flat, ints, log
 
 FLAGS = {"context_length": "--context-length", "num_windows": "--num-windows", "passkey_lengths": "--passkey",
          "speed_lengths": "--speed", "text": "--text", "recurrence": "--recurrence", "mqar_pairs": "--mqar",
-         "tasks": "--tasks", "task_limit": "--limit", "continuations": "--continuations",
-         "include_path": "--include-path"}
+         "mqar_trials": "--mqar-trials", "passkey_trials": "--passkey-trials", "tasks": "--tasks",
+         "task_limit": "--limit", "continuations": "--continuations", "include_path": "--include-path"}
 
 
 def spec_from_args(args) -> EvalSpec:
@@ -27,7 +27,8 @@ def spec_from_args(args) -> EvalSpec:
                         num_windows=args.num_windows, passkey_lengths=flat(args.passkey),
                         speed_lengths=flat(args.speed), baseline=args.teacher is not None,
                         recurrence=flat(args.recurrence) if args.recurrence else None,
-                        mqar_pairs=flat(args.mqar) if args.mqar else [],
+                        mqar_pairs=flat(args.mqar) if args.mqar else [], mqar_trials=args.mqar_trials,
+                        passkey_trials=args.passkey_trials,
                         tasks=[t.strip() for t in (args.tasks or "").split(",") if t.strip()],
                         include_path=args.include_path, task_limit=args.limit, continuations=args.continuations)
     except ValidationError as e:
@@ -58,6 +59,11 @@ def add_parser(sub) -> None:
                    help="looped models: perplexity and FLOPs per token at these loop counts, e.g. 1,2,4,8")
     s.add_argument("--mqar", type=ints, nargs="*", default=None,
                    help="multi-query associative recall at these numbers of key-value pairs, e.g. 8,16,32,64")
+    s.add_argument("--mqar-trials", type=int, default=EvalSpec.model_fields["mqar_trials"].default,
+                   help="MQAR trials per number of pairs (8 queries each, fresh pairs each trial; the standard error "
+                        "shrinks as 1/sqrt(trials)); the same seed gives every model the same prompts")
+    s.add_argument("--passkey-trials", type=int, default=EvalSpec.model_fields["passkey_trials"].default,
+                   help="passkey trials per length (the key at a different depth each trial)")
     s.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, e.g. piqa,arc_easy (pip install "
                                                  "'rnnify[eval]')")
     s.add_argument("--include-path", default=None, help="a folder of task YAMLs for --tasks, as the harness's own CLI")

@@ -67,6 +67,16 @@ def mqar_accuracy(model, tokenizer, num_pairs: int, trials: int = 4, queries: in
             "per_trial": per_trial, "stderr": _stderr(per_trial), "prompt_tokens": longest}
 
 
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """The mean of ``a[t] - b[t]`` over trials answered on the same prompts (two models' ``per_trial`` from the same
+    seed) and its standard error. Pairing removes what the prompts themselves vary by (some key sets are harder
+    for every model), so the difference is judged far more tightly than by the two accuracies' own spreads."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired trials: {len(a)} against {len(b)}; accepted: the same number, at least one")
+    diffs = [x - y for x, y in zip(a, b)]
+    return {"mean": sum(diffs) / len(diffs), "stderr": _stderr(diffs), "trials": len(diffs)}
+
+
 def _stderr(values: list[float]) -> float:
     n = len(values)
     if n < 2:
@@ -75,4 +85,4 @@ def _stderr(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-__all__ = ["KEYS", "make_prompt", "mqar_accuracy", "recalled"]
+__all__ = ["KEYS", "make_prompt", "mqar_accuracy", "paired_difference", "recalled"]

@@ -152,6 +152,7 @@ def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> di
                 r = mqar_accuracy(models[name], tokenizer, n, trials=spec.mqar_trials)
                 row[name] = r["accuracy"]
                 row.setdefault("stderr", {})[name] = r["stderr"]
+                row.setdefault("per_trial", {})[name] = r["per_trial"]  # the same prompts for every model: pairable
                 row["prompt_tokens"] = r["prompt_tokens"]
                 log(f"MQAR @ {n} pairs ({r['prompt_tokens']} tokens): {name} {r['accuracy']:.0%}")
             row["cache_bytes"] = {name: cache_bytes(models[name], row["prompt_tokens"]) for name in measured}
@@ -230,6 +231,13 @@ def results_table(results: dict) -> str:
 
     for n, r in results.get("mqar", {}).items():
         row_of(f"MQAR recall, {n} pairs (~{r['prompt_tokens']} tokens)", spread(r))
+    students = results.get("students", [])
+    for n, r in results.get("mqar", {}).items():  # a run against its control: the difference on the same prompts
+        d = r.get("paired_difference")
+        if d and len(students) == 2:
+            cell = f"{d['mean']:+.0%} ±{d['stderr']:.0%}"
+            row_of(f"MQAR, {n} pairs: {students[0]} minus {students[1]}, paired over the same {d['trials']} trials",
+                   lambda c, cell=cell: cell if c == students[0] else "—")
     for length, r in results.get("passkey", {}).items():
         row_of(f"passkey accuracy @ {length}", spread(r))
     agree = results.get("agreement", {})

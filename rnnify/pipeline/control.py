@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import RnnifyError
+from ..eval.recall import paired_difference
 from ..eval.report import BASELINE, recurrence_table, results_table
 from ..io import write_json_atomic, write_text_atomic
 from ..recipe import Recipe, dump_recipe, recipe_from_dict
@@ -54,7 +55,7 @@ def _renamed(values: dict, run: str, control: str, control_values: dict) -> dict
     out = {(run if k == "student" else k): v for k, v in values.items()}
     if "student" in control_values:
         out[control] = control_values["student"]
-    for key in ("stderr", "cache_bytes"):
+    for key in ("stderr", "per_trial", "cache_bytes"):
         if isinstance(values.get(key), dict):
             out[key] = _renamed(values[key], run, control, control_values.get(key, {}))
     return out
@@ -95,6 +96,10 @@ def compare(run_eval: dict, control_eval: dict, run_name: str, control_name: str
     for key in ("mqar", "passkey", "speed", "passkey_by_depth"):
         out[key] = {k: _renamed(v, run_name, control_name, control_eval.get(key, {}).get(k, {}))
                     for k, v in run_eval.get(key, {}).items()}
+    for row in out["mqar"].values():  # both runs answered the same prompts (same seed): the difference, paired
+        trials = row.get("per_trial", {})
+        if len(trials.get(run_name, [])) == len(trials.get(control_name, [])) > 0:
+            row["paired_difference"] = paired_difference(trials[run_name], trials[control_name])
     out["agreement"] = _renamed(run_eval.get("agreement", {}), run_name, control_name,
                                 control_eval.get("agreement", {}))
     out["loss_by_position"] = _renamed(run_eval.get("loss_by_position", {}), run_name, control_name,
