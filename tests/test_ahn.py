@@ -91,7 +91,12 @@ def _reference_layer(m, h, cos, sin):
     q = (h @ m.q_proj.weight.T).view(1, T, H, D)
     k = (h @ m.k_proj.weight.T).view(1, T, -1, D)
     v = (h @ m.v_proj.weight.T).view(1, T, -1, D).repeat_interleave(rep, 2)[0]
+    qm, km = q, k.repeat_interleave(rep, 2)  # the memory's q and k: with band gains, scaled BEFORE the rotation
+    if hasattr(m, "band_gains"):  # (the module scales after it: equal only because a pair's gain commutes with RoPE)
+        gq, gk = m.band_gains.repeat(1, 1, 2)
+        qm, km = qm * gq, km * gk
     q, k = apply_rope(q, cos, sin)[0], apply_rope(k, cos, sin).repeat_interleave(rep, 2)[0]
+    qm, km = apply_rope(qm, cos, sin)[0], apply_rope(km, cos, sin)[0]
     gates = h[0] @ m.write_gates.weight.T + m.write_gates.bias  # [T, G*H]
     read = torch.sigmoid(h[0] @ m.read_gate.weight.T + m.read_gate.bias)  # [T, H]
     state = torch.zeros(M, Dm, Dm)
@@ -99,7 +104,7 @@ def _reference_layer(m, h, cos, sin):
     for t in range(T):
         s = t - W  # the token leaving the window as query t arrives
         if s >= S:
-            ks, vs, gs = k[s].reshape(M, Dm), v[s].reshape(M, Dm), gates[s]
+            ks, vs, gs = km[s].reshape(M, Dm), v[s].reshape(M, Dm), gates[s]
             if m.memory_kind == "mamba2":
                 dt = F.softplus(gs + m.dt_bias)
                 decay = torch.exp(per_memory_head(-torch.exp(m.A_log) * dt))
@@ -113,7 +118,7 @@ def _reference_layer(m, h, cos, sin):
                 state = decay[:, None, None] * state
                 err = vs - torch.einsum("hk,hkv->hv", ks, state)
                 state = state + beta[:, None, None] * ks[:, :, None] * err[:, None, :]
-        qt = q[t].reshape(M, Dm)
+        qt = qm[t].reshape(M, Dm)
         if m.memory_kind == "mamba2":
             o = torch.einsum("hk,hkv->hv", qt, state)
         else:
@@ -131,9 +136,12 @@ def _reference_layer(m, h, cos, sin):
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
-def test_each_memory_matches_a_token_loop_of_the_ahn_formulas(memory):
-    student = trained_like(convert(tiny_model("llama"), "ahn", options={**SMALL, "memory": memory}), seed=1)
+@pytest.mark.parametrize("band_gains", [False, True])
+def test_each_memory_matches_a_token_loop_of_the_ahn_formulas(memory, band_gains):
+    student = trained_like(convert(tiny_model("llama"), "ahn",
+                                   options={**SMALL, "memory": memory, "band_gains": band_gains}), seed=1)
     m = student.model.layers[0].self_attn
+    assert hasattr(m, "band_gains") == band_gains
     T = 21
     h = torch.randn(1, T, student.config.hidden_size)
     cos, sin = student.model.rotary_emb(h, torch.arange(T)[None])

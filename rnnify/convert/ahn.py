@@ -23,6 +23,9 @@ class AhnOptions(WindowOptions):
         _DEFAULTS["memory"], description="the RNN that compresses tokens leaving the window")
     chunk_size: int = Field(_DEFAULTS["chunk_size"], ge=1,
                             description="chunk length of the memory's parallel (chunked) form")
+    band_gains: bool = Field(_DEFAULTS["band_gains"],
+                             description="learn a gain per head and rotary pair on the memory's q and k (our "
+                                         "addition; started at 1, so the conversion is unchanged)")
 
 
 class Ahn(Conversion):
@@ -33,7 +36,8 @@ class Ahn(Conversion):
     Options = AhnOptions
     mixers = (AhnMixer,)
     test_options = {"window": 4, "sinks": 2, "chunk_size": 8}
-    test_variants = {"deltanet": {"memory": "deltanet"}, "mamba2": {"memory": "mamba2"}}  # default: gated_deltanet
+    test_variants = {"deltanet": {"memory": "deltanet"}, "mamba2": {"memory": "mamba2"},
+                     "band_gains": {"band_gains": True}}  # default: gated_deltanet
 
 
 METHOD = Ahn()

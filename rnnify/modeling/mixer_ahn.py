@@ -14,6 +14,10 @@ query head, an H x D x D state per layer):
     mamba2:          S <- exp(dt_s A) S + k_s (dt_s v_s)^T, dt_s = softplus(w_dt.x_s + dt_bias), A = -exp(A_log),
                      A_log = log(1..H), no D skip: x = v, B = k, C = q (Dao & Gu 2024, eq. 1)
     output:          m_t = O_h ( sigmoid(w_g.x_t) * RMSNorm(S^T q_t) ),   O_h (D x D per head) starts at zero
+    band_gains:      (our addition, off by default) q and k scaled per head and per rotary pair, q_i <- gq_i q_i,
+                     k_i <- gk_i k_i, both started at 1: a gain on a (i, i + D/2) pair commutes with its rotation, so
+                     q.k stays a function of the distance, but the memory can weigh the slowly turning pairs (content
+                     over thousands of tokens) above the fast ones (whose sign is noise far beyond the window)
 
 and ``m_t`` is added to the window attention's output per head before ``o_proj``: the untrained model IS the
 window-only model. ``merge_heads`` (StateX, Shen et al. 2025) makes the memory one head of H x D keys and values
@@ -43,7 +47,8 @@ class AhnMixer(WindowMixer):
     name = "ahn"
     state_expansion = "merge_heads"
     # the window the AHN paper trains with (~256), over WindowMixer's 64
-    SETTINGS = {"window": 256, "memory": "gated_deltanet", "chunk_size": 64, "norm_eps": 1e-6, "merge_heads": False}
+    SETTINGS = {"window": 256, "memory": "gated_deltanet", "chunk_size": 64, "norm_eps": 1e-6, "merge_heads": False,
+                "band_gains": False}
     layer_type = "hybrid_sliding_sink"
 
     def __init__(self, config, layer_idx, attn, settings):
@@ -63,6 +68,10 @@ class AhnMixer(WindowMixer):
             self.dt_bias = nn.Parameter(torch.zeros(H))
         self.norm_weight = nn.Parameter(torch.ones(D))
         self.out_heads = nn.Parameter(torch.zeros(H, D, D))  # per-head output projection, zero at conversion
+        if self.setting("band_gains"):
+            if D % 2:
+                raise ValueError(f"band_gains needs an even head_dim (rotary pairs); this model's is {D}")
+            self.band_gains = nn.Parameter(torch.ones(2, H, D // 2))  # [q, k] per head and rotary pair
 
     def init_new_parameters(self):
         """Fresh gates (small normal weights; deterministic per layer), the decays as in the memories' own papers,
@@ -83,6 +92,8 @@ class AhnMixer(WindowMixer):
                 self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
             self.norm_weight.fill_(1.0)
             self.out_heads.zero_()
+            if hasattr(self, "band_gains"):
+                self.band_gains.fill_(1.0)
 
     def memory_state_bytes(self):
         H, D = self.num_heads, self.head_dim
@@ -102,6 +113,9 @@ class AhnMixer(WindowMixer):
         k = self.repeat_kv(evicted.k) * ok[..., None]
         v = self.repeat_kv(evicted.v)
         gates = evicted.carry.float()
+        if hasattr(self, "band_gains"):  # a pair's two halves (i, i + D/2; rotate_half's layout) share one gain
+            gq, gk = self.band_gains.float().repeat(1, 1, 2)
+            q, k = q.float() * gq, k.float() * gk
         heads = (lambda x: x.mean(-1, keepdim=True)) if self.merged else (lambda x: x)  # per-head gates -> one
         if self.merged:
             q, k, v = (t.flatten(2).unsqueeze(2) for t in (q, k, v))  # [B, n, 1, H*D] (n may be 0)
