@@ -114,8 +114,8 @@ class AhnMixer(WindowMixer):
         v = self.repeat_kv(evicted.v)
         gates = evicted.carry.float()
         if hasattr(self, "band_gains"):  # a pair's two halves (i, i + D/2; rotate_half's layout) share one gain
-            gq, gk = self.band_gains.float().repeat(1, 1, 2)
-            q, k = q.float() * gq, k.float() * gk
+            gq, gk = self.band_gains.repeat(1, 1, 2)
+            q, k = q * gq.to(q.dtype), k * gk.to(k.dtype)  # the dtypes the kernels get without gains
         heads = (lambda x: x.mean(-1, keepdim=True)) if self.merged else (lambda x: x)  # per-head gates -> one
         if self.merged:
             q, k, v = (t.flatten(2).unsqueeze(2) for t in (q, k, v))  # [B, n, 1, H*D] (n may be 0)
