@@ -40,10 +40,12 @@ WORDINGS = (
 )
 
 
+NAMES = [f"{a} {b}" for a in FIRST for b in LAST]
+
+
 def names(rng: random.Random, n: int) -> list[str]:
     """``n`` distinct "First Last" names."""
-    pool = [f"{a} {b}" for a in FIRST for b in LAST]
-    return rng.sample(pool, n)
+    return rng.sample(NAMES, n)
 
 
 def document(rng: random.Random, pairs: int, queries: int) -> str:
@@ -67,8 +69,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.docs < 1 or min(args.pairs) < 1 or args.queries < 1:
         ap.error("--docs, --pairs and --queries must be at least 1")
-    if max(args.pairs) > len(FIRST) * len(LAST):
-        ap.error(f"--pairs: at most {len(FIRST) * len(LAST)} (distinct names)")
+    if max(args.pairs) > len(NAMES):
+        ap.error(f"--pairs: at most {len(NAMES)} (distinct names)")
     assert not {w.lower() for w in FIRST + LAST} & set(KEYS), "a key the eval's MQAR uses"
     rng = random.Random(args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
