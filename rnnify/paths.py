@@ -17,7 +17,8 @@ def resolve_path(path: str) -> str:
     if path.startswith(BUILTIN_PREFIX):
         p = DATA_DIR / path[len(BUILTIN_PREFIX):]
         if not p.exists():
-            shipped = ", ".join(sorted(str(x.relative_to(DATA_DIR)) for x in DATA_DIR.rglob("*.txt")))
+            shipped = ", ".join(sorted(str(x.relative_to(DATA_DIR)) for x in DATA_DIR.rglob("*")
+                                       if x.is_file() and x.name != "README.md"))
             raise RnnifyError(f"{path}: no such built-in file; shipped: {shipped}")
         return str(p)
     return path

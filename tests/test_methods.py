@@ -238,3 +238,31 @@ def test_descriptor_is_complete(method):
     m.resolve_options(m.test_options)
     for name, options in m.test_variants.items():  # each variant is valid and tests something the default does not
         assert m.resolve_options({**m.test_options, **options}) != m.resolve_options(m.test_options), name
+
+
+@pytest.mark.parametrize("method", ["teacher", *ALL])
+def test_mqar_reads_the_pairs_once_and_scores_each_query_as_its_full_forward(method):
+    """``answer_logits`` copies the cache after the pairs for each query: every query's answer logits equal the full
+    forward over pairs + question + answer, and no query reads the pairs again (contexts longer than the window)."""
+    from rnnify.eval.recall import answer_logits, recalled_after
+
+    from .conftest import make_tokenizer
+
+    model = tiny_model("llama") if method == "teacher" else build(method)[0]
+    tok = make_tokenizer(model.config.vocab_size)
+    context = " ".join(f"w{i}" for i in range(5, 65)) + "\n"
+    qa = [("w7 w9", " w11 w12"), ("w30", " w40 w41 w42"), ("w64 w63 w62", " w5")]
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: lengths.append(kw["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    got = answer_logits(model, tok, context, qa)
+    hook.remove()
+    assert lengths[0] == 60 and max(lengths[1:]) <= 6, lengths  # the pairs once, then each query's own tokens
+    for (logits, a), (question, answer) in zip(got, qa):
+        ids = tok(context + question + answer, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            full = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, len(ids) - len(a) - 1 : -1]
+        assert a == ids[len(ids) - len(a):]
+        torch.testing.assert_close(logits, full.float(), atol=1e-4, rtol=1e-4)
+    hits = recalled_after(model, tok, context, qa)
+    assert hits == [bool((lg.argmax(-1) == torch.tensor(a)).all()) for lg, a in got]

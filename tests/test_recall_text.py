@@ -10,7 +10,9 @@ import pytest
 
 from rnnify.distill.data import pack_tokens
 from rnnify.distill.settings import DataSpec
+from rnnify.errors import RnnifyError
 from rnnify.eval.recall import KEYS
+from rnnify.paths import resolve_path
 
 from .conftest import make_tokenizer
 
@@ -75,3 +77,20 @@ def test_bad_counts_are_refused_with_the_flag_named(tmp_path, capsys):
         _write(tmp_path, "--docs", "0")
     assert e.value.code == 2 and "--docs, --pairs and --queries must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "recall.jsonl").exists()
+
+
+def test_the_shipped_file_is_what_its_readme_command_writes(tmp_path):
+    """rnnify/data/recall/train.jsonl (read by statex_cpu as builtin:recall/train.jsonl) is byte for byte the script's
+    output for the command in its README, so the two cannot drift apart."""
+    shipped = Path(resolve_path("builtin:recall/train.jsonl"))
+    command = re.search(r"python benchmarks/recall_text\.py (\S+) (.+)", (shipped.parent / "README.md").read_text())
+    assert Path(command[1]) == shipped.relative_to(ROOT)
+    out = _write(tmp_path, *command[2].split())
+    assert out.read_bytes() == shipped.read_bytes()
+
+
+def test_a_missing_builtin_names_every_shipped_file_the_recall_documents_too():
+    with pytest.raises(RnnifyError) as e:
+        resolve_path("builtin:recall/valid.jsonl")
+    assert "recall/train.jsonl" in str(e.value) and "wikitext-2/test.txt" in str(e.value)
+    assert "README.md" not in str(e.value)
