@@ -240,24 +240,34 @@ def test_descriptor_is_complete(method):
         assert m.resolve_options({**m.test_options, **options}) != m.resolve_options(m.test_options), name
 
 
-@pytest.mark.parametrize("method", ["teacher", *ALL])
+@pytest.mark.parametrize("method", ["teacher", "mamba2", *ALL])
 def test_mqar_reads_the_pairs_once_and_scores_each_query_as_its_full_forward(method):
-    """``answer_logits`` copies the cache after the pairs for each query: every query's answer logits equal the full
-    forward over pairs + question + answer, and no query reads the pairs again (contexts longer than the window)."""
+    """``answer_logits`` reads the pairs once, then every query's question and answer in one batch from copies of that
+    cache: each query's answer logits equal the full forward over pairs + question + answer (contexts longer than the
+    window; the queries of unequal length, so the batch is padded). ``mamba2``: transformers' own Mamba2, which
+    StateX's d_state path also expands."""
     from rnnify.eval.recall import answer_logits, recalled_after
 
     from .conftest import make_tokenizer
 
-    model = tiny_model("llama") if method == "teacher" else build(method)[0]
+    if method == "mamba2":
+        model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+            vocab_size=128, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16, state_size=8,
+            n_groups=1, expand=2, chunk_size=8)).eval()
+    else:
+        model = tiny_model("llama") if method == "teacher" else build(method)[0]
     tok = make_tokenizer(model.config.vocab_size)
     context = " ".join(f"w{i}" for i in range(5, 65)) + "\n"
-    qa = [("w7 w9", " w11 w12"), ("w30", " w40 w41 w42"), ("w64 w63 w62", " w5")]
-    lengths = []
-    hook = model.register_forward_pre_hook(lambda m, args, kw: lengths.append(kw["input_ids"].shape[1]),
+    qa = [("w7 w9", " w11 w12"), ("w30", " w40"), ("w64 w63 w62", " w5 w6")]
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: shapes.append(tuple(kw["input_ids"].shape)),
                                            with_kwargs=True)
     got = answer_logits(model, tok, context, qa)
     hook.remove()
-    assert lengths[0] == 60 and max(lengths[1:]) <= 6, lengths  # the pairs once, then each query's own tokens
+    # the pairs once, then the queries' own tokens: in one batch, or one at a time where the cache cannot repeat rows
+    batched = all(hasattr(layer, "batch_repeat_interleave") for layer in DynamicCache(config=model.config).layers)
+    assert shapes == ([(1, 60), (3, 5)] if batched else [(1, 60), (1, 4), (1, 2), (1, 5)]), shapes
+    assert batched or method not in ("teacher", "ahn", "window"), shapes
     for (logits, a), (question, answer) in zip(got, qa):
         ids = tok(context + question + answer, add_special_tokens=False)["input_ids"]
         with torch.no_grad():

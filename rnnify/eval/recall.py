@@ -16,6 +16,8 @@ import random
 
 import torch
 
+from ..modeling.generation_cache import cache_keyword
+
 KEYS = (
     "apple", "river", "candle", "forest", "window", "tiger", "pencil", "garden", "rocket", "violin", "basket", "mirror",
     "island", "ladder", "pepper", "castle", "bottle", "dragon", "feather", "harbor", "jacket", "kettle", "lemon",
@@ -51,27 +53,52 @@ def recalled(model, tokenizer, prompt: str, answer: str) -> bool:
     return bool((logits.argmax(-1).cpu() == torch.tensor(a)).all())
 
 
+def _repeated(cache, n: int):
+    """A copy of ``cache`` holding ``n`` copies of its one row, or None when one of its layers cannot repeat its rows
+    (transformers' ``LinearAttentionLayer`` has no ``batch_repeat_interleave``)."""
+    if cache is None or not all(hasattr(layer, "batch_repeat_interleave") for layer in getattr(cache, "layers", [None])):
+        return None
+    state = copy.deepcopy(cache)
+    if n > 1:
+        state.batch_repeat_interleave(n)
+    return state
+
+
 @torch.no_grad()
 def answer_logits(model, tokenizer, context: str, qa: list[tuple[str, str]]) -> list[tuple[torch.Tensor, list[int]]]:
     """For each query, the logits that predict its answer tokens after ``context + question``, and those tokens, with
-    the context read once: its cache (the window's keys and values, the recurrent state) is copied for each query,
-    which then reads only its question and answer. The full forward's logits (each layer's step form), for a
-    fraction of the cost when the pairs are most of the prompt. A query whose tokens do not begin with the context's
-    own (a merge across the boundary), or a model that returns no cache, is read whole."""
+    the context read once: its cache (the window's keys and values, the recurrent state) is repeated once per query,
+    and every query's question and answer are read in one batch from there (right-padded: a pad only follows a row's
+    own tokens, so it changes none of their logits); a cache that cannot repeat its rows is copied for each query in
+    turn. The full forward's logits (each layer's step form), for a fraction of the cost when the pairs are most of
+    the prompt. A query whose tokens do not begin with the context's own (a merge across the boundary), or a model
+    that returns no cache, is read whole."""
     device = next(model.parameters()).device
+    key = cache_keyword(model.forward)
     c = tokenizer(context, add_special_tokens=False)["input_ids"]
-    cache = model(input_ids=torch.tensor([c], device=device), use_cache=True).cache
-    out = []
+    out = model(input_ids=torch.tensor([c], device=device), use_cache=True)
+    cache = out.get("cache", out.get("past_key_values"))
+    rows = []
     for question, answer in qa:
         p = tokenizer(context + question, add_special_tokens=False)["input_ids"]
-        a = tokenizer(context + question + answer, add_special_tokens=False)["input_ids"][len(p):]
-        if cache is None or p[:len(c)] != c or len(p) == len(c):
-            ids, start, state = p + a, 0, None
-        else:
-            ids, start, state = p[len(c):] + a, len(c), copy.deepcopy(cache)
-        logits = model(input_ids=torch.tensor([ids], device=device), cache=state, use_cache=state is not None).logits
-        out.append((logits[0, len(p) - start - 1 : -1].float().cpu(), a))
-    return out
+        rows.append((p, tokenizer(context + question + answer, add_special_tokens=False)["input_ids"][len(p):]))
+    shared = [] if cache is None else [i for i, (p, _) in enumerate(rows) if p[:len(c)] == c and len(p) > len(c)]
+    logits = [None] * len(rows)
+    state = _repeated(cache, len(shared)) if shared else None
+    groups = [shared] if state is not None else [[i] for i in shared]  # one batch, or one query at a time
+    for group in groups:
+        tails = [rows[i][0][len(c):] + rows[i][1] for i in group]
+        width = max(len(t) for t in tails)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tails[0][0]
+        batch = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=device)
+        step = model(input_ids=batch, use_cache=True, **{key: state if state is not None else copy.deepcopy(cache)})
+        for j, i in enumerate(group):
+            start = len(rows[i][0]) - len(c) - 1
+            logits[i] = step.logits[j, start : start + len(rows[i][1])]
+    for i, (p, a) in enumerate(rows):
+        if logits[i] is None:
+            logits[i] = model(input_ids=torch.tensor([p + a], device=device), use_cache=False).logits[0, len(p) - 1 : -1]
+    return [(lg.float().cpu(), a) for lg, (_, a) in zip(logits, rows)]
 
 
 def recalled_after(model, tokenizer, context: str, qa: list[tuple[str, str]]) -> list[bool]:
