@@ -215,3 +215,24 @@ def test_several_texts_are_measured_side_by_side_each_as_if_alone(tmp_path):
         assert got["recovered"]["student"] == (pytest.approx(expected) if expected is not None else None)
     table = results_table(res)
     assert table.count("| perplexity on") == 3 and table.count("share of the window-to-teacher gap") == 3
+
+
+def test_a_query_that_merges_with_the_pairs_is_read_whole():
+    """A question whose first characters join the context's last token ("w6" + "0 w7" reads "w60 w7") cannot continue
+    the context's cache: it is scored by the full forward, and its logits are those of the whole prompt."""
+    from rnnify.eval.recall import answer_logits
+
+    model, tok = tiny_model("llama"), make_tokenizer(128)
+    context = " ".join(f"w{i}" for i in range(5, 40)) + " w6"
+    qa = [("0 w7", " w8 w9"), (" w7", " w8 w9")]
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    got = answer_logits(model, tok, context, qa)
+    hook.remove()
+    assert shapes == [(1, 36), (1, 3), (1, 39)], shapes  # the pairs, the query that continues them, the merged one
+    for (logits, a), (question, answer) in zip(got, qa):
+        ids = tok(context + question + answer, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            full = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, len(ids) - len(a) - 1 : -1]
+        torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)

@@ -42,15 +42,18 @@ def make_prompt(num_pairs: int, queries: int, rng: random.Random) -> tuple[str, 
     return context, [(f"The code of {keys[i]} is", f" {values[i]}") for i in asked]
 
 
+def _read_whole(model, p: list[int], a: list[int]) -> torch.Tensor:
+    """The logits that predict answer tokens ``a`` after prompt tokens ``p``, from one forward over both."""
+    ids = torch.tensor([p + a], device=next(model.parameters()).device)
+    return model(input_ids=ids, use_cache=False).logits[0, len(p) - 1 : -1]
+
+
 @torch.no_grad()
 def recalled(model, tokenizer, prompt: str, answer: str) -> bool:
     """Whether greedy decoding after ``prompt`` produces ``answer`` (every token), scored in one forward."""
-    device = next(model.parameters()).device
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     a = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"][len(p):]
-    ids = torch.tensor([p + a], device=device)
-    logits = model(input_ids=ids, use_cache=False).logits[0, len(p) - 1 : -1]
-    return bool((logits.argmax(-1).cpu() == torch.tensor(a)).all())
+    return bool((_read_whole(model, p, a).argmax(-1).cpu() == torch.tensor(a)).all())
 
 
 def _repeated(cache, n: int):
@@ -97,7 +100,7 @@ def answer_logits(model, tokenizer, context: str, qa: list[tuple[str, str]]) -> 
             logits[i] = step.logits[j, start : start + len(rows[i][1])]
     for i, (p, a) in enumerate(rows):
         if logits[i] is None:
-            logits[i] = model(input_ids=torch.tensor([p + a], device=device), use_cache=False).logits[0, len(p) - 1 : -1]
+            logits[i] = _read_whole(model, p, a)
     return [(lg.float().cpu(), a) for lg, (_, a) in zip(logits, rows)]
 
 
