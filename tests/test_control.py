@@ -88,7 +88,7 @@ def test_the_control_leaves_out_only_the_transform_and_reads_the_same_blocks(wor
     paired = next(line for line in table.splitlines() if "paired over the same 2 trials" in line)
     d = m["paired_difference"]
     assert paired.startswith("| MQAR, 2 pairs: pair minus pair-control")
-    assert paired.split(" | ")[2:4] == [f"{d['mean']:+.0%} ±{d['stderr']:.0%}", "—"]
+    assert paired.split(" | ")[2:4] == [f"{100 * d['mean']:+.1f}% ±{100 * d['stderr']:.1f}", "—"]
 
 
 def test_an_untrained_control_is_the_conversion_as_it_starts(workdir):

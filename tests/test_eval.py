@@ -132,6 +132,49 @@ def test_cli_eval_mqar_trials_and_their_bad_value(tiny_llama_dir, tmp_path, caps
     assert "--mqar-trials 0: Input should be greater than or equal to 1" in capsys.readouterr().err
 
 
+def test_cli_eval_two_models_on_fresh_prompts_adds_their_paired_difference(tiny_llama_dir, tmp_path, capsys):
+    import statistics
+
+    from rnnify.eval.recall import mqar_accuracy
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    # a character tokenizer: each prompt's length in tokens is its length in characters, so prompts drawn from
+    # another seed (other keys) show in the recorded prompt length even where these random models recall nothing
+    chars = ["<unk>"] + [chr(c) for c in range(32, 127)] + ["\n"]
+    char_tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
+    char_tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=char_tok, unk_token="<unk>").save_pretrained(tiny_llama_dir)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 60}" for i in range(400)))
+    other = tmp_path / "other"
+    assert main(["convert", str(tiny_llama_dir), "--method", "lolcats", "--window", "8", "--out", str(other)]) == 0
+    out = tmp_path / "e"
+    assert main(["eval", str(other), str(tiny_llama_dir), "--text", str(text), "--context", "64", "--num-windows", "1",
+                 "--passkey", "--speed", "--continuations", "0", "--mqar", "2", "--mqar-trials", "3",
+                 "--mqar-seed", "1", "--out", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    a_name, b_name = res["students"]
+    row = res["mqar"]["2"]
+    assert res["mqar_seed"] == 1
+    # each column is what the model answers on seed 1's prompts, computed here on its own
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    for name, folder in ((a_name, other), (b_name, tiny_llama_dir)):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            alone, seed0 = (mqar_accuracy(model, tok, 2, trials=3, seed=s) for s in (1, 0))
+        assert row["per_trial"][name] == alone["per_trial"]
+    assert row["prompt_tokens"] == alone["prompt_tokens"] != seed0["prompt_tokens"]
+    diffs = [x - y for x, y in zip(row["per_trial"][a_name], row["per_trial"][b_name])]
+    assert row["paired_difference"]["mean"] == pytest.approx(statistics.fmean(diffs))
+    assert row["paired_difference"]["trials"] == 3
+    table = capsys.readouterr().out
+    assert "MQAR recall, 2 pairs (~" in table and "prompts of seed 1)" in table
+    assert f"| MQAR, 2 pairs: {a_name} minus {b_name}, paired over the same 3 trials |" in table
+    assert main(["eval", str(tiny_llama_dir), "--text", str(text), "--mqar", "2", "--mqar-seed", "-1"]) == 2
+    assert "--mqar-seed -1: Input should be greater than or equal to 0" in capsys.readouterr().err
+
+
 def test_paired_difference_against_a_hand_count():
     from rnnify.eval.recall import paired_difference
 

@@ -14,7 +14,7 @@ from .common import flat, ints, log
 
 FLAGS = {"context_length": "--context-length", "num_windows": "--num-windows", "passkey_lengths": "--passkey",
          "speed_lengths": "--speed", "text": "--text", "recurrence": "--recurrence", "mqar_pairs": "--mqar",
-         "mqar_trials": "--mqar-trials", "passkey_trials": "--passkey-trials", "tasks": "--tasks",
+         "mqar_trials": "--mqar-trials", "mqar_seed": "--mqar-seed", "passkey_trials": "--passkey-trials", "tasks": "--tasks",
          "task_limit": "--limit", "continuations": "--continuations", "include_path": "--include-path"}
 
 
@@ -28,7 +28,7 @@ def spec_from_args(args) -> EvalSpec:
                         speed_lengths=flat(args.speed), baseline=args.teacher is not None,
                         recurrence=flat(args.recurrence) if args.recurrence else None,
                         mqar_pairs=flat(args.mqar) if args.mqar else [], mqar_trials=args.mqar_trials,
-                        passkey_trials=args.passkey_trials,
+                        mqar_seed=args.mqar_seed, passkey_trials=args.passkey_trials,
                         tasks=[t.strip() for t in (args.tasks or "").split(",") if t.strip()],
                         include_path=args.include_path, task_limit=args.limit, continuations=args.continuations)
     except ValidationError as e:
@@ -62,6 +62,9 @@ def add_parser(sub) -> None:
     s.add_argument("--mqar-trials", type=int, default=EvalSpec.model_fields["mqar_trials"].default,
                    help="MQAR trials per number of pairs (8 queries each, fresh pairs each trial; the standard error "
                         "shrinks as 1/sqrt(trials)); the same seed gives every model the same prompts")
+    s.add_argument("--mqar-seed", type=int, default=0,
+                   help="seed of the MQAR prompts (default 0, the seed recipes evaluate with): another seed judges "
+                        "models again on fresh prompts; with two models the table adds their paired difference")
     s.add_argument("--passkey-trials", type=int, default=EvalSpec.model_fields["passkey_trials"].default,
                    help="passkey trials per length (the key at a different depth each trial)")
     s.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, e.g. piqa,arc_easy (pip install "

@@ -25,7 +25,7 @@ from .harness import run_tasks
 from .passkey import passkey_accuracy
 from .perplexity import perplexity, tokenize_text_file, windows
 from .plots import write_plots
-from .recall import mqar_accuracy
+from .recall import mqar_accuracy, paired_difference
 from .spec import EvalSpec
 from .speed import decode_speed
 
@@ -149,14 +149,17 @@ def evaluate(students, tokenizer, spec: EvalSpec, teacher=None, log=print) -> di
         for n in spec.mqar_pairs:
             row = {}
             for name in measured:
-                r = mqar_accuracy(models[name], tokenizer, n, trials=spec.mqar_trials)
+                r = mqar_accuracy(models[name], tokenizer, n, trials=spec.mqar_trials, seed=spec.mqar_seed)
                 row[name] = r["accuracy"]
                 row.setdefault("stderr", {})[name] = r["stderr"]
                 row.setdefault("per_trial", {})[name] = r["per_trial"]  # the same prompts for every model: pairable
                 row["prompt_tokens"] = r["prompt_tokens"]
                 log(f"MQAR @ {n} pairs ({r['prompt_tokens']} tokens): {name} {r['accuracy']:.0%}")
             row["cache_bytes"] = {name: cache_bytes(models[name], row["prompt_tokens"]) for name in measured}
+            if len(names) == 2:  # two models on the same prompts: their difference, paired trial by trial
+                row["paired_difference"] = paired_difference(row["per_trial"][names[0]], row["per_trial"][names[1]])
             results["mqar"][str(n)] = row
+        results["mqar_seed"] = spec.mqar_seed
 
     results["passkey"], results["passkey_by_depth"] = {}, {}
     for length in spec.passkey_lengths:
@@ -229,13 +232,14 @@ def results_table(results: dict) -> str:
     def row_of(label, fmt_name):
         rows.append(f"| {label} | " + " | ".join(fmt_name(c) for c in cols) + " |")
 
+    seed = f", prompts of seed {results['mqar_seed']}" if results.get("mqar_seed") else ""
     for n, r in results.get("mqar", {}).items():
-        row_of(f"MQAR recall, {n} pairs (~{r['prompt_tokens']} tokens)", spread(r))
+        row_of(f"MQAR recall, {n} pairs (~{r['prompt_tokens']} tokens{seed})", spread(r))
     students = results.get("students", [])
-    for n, r in results.get("mqar", {}).items():  # a run against its control: the difference on the same prompts
+    for n, r in results.get("mqar", {}).items():  # two students (a run and its control): the difference, same prompts
         d = r.get("paired_difference")
         if d and len(students) == 2:
-            cell = f"{d['mean']:+.0%} ±{d['stderr']:.0%}"
+            cell = f"{100 * d['mean']:+.1f}% ±{100 * d['stderr']:.1f}"  # a tenth of a point: the gains are a few points
             row_of(f"MQAR, {n} pairs: {students[0]} minus {students[1]}, paired over the same {d['trials']} trials",
                    lambda c, cell=cell: cell if c == students[0] else "—")
     for length, r in results.get("passkey", {}).items():

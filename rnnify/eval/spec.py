@@ -26,6 +26,8 @@ class EvalSpec(BaseModel):
     recurrence: list[int] | None = None  # looped models: perplexity and FLOPs per token at each loop count
     mqar_pairs: list[int] = Field(default_factory=list)  # multi-query associative recall at these numbers of pairs
     mqar_trials: int = Field(4, ge=1)
+    # the prompts' seed: every model in one eval answers the same prompts; another seed judges them again on fresh ones
+    mqar_seed: int = Field(0, ge=0)
     continuations: int = Field(4, ge=0)  # greedy continuations compared with the teacher's (0: none)
     continuation_tokens: int = Field(16, ge=1)
     tasks: list[str] = Field(default_factory=list)  # lm-evaluation-harness tasks (pip install 'rnnify[eval]')
