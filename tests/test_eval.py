@@ -135,9 +135,9 @@ def test_cli_eval_mqar_trials_and_their_bad_value(tiny_llama_dir, tmp_path, caps
 def test_cli_eval_two_models_on_fresh_prompts_adds_their_paired_difference(tiny_llama_dir, tmp_path, capsys):
     import statistics
 
-    from rnnify.eval.recall import mqar_accuracy
-
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from rnnify.eval.recall import mqar_accuracy
 
     # a character tokenizer: each prompt's length in tokens is its length in characters, so prompts drawn from
     # another seed (other keys) show in the recorded prompt length even where these random models recall nothing
