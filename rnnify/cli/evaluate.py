@@ -62,7 +62,7 @@ def add_parser(sub) -> None:
     s.add_argument("--mqar-trials", type=int, default=EvalSpec.model_fields["mqar_trials"].default,
                    help="MQAR trials per number of pairs (8 queries each, fresh pairs each trial; the standard error "
                         "shrinks as 1/sqrt(trials)); the same seed gives every model the same prompts")
-    s.add_argument("--mqar-seed", type=int, default=0,
+    s.add_argument("--mqar-seed", type=int, default=EvalSpec.model_fields["mqar_seed"].default,
                    help="seed of the MQAR prompts (default 0, the seed recipes evaluate with): another seed judges "
                         "models again on fresh prompts; with two models the table adds their paired difference")
     s.add_argument("--passkey-trials", type=int, default=EvalSpec.model_fields["passkey_trials"].default,
