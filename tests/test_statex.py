@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import DynamicCache
 
@@ -87,6 +88,46 @@ def test_mamba2_state_multiplied(init):
     again = convert(after, "statex", options={"layers": "0", "init": "preserve", "state_multiplier": 2})
     assert again.model.layers[0].self_attn.d_state == 6 * m0.d_state
     assert again.config.transforms[-1]["method"] == "statex" and len(again.config.transforms) == 2
+
+
+def merged_mamba2_reference(m, h, mult):
+    """A Mamba2 mixer whose head h scores by the sum of ``mult`` heads' scores, C_{h + j H/G} . B_{g(h) + j}, in plain
+    PyTorch from the unexpanded mixer ``m``'s weights (quadratic form of the SSD recurrence; Dao & Gu 2024, eq. 1)."""
+    T = h.shape[1]
+    H, G, D, N = m.num_heads, m.num_kv_heads, m.head_dim, m.d_state
+    z, xbc, dt = torch.split(m.in_proj(h), [m.d_inner, m.d_xb + m.d_b + m.d_c, H], -1)
+    xbc = F.silu(F.conv1d(xbc.transpose(1, 2), m.conv1d.weight, m.conv1d.bias, padding=m.conv_kernel - 1,
+                          groups=xbc.shape[-1])[..., :T]).transpose(1, 2)
+    x, b, c = torch.split(xbc, [m.d_xb, m.d_b, m.d_c], -1)
+    x, b, c = x.unflatten(-1, (G, D)), b.unflatten(-1, (G, N)), c.unflatten(-1, (H, N))
+    dt = F.softplus(dt + m.dt_bias)                      # [B, T, H]
+    cum = torch.cumsum(dt * -torch.exp(m.A_log), 1)      # log decay from the start
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    ys = []
+    for head in range(H):
+        g = head // (H // G)
+        score = sum(c[:, :, (head + j * (H // G)) % H] @ b[:, :, (g + j) % G].transpose(1, 2) for j in range(mult))
+        decay = torch.exp(cum[:, :, None, head] - cum[:, None, :, head]).masked_fill(~causal, 0.0)
+        v = x[:, :, g] * dt[..., head, None]
+        ys.append((score * decay) @ v + m.D[head] * x[:, :, g])
+    return m.out_proj(m.norm(torch.stack(ys, 2).flatten(2), z))
+
+
+def test_merge_heads_reads_the_summed_scores_of_the_merged_heads():
+    """init merge_heads: each head's larger state is keyed by the next KV groups' B and read by their heads' C, so the
+    expanded mixer computes the merged-score recurrence (against a plain-PyTorch quadratic reference)."""
+    before = source("mamba_in_llama", keep="1")
+    after = convert(before, "statex", options={"layers": "all", "init": "merge_heads", "state_multiplier": 2})
+    m0, m1 = before.model.layers[0].self_attn, after.model.layers[0].self_attn
+    assert m1.d_state == 2 * m0.d_state
+    h = torch.randn(2, 13, m0.in_proj.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(m1(h)[0], merged_mamba2_reference(m0, h, 2), atol=1e-4, rtol=1e-4)
+        # the first block of each state is the old one: not the same function as before (the scores were summed)
+        assert not torch.allclose(m1(h)[0], m0(h)[0], atol=1e-3)
+        torch.testing.assert_close(m0(h)[0], merged_mamba2_reference(m0, h, 1), atol=1e-4, rtol=1e-4)
+    with pytest.raises(RnnifyError, match="--state-multiplier 3 is more than the 2 B/KV groups it merges; accepted: 2..2"):
+        convert(before, "statex", options={"layers": "all", "init": "merge_heads", "state_multiplier": 3})
 
 
 def test_preserve_leaves_the_new_state_trainable():

@@ -15,6 +15,10 @@ A transform: it takes an rnnify model (or transformers' own ``Mamba2ForCausalLM`
   ``preserve`` (ours, for small post-training budgets) keeps A, dt and the norm and adds random B rows with zero C
   rows, the new conv channels copying the old ones (their bias zero for C), so the expanded model computes exactly
   what it did before expansion and the new C rows take a gradient from the first step.
+  ``merge_heads`` (ours: sec. 3.1's head merge carried to d_state) gives each head's new state rows the B rows of the
+  next KV groups and the C rows of the heads that read them (head h + j H/G for block j): every head's score becomes
+  the sum of ``state_multiplier`` heads' scores (C_h.B_g + C_{h+H/G}.B_{g+1} + ...), as a merged linear-attention
+  head's q.k sums its heads' scores, so the larger state is read from the first step with no random rows.
 
 Which layers: ``every:K`` (every K-th expandable layer, the last of each group of K; the paper expands every 6th),
 ``all``, or a list of layer indices. transformers' Mamba2 has one state size for every layer: there, all of them.
@@ -36,7 +40,8 @@ from .base import parse_layer_list
 from .method import MethodOptions, Paper, Transform
 
 # the initialisations each kind of expansion (a mixer's ``state_expansion``) accepts
-INITS = {"merge_heads": ("paper", "keep"), "d_state": ("paper", "merge_copy", "merge_zero", "preserve")}
+INITS = {"merge_heads": ("paper", "keep"),
+         "d_state": ("paper", "merge_copy", "merge_zero", "preserve", "merge_heads")}
 
 
 class StatexOptions(MethodOptions):
@@ -45,9 +50,9 @@ class StatexOptions(MethodOptions):
     state_multiplier: int | None = Field(
         None, ge=2, le=64, description="Mamba2 layers: multiply d_state by this (default 4, at most 64: the state and the "
                                        "new B/C rows grow with it); merged heads grow by the head count")
-    init: Literal["paper", "keep", "merge_copy", "merge_zero", "preserve"] = Field(
+    init: Literal["paper", "keep", "merge_copy", "merge_zero", "preserve", "merge_heads"] = Field(
         "paper", description="initialisation of the expanded layers (see `rnnify ls`: paper, keep for merged heads; "
-                             "paper, merge_copy, merge_zero, preserve for Mamba2)")
+                             "paper, merge_copy, merge_zero, preserve, merge_heads for Mamba2)")
 
 
 def _kind(mixer) -> str | None:
@@ -104,7 +109,22 @@ def expand_bc(in_w, in_b, conv_w, conv_b, sizes: dict, groups_b: int, groups_c: 
         shape = (groups * n * mult, *rows.shape[1:])
         return (torch.rand(shape, generator=generator) * 2 - 1).to(rows) * fresh_bound
 
-    if init == "paper":
+    def merged(rows, groups, step):  # block j of group i: group (i + j * step) mod groups's rows
+        old = rows.reshape(groups, n, *rows.shape[1:])
+        order = [(torch.arange(groups) + j * step) % groups for j in range(mult)]
+        return torch.cat([old[o] for o in order], 1).reshape(groups * n * mult, *rows.shape[1:])
+
+    if init == "merge_heads":  # B group g + j pairs with C of head h + j * (heads per group): see the module doc
+        if mult > groups_b:
+            accepted = f"2..{groups_b}" if groups_b > 1 else "none (one B group: use preserve or paper)"
+            raise RnnifyError(f"init merge_heads: --state-multiplier {mult} is more than the {groups_b} B/KV groups "
+                              f"it merges; accepted: {accepted}")
+        step = groups_c // groups_b
+        w_b, w_c = merged(w_b, groups_b, 1), merged(w_c, groups_c, step)
+        cw_b, cw_c = merged(cw_b, groups_b, 1), merged(cw_c, groups_c, step)
+        if cb_b is not None:
+            cb_b, cb_c = merged(cb_b, groups_b, 1), merged(cb_c, groups_c, step)
+    elif init == "paper":
         w_b, w_c = fresh(w_b, groups_b, bound), fresh(w_c, groups_c, bound)
         cw_b, cw_c = fresh(cw_b, groups_b, cbound), fresh(cw_c, groups_c, cbound)
         if cb_b is not None:
@@ -128,6 +148,8 @@ def expand_bc(in_w, in_b, conv_w, conv_b, sizes: dict, groups_b: int, groups_c: 
         zeros = lambda t, g: t.new_zeros(g * n * mult)  # noqa: E731  (biases of new rows start at zero)
         if init in ("merge_copy",):
             b_b, b_c = grow(b_b, groups_b, 0, "tile"), grow(b_c, groups_c, 0, "tile")
+        elif init == "merge_heads":
+            b_b, b_c = merged(b_b, groups_b, 1), merged(b_c, groups_c, groups_c // groups_b)
         elif init == "paper":
             b_b, b_c = zeros(b_b, groups_b), zeros(b_c, groups_c)
         else:
