@@ -114,12 +114,12 @@ def expand_bc(in_w, in_b, conv_w, conv_b, sizes: dict, groups_b: int, groups_c: 
         order = [(torch.arange(groups) + j * step) % groups for j in range(mult)]
         return torch.cat([old[o] for o in order], 1).reshape(groups * n * mult, *rows.shape[1:])
 
-    if init == "merge_heads":  # B group g + j pairs with C of head h + j * (heads per group): see the module doc
+    step = groups_c // groups_b  # merge_heads: B group g + j pairs with C of head h + j * step (the module doc)
+    if init == "merge_heads":
         if mult > groups_b:
             accepted = f"2..{groups_b}" if groups_b > 1 else "none (one B group: use preserve or paper)"
             raise RnnifyError(f"init merge_heads: --state-multiplier {mult} is more than the {groups_b} B/KV groups "
                               f"it merges; accepted: {accepted}")
-        step = groups_c // groups_b
         w_b, w_c = merged(w_b, groups_b, 1), merged(w_c, groups_c, step)
         cw_b, cw_c = merged(cw_b, groups_b, 1), merged(cw_c, groups_c, step)
         if cb_b is not None:
@@ -149,7 +149,7 @@ def expand_bc(in_w, in_b, conv_w, conv_b, sizes: dict, groups_b: int, groups_c: 
         if init in ("merge_copy",):
             b_b, b_c = grow(b_b, groups_b, 0, "tile"), grow(b_c, groups_c, 0, "tile")
         elif init == "merge_heads":
-            b_b, b_c = merged(b_b, groups_b, 1), merged(b_c, groups_c, groups_c // groups_b)
+            b_b, b_c = merged(b_b, groups_b, 1), merged(b_c, groups_c, step)
         elif init == "paper":
             b_b, b_c = zeros(b_b, groups_b), zeros(b_c, groups_c)
         else:
